@@ -1,0 +1,1 @@
+"""accel: four published ways of accelerating neural-network training, in JAX."""

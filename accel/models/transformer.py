@@ -1,0 +1,205 @@
+"""Transformer language models (decoder LM and bidirectional encoder), Flax linen.
+
+Shapes are carried in names: B batch, L sequence length, D model width, H heads,
+K head width, F feed-forward width, V vocabulary.
+
+Hooks the methods attach to, without forking this file:
+- `dot_general`: every Dense in the blocks calls it (low-precision GEMMs, `accel.lowprec`).
+- `Block.__call__(x, residual_scale)`: the sublayer outputs are multiplied by
+  `residual_scale` before the residual add (1/p_l in progressive layer dropping).
+- `BlockStack(..., gates_L, keep_probs_L)`: a block whose gate is 0 is skipped by
+  `nn.cond` and does no compute (`accel.layerdrop`).
+- Dense outputs are plain `nn.Dense.__call__` results, so `nn.intercept_methods` sees
+  every pre-activation (`accel.stdloss`).
+- `embed`, `BlockStack` over a layer range and `logits` are separate methods, so a
+  pipeline (`accel.pipeline`) can run them on different stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DotGeneral = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of one Transformer; `accel.models.build_model` fills it from config."""
+  vocab_size: int = 256
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  d_ff: int = 1024
+  max_len: int = 256
+  dropout_rate: float = 0.0
+  pre_ln: bool = True
+  causal: bool = True
+  dtype: Any = jnp.float32          # compute dtype; parameters stay float32
+  scan_layers: bool = False
+  remat: bool = False
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+  dot_general: DotGeneral = lax.dot_general
+  head_dot_general: DotGeneral = lax.dot_general
+
+
+def _dense(cfg: TransformerConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=cfg.dtype, dot_general=cfg.dot_general,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    head_dim = cfg.d_model // cfg.num_heads
+    b, l, _ = x_BxLxD.shape
+    qkv_BxLx3D = _dense(cfg, 3 * cfg.d_model, 'qkv')(x_BxLxD)
+    qkv_BxLx3xHxK = qkv_BxLx3D.reshape(b, l, 3, cfg.num_heads, head_dim)
+    q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q, k, v, is_causal=cfg.causal, implementation=cfg.attention_impl)
+    out_BxLxD = out_BxLxHxK.reshape(b, l, cfg.d_model)
+    out_BxLxD = _dense(cfg, cfg.d_model, 'out')(out_BxLxD)
+    return nn.Dropout(cfg.dropout_rate)(out_BxLxD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, 'fc_in')(x_BxLxD))
+    out_BxLxD = _dense(cfg, cfg.d_model, 'fc_out')(h_BxLxF)
+    return nn.Dropout(cfg.dropout_rate)(out_BxLxD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """One Transformer block.
+
+  PreLN:  h = x + s * Attn(LN1(x));   out = h + s * FFN(LN2(h))
+  PostLN: h = LN1(x + s * Attn(x));   out = LN2(h + s * FFN(h))
+  with s = `residual_scale` (1 unless a method rescales the sublayers).
+  """
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, residual_scale=1.0, deterministic: bool = True):
+    cfg = self.cfg
+    ln1 = nn.LayerNorm(dtype=cfg.dtype, name='ln1')
+    ln2 = nn.LayerNorm(dtype=cfg.dtype, name='ln2')
+    attn = Attention(cfg, name='attn')
+    mlp = MLP(cfg, name='mlp')
+    scale = jnp.asarray(residual_scale, cfg.dtype)
+    if cfg.pre_ln:
+      h_BxLxD = x_BxLxD + scale * attn(ln1(x_BxLxD), deterministic)
+      return h_BxLxD + scale * mlp(ln2(h_BxLxD), deterministic)
+    h_BxLxD = ln1(x_BxLxD + scale * attn(x_BxLxD, deterministic))
+    return ln2(h_BxLxD + scale * mlp(h_BxLxD, deterministic))
+
+
+def _switchable(block: Block, x, gate, keep_prob, deterministic):
+  """Runs `block` with its sublayers scaled by 1/keep_prob if `gate`, else identity.
+
+  `nn.cond` lowers to `lax.cond` on a scalar predicate, so a skipped block runs no
+  compute (papers.md section 2: a mask would still pay for it).
+  """
+  return nn.cond(
+      gate,
+      lambda mdl, x: mdl(x, 1.0 / keep_prob, deterministic),
+      lambda mdl, x: x,
+      block, x)
+
+
+class _ScanBody(nn.Module):
+  """One scan step: a block, optionally switchable; carries x, scans gates/probs."""
+  cfg: TransformerConfig
+  switchable: bool
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, gate_and_prob):
+    block = Block(self.cfg, name='block')
+    if self.switchable:
+      gate, keep_prob = gate_and_prob
+      return _switchable(block, x, gate, keep_prob, self.deterministic), None
+    return block(x, 1.0, self.deterministic), None
+
+
+class BlockStack(nn.Module):
+  """`num_layers` blocks, looped or scanned; optionally switchable (layer dropping).
+
+  gates_L: bool per layer (None: run all); keep_probs_L: p_l for the 1/p_l scale.
+  """
+  cfg: TransformerConfig
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x_BxLxD, gates_L=None, keep_probs_L=None,
+               deterministic: bool = True):
+    cfg = self.cfg
+    switchable = gates_L is not None
+    if cfg.scan_layers:
+      body = _ScanBody
+      if cfg.remat:
+        body = nn.remat(body, prevent_cse=False, static_argnums=())
+      scanned = nn.scan(body, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        length=self.num_layers)
+      xs = (gates_L, keep_probs_L) if switchable else None
+      x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(x_BxLxD, xs)
+      return x_BxLxD
+    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+    for i in range(self.num_layers):
+      block = block_cls(cfg, name=f'block_{i}')
+      if switchable:
+        x_BxLxD = _switchable(block, x_BxLxD, gates_L[i], keep_probs_L[i], deterministic)
+      else:
+        x_BxLxD = block(x_BxLxD, 1.0, deterministic)
+    return x_BxLxD
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only (causal) or encoder (bidirectional) Transformer with tied embeddings.
+
+  logits = LN_f(Blocks(E[tokens] + P[positions])) @ E^T  (LN_f only for PreLN).
+  """
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.token_embed = nn.Embed(cfg.vocab_size, cfg.d_model,
+                                embedding_init=nn.initializers.normal(0.02))
+    self.pos_embed = self.param('pos_embed', nn.initializers.normal(0.01),
+                                (cfg.max_len, cfg.d_model))
+    self.stack = BlockStack(cfg, cfg.num_layers)
+    self.final_ln = nn.LayerNorm(dtype=cfg.dtype) if cfg.pre_ln else None
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def embed(self, tokens_BxL, deterministic: bool = True):
+    x_BxLxD = self.token_embed(tokens_BxL) + self.pos_embed[: tokens_BxL.shape[1]]
+    return self.dropout(x_BxLxD.astype(self.cfg.dtype), deterministic=deterministic)
+
+  def logits(self, x_BxLxD):
+    if self.final_ln is not None:
+      x_BxLxD = self.final_ln(x_BxLxD)
+    table_VxD = self.token_embed.embedding.astype(self.cfg.dtype)
+    logits_BxLxV = self.cfg.head_dot_general(
+        x_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
+    return logits_BxLxV.astype(jnp.float32)
+
+  def features(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+    """Final hidden states (before the final LayerNorm)."""
+    x_BxLxD = self.embed(tokens_BxL, deterministic=not train)
+    return self.stack(x_BxLxD, gates_L, keep_probs_L, deterministic=not train)
+
+  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+    return self.logits(self.features(tokens_BxL, train=train, gates_L=gates_L,
+                                     keep_probs_L=keep_probs_L))
