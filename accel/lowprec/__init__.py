@@ -1,0 +1,7 @@
+"""Simulated low-precision arithmetic: float formats, rounding, chunked dot products.
+
+Wang et al. 2018 (FP8 training with chunk-based accumulation) and Sakr et al. 2019
+(accumulation bit-width), papers.md section 3.
+"""
+from accel.lowprec.formats import (BF16, E4M3, E5M2, E6M9, FORMATS, FP16, FP32, FloatFormat,
+                                   get_format, is_representable, quantize)
