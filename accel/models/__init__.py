@@ -1,1 +1,52 @@
-"""Flax linen models. `build_model(config)` picks one by `config.model.name`."""
+"""Flax linen models, chosen by `config.model.name`.
+
+`build_model(config, info, **overrides)` returns an unbound module. `overrides` are the
+numerics hooks a method injects (e.g. `dot_general` from `accel.lowprec`), given to the
+model's constructor so the model code never changes per method.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from accel.errors import UserError
+from accel.models.transformer import TransformerConfig, TransformerLM
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype(name: str):
+  if name not in DTYPES:
+    raise UserError(f'unknown dtype {name!r}; known: {", ".join(DTYPES)}')
+  return DTYPES[name]
+
+
+def transformer_config(model_cfg, *, vocab_size: int, max_len: int, causal: bool = True,
+                       **overrides) -> TransformerConfig:
+  """TransformerConfig from a `config.model` block (+ method overrides)."""
+  if model_cfg.d_model % model_cfg.num_heads:
+    raise UserError(f'model.d_model {model_cfg.d_model} is not divisible by '
+                    f'model.num_heads {model_cfg.num_heads}')
+  return TransformerConfig(
+      vocab_size=vocab_size, num_layers=model_cfg.num_layers, d_model=model_cfg.d_model,
+      num_heads=model_cfg.num_heads, d_ff=model_cfg.d_ff, max_len=max_len,
+      dropout_rate=model_cfg.dropout_rate, pre_ln=model_cfg.pre_ln, causal=causal,
+      dtype=dtype(model_cfg.dtype), scan_layers=model_cfg.scan_layers,
+      remat=model_cfg.remat, attention_impl=model_cfg.attention_impl or None, **overrides)
+
+
+def _transformer_lm(config, info, **overrides):
+  return TransformerLM(transformer_config(
+      config.model, vocab_size=info.vocab_size, max_len=config.data.seq_len, **overrides))
+
+
+# name -> builder(config, dataset_info, **overrides) -> nn.Module
+MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm}
+
+
+def build_model(config, info, **overrides):
+  name = config.model.name
+  if name not in MODEL_BUILDERS:
+    raise UserError(f'unknown model.name {name!r}; known: {", ".join(sorted(MODEL_BUILDERS))}')
+  return MODEL_BUILDERS[name](config, info, **overrides)

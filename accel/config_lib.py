@@ -1,0 +1,96 @@
+"""The keys every experiment config has, and the checks on a resolved config.
+
+Config files in `configs/` start from `base_config()` and set what their experiment needs;
+`experiments/train.py` locks the result, so an unknown key or a wrong type on the command
+line is an error before anything runs.
+"""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from accel.errors import UserError
+
+# Keys whose change does not make a workdir a different experiment: a run may be resumed
+# (and extended) with new values for them.
+RESUMABLE_KEYS = ('total_steps', 'eval_every', 'eval_steps', 'checkpoint_every',
+                  'log_every', 'keep_checkpoints', 'progress_bar')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 32
+  c.eval_batch_size = 0          # 0: batch_size
+  c.eval_every = 200
+  c.eval_steps = 20              # batches per evaluation; -1: the whole validation split
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shakespeare'
+  c.data.path = ''               # data.name=text: a UTF-8 file or a folder of them
+  c.data.dir = ''                # prepared datasets; '' -> $ACCEL_DATA_DIR or ~/.cache/accel
+  c.data.seq_len = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer_lm'
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.d_ff = 1024
+  c.model.dropout_rate = 0.0
+  c.model.pre_ln = True
+  c.model.dtype = 'float32'
+  c.model.scan_layers = False
+  c.model.remat = False
+  c.model.attention_impl = ''    # '' (XLA picks) | 'xla' | 'cudnn'
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr = 1e-3
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.momentum = 0.0
+  c.optimizer.nesterov = False
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_fraction = 0.1
+  c.optimizer.decay_steps = 1000   # exponential schedule only
+  c.optimizer.decay_rate = 0.99    # exponential schedule only
+  c.optimizer.clip_norm = 1.0      # 0: no clipping
+
+  c.layerdrop = ml_collections.ConfigDict()
+  c.layerdrop.enabled = False
+  c.layerdrop.theta_bar = 0.5
+  c.layerdrop.gamma = 0.001
+  return c
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _flatten(d, prefix=''):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def check_same_experiment(saved: dict, config, workdir: str) -> None:
+  """Raises UserError if `workdir`'s saved config differs outside RESUMABLE_KEYS."""
+  old, new = dict(_flatten(saved)), dict(_flatten(json.loads(to_json(config))))
+  diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
+           for k in sorted(set(old) | set(new))
+           if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+  if diffs:
+    raise UserError(f'workdir {workdir} holds a different experiment ({"; ".join(diffs[:3])}'
+                    f'{"; ..." if len(diffs) > 3 else ""}); use a new --workdir')

@@ -1,0 +1,145 @@
+"""Deterministic, step-indexed input pipelines over tfds data sources and grain.
+
+A training batch is a pure function of (seed, step): `TrainBatches(step)` reads example
+indices `step * B + i` of a grain `MapDataset` that is shuffled afresh every epoch. The loader
+state is therefore the step alone — a resumed run sees exactly the batches an uninterrupted run
+would — and each process reads only its own rows of the global batch.
+
+Batches: LM {'inputs': int32 BxL, 'targets': int32 BxL} (targets = inputs shifted by one);
+images {'image': float32 BxHxWxC, 'label': int32 B}.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from accel.data import builders
+from accel.errors import UserError
+
+TEXT_DATASETS = ('shakespeare', 'text')
+IMAGE_DATASETS = ('digits',)
+BYTE_VOCAB = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  kind: str                       # 'lm' | 'image'
+  vocab_size: int = 0             # lm
+  num_classes: int = 0            # image
+  image_shape: tuple = ()         # image
+  num_train_examples: int = 0
+
+
+@dataclasses.dataclass
+class TrainBatches:
+  """Global batch `step`, this process's rows; a pure function of (seed, step)."""
+  examples: grain.MapDataset      # infinite, reshuffled each epoch
+  global_batch: int
+  collate: Callable[[list], dict]
+
+  def __call__(self, step: int) -> dict:
+    per_process = self.global_batch // jax.process_count()
+    first = step * self.global_batch + jax.process_index() * per_process
+    return self.collate([self.examples[first + i] for i in range(per_process)])
+
+
+@dataclasses.dataclass
+class Data:
+  info: DatasetInfo
+  train: TrainBatches
+  eval_batches: Callable[[], Sequence[dict]]   # the same batches on every call
+
+
+def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
+  kwargs = dict(data_dir=builders.default_data_dir(data_cfg.get('dir') or None),
+                file_format='array_record')
+  if name == 'shakespeare':
+    return builders.prepare(builders.Shakespeare(**kwargs))
+  if name == 'text':
+    return builders.prepare(builders.UserText(path=data_cfg.path, **kwargs))
+  if name == 'digits':
+    return builders.prepare(builders.Digits(**kwargs))
+  raise UserError(f'unknown data.name {name!r}; known: '
+                  f'{", ".join(TEXT_DATASETS + IMAGE_DATASETS)}')
+
+
+def byte_stream(source) -> np.ndarray:
+  """All chunks of a text split, in document order, as one uint8 array."""
+  records = sorted((r['doc'], r['chunk'], i) for i, r in enumerate(_scan(source)))
+  return np.concatenate([source[i]['bytes'] for _, _, i in records])
+
+
+def _scan(source):
+  return (source[i] for i in range(len(source)))
+
+
+def _lm_windows(stream: np.ndarray, seq_len: int) -> grain.MapDataset:
+  num = (len(stream) - 1) // seq_len
+  if num < 1:
+    raise UserError(f'the text has {len(stream)} bytes, fewer than one window of '
+                    f'data.seq_len + 1 = {seq_len + 1}')
+  return grain.MapDataset.range(num).map(
+      lambda i: stream[i * seq_len: i * seq_len + seq_len + 1])
+
+
+def _collate_lm(windows: list) -> dict:
+  tokens = np.stack(windows).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+
+
+def _collate_images(examples: list) -> dict:
+  return {'image': np.stack([e['image'] for e in examples]).astype(np.float32),
+          'label': np.asarray([e['label'] for e in examples], np.int32)}
+
+
+def _eval_batches(dataset: grain.MapDataset, batch: int, num_batches: int, collate):
+  """The first `num_batches` (all, if -1) full batches of a split, in order."""
+  available = len(dataset) // batch
+  if available == 0:
+    raise UserError(f'the validation split has {len(dataset)} examples, fewer than one '
+                    f'batch of {batch}')
+  count = available if num_batches < 0 else min(num_batches, available)
+  per_process = batch // jax.process_count()
+  offset = jax.process_index() * per_process
+  cache = []
+
+  def batches():
+    if not cache:
+      cache.extend(collate([dataset[b * batch + offset + i] for i in range(per_process)])
+                   for b in range(count))
+    return cache
+  return batches
+
+
+def build(config) -> Data:
+  """Data for `config.data.name`, batched by `config.batch_size`, seeded by `config.seed`."""
+  data_cfg = config.data
+  name = data_cfg.name
+  batch = config.batch_size
+  eval_batch = config.get('eval_batch_size') or batch
+  if batch % jax.process_count() or eval_batch % jax.process_count():
+    raise UserError(f'batch_size {batch} is not divisible by {jax.process_count()} processes')
+  builder = _builder(name, data_cfg)
+  train_src = builder.as_data_source('train')
+  val_src = builder.as_data_source('validation')
+  if name in TEXT_DATASETS:
+    train = _lm_windows(byte_stream(train_src), data_cfg.seq_len)
+    val = _lm_windows(byte_stream(val_src), data_cfg.seq_len)
+    info = DatasetInfo('lm', vocab_size=BYTE_VOCAB, num_train_examples=len(train))
+    collate = _collate_lm
+  else:
+    train = grain.MapDataset.source(train_src)
+    val = grain.MapDataset.source(val_src)
+    feature = builder.info.features
+    info = DatasetInfo('image', num_classes=feature['label'].num_classes,
+                       image_shape=tuple(feature['image'].shape),
+                       num_train_examples=len(train))
+    collate = _collate_images
+  examples = train.shuffle(seed=config.seed).repeat()
+  return Data(info=info, train=TrainBatches(examples, batch, collate),
+              eval_batches=_eval_batches(val, eval_batch, config.eval_steps, collate))

@@ -1,0 +1,57 @@
+"""optax optimizers and learning-rate schedules from `config.optimizer`.
+
+schedule(t): linear warm-up from 0 to `lr` over `warmup_steps`, then
+  constant | cosine (to lr * end_lr_fraction at total_steps) | linear (same end) |
+  exponential (lr * decay_rate ** ((t - warmup) / decay_steps)).
+"""
+from __future__ import annotations
+
+import optax
+
+from accel.errors import UserError
+
+OPTIMIZERS = ('adamw', 'adam', 'sgd', 'rmsprop')
+SCHEDULES = ('constant', 'cosine', 'linear', 'exponential')
+
+
+def build_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  lr, warmup = opt_cfg.lr, opt_cfg.warmup_steps
+  decay_steps = max(total_steps - warmup, 1)
+  end = lr * opt_cfg.end_lr_fraction
+  name = opt_cfg.schedule
+  if name == 'constant':
+    after = optax.constant_schedule(lr)
+  elif name == 'cosine':
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt_cfg.end_lr_fraction)
+  elif name == 'linear':
+    after = optax.linear_schedule(lr, end, decay_steps)
+  elif name == 'exponential':
+    after = optax.exponential_decay(lr, opt_cfg.decay_steps, opt_cfg.decay_rate)
+  else:
+    raise UserError(f'unknown optimizer.schedule {name!r}; known: {", ".join(SCHEDULES)}')
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def build_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                        optax.Schedule]:
+  schedule = build_schedule(opt_cfg, total_steps)
+  name = opt_cfg.name
+  if name == 'adamw':
+    tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                     weight_decay=opt_cfg.weight_decay)
+  elif name == 'adam':
+    tx = optax.adam(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  elif name == 'sgd':
+    tx = optax.sgd(schedule, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov)
+  elif name == 'rmsprop':
+    tx = optax.rmsprop(schedule, eps=opt_cfg.eps, momentum=opt_cfg.momentum or None,
+                       nesterov=opt_cfg.nesterov)
+  else:
+    raise UserError(f'unknown optimizer.name {name!r}; known: {", ".join(OPTIMIZERS)}')
+  if name != 'adamw' and opt_cfg.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), tx)
+  if opt_cfg.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), tx)
+  return tx, schedule

@@ -1,0 +1,108 @@
+"""Tasks: what a model is trained to do — its loss, its metrics, its inputs.
+
+A task owns the model and turns (params, mutable collections, batch, rng, step) into
+`loss, (metrics, new_mutable)`. Methods attach here, switched on by their config block:
+they change how the model is built (numerics hooks) or what one apply returns (gates, an
+auxiliary loss), never the training loop.
+
+Metrics are scalars under 'train/…' or 'eval/…' names after the loop prefixes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from accel import models
+from accel.errors import UserError
+
+LN2 = math.log(2.0)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+@dataclasses.dataclass
+class Task:
+  """Base: the loop calls `init`, `loss` (train) and `evaluate` (eval)."""
+  config: Any
+  model: nn.Module
+  mutable_collections: tuple = ()
+
+  def init(self, rng, batch) -> dict:
+    return self.model.init({'params': rng, 'dropout': rng}, self.inputs(batch), train=False)
+
+  def inputs(self, batch):
+    raise NotImplementedError
+
+  def apply(self, params, mutable, batch, rng, step, train):
+    """Returns (outputs, new_mutable, method_metrics, aux_loss)."""
+    variables = {'params': params, **mutable}
+    kwargs = dict(rngs={'dropout': rng}) if train else {}
+    if train and self.mutable_collections:
+      out, new_mutable = self.model.apply(variables, self.inputs(batch), train=True,
+                                          mutable=list(self.mutable_collections), **kwargs)
+      return out, dict(new_mutable), {}, 0.0
+    return self.model.apply(variables, self.inputs(batch), train=train, **kwargs), mutable, {}, 0.0
+
+  def loss(self, params, mutable, batch, rng, step, train: bool = True):
+    outputs, new_mutable, metrics, aux_loss = self.apply(params, mutable, batch, rng, step, train)
+    task_loss, task_metrics = self.objective(outputs, batch)
+    return task_loss + aux_loss, ({**task_metrics, **metrics}, new_mutable)
+
+  def evaluate(self, params, mutable, batch):
+    return self.loss(params, mutable, batch, jax.random.key(0), 0, train=False)[1][0]
+
+  def objective(self, outputs, batch):
+    raise NotImplementedError
+
+
+class LanguageModelTask(Task):
+  """Next-token prediction. loss = mean CE in nats; bits per byte = loss / ln 2 (bytes)."""
+
+  def inputs(self, batch):
+    return batch['inputs']
+
+  def objective(self, logits_BxLxV, batch):
+    loss = _cross_entropy(logits_BxLxV, batch['targets']).mean()
+    accuracy = (logits_BxLxV.argmax(-1) == batch['targets']).mean()
+    return loss, {'loss': loss, 'accuracy': accuracy, 'bits_per_byte': loss / LN2,
+                  'perplexity': jnp.exp(loss)}
+
+  def tokens_per_example(self):
+    return self.config.data.seq_len
+
+
+class ClassificationTask(Task):
+  """Image (or sequence) classification. loss = mean CE."""
+
+  def inputs(self, batch):
+    return batch['image']
+
+  def objective(self, logits_BxC, batch):
+    loss = _cross_entropy(logits_BxC, batch['label']).mean()
+    accuracy = (logits_BxC.argmax(-1) == batch['label']).mean()
+    return loss, {'loss': loss, 'accuracy': accuracy}
+
+  def tokens_per_example(self):
+    return 0
+
+
+def model_overrides(config) -> dict:
+  """Constructor hooks the enabled methods inject into the model (numerics)."""
+  return {}
+
+
+def build_task(config, info) -> Task:
+  model = models.build_model(config, info, **model_overrides(config))
+  if info.kind == 'lm':
+    return LanguageModelTask(config, model)
+  if info.kind == 'image':
+    return ClassificationTask(config, model, mutable_collections=('batch_stats',))
+  raise UserError(f'no task for data of kind {info.kind!r}')

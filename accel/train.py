@@ -1,0 +1,229 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop of accel.
+
+config -> data + task (model + method hooks) -> one jitted, pure train step over a ('data',)
+mesh -> metrics.jsonl / TensorBoard / orbax checkpoints. Running again in the same workdir
+resumes from its last checkpoint, bitwise: batches are a function of the step, dropout and
+method randomness of fold_in(seed, step).
+
+The step's metrics are fetched after the next step is dispatched (the device never waits for
+the host); a non-finite loss stops the run before any later state is checkpointed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from accel import config_lib, optim, tasks
+from accel.checkpoint import Checkpoints
+from accel.data import input_pipeline
+from accel.errors import UserError
+from accel.metrics import MetricWriter
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  mutable: Any          # non-parameter collections, e.g. batch_stats
+
+
+@dataclasses.dataclass
+class Trainer:
+  """How one kind of training initialises its state and takes one step.
+
+  The loop only needs these; `data_parallel_trainer` is the default, and a method that
+  changes the parallel layout (the Ouroboros pipeline) supplies its own.
+  """
+  init: Callable[[jax.Array, dict], Any]                 # (rng, batch) -> state
+  train_step: Callable[[Any, dict], tuple[Any, dict]]    # (state, batch) -> state, metrics
+  eval_step: Callable[[Any, dict], dict]                 # (state, batch) -> metrics
+  batch_sharding: NamedSharding
+
+
+def data_parallel_trainer(config, task: tasks.Task, tx: optax.GradientTransformation,
+                          schedule, mesh: Mesh) -> Trainer:
+  """Params replicated, batch split over the 'data' mesh axis; XLA inserts the all-reduce."""
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P('data'))
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)   # 0 is for init
+
+  def init(rng, batch):
+    variables = task.init(rng, batch)
+    params = variables.pop('params')
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), mutable=variables)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+    (loss, (metrics, mutable)), grads = grad_fn(state.params, state.mutable, batch, rng,
+                                                state.step, True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state, mutable), metrics
+
+  def eval_step(state: TrainState, batch):
+    return task.evaluate(state.params, state.mutable, batch)
+
+  return Trainer(
+      init=jax.jit(init, out_shardings=replicated),
+      train_step=jax.jit(train_step, in_shardings=(replicated, batch_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated),
+      batch_sharding=batch_sharding)
+
+
+def _prepare_workdir(config, workdir: str) -> None:
+  """Writes config.json, refusing a workdir that holds another experiment."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f'{path} is unreadable ({e}); the workdir was left as it is') from e
+    config_lib.check_same_experiment(saved, config, workdir)
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(config_lib.to_json(config))
+    os.replace(tmp, path)
+
+
+def _device_batch(trainer: Trainer, host_batch: dict) -> dict:
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), host_batch)
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', 0.0))
+
+
+def evaluate(trainer: Trainer, state, data) -> dict:
+  sums: dict[str, float] = {}
+  batches = data.eval_batches()
+  for batch in batches:
+    for k, v in jax.device_get(trainer.eval_step(state, _device_batch(trainer, batch))).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {f'eval/{k}': v / len(batches) for k, v in sums.items()}
+
+
+def build_trainer(config, task, mesh) -> Trainer:
+  tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
+  return data_parallel_trainer(config, task, tx, schedule, mesh)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` up to `config.total_steps`; returns the final metrics."""
+  is_main = jax.process_index() == 0
+  _prepare_workdir(config, workdir)
+  data = input_pipeline.build(config)
+  task = tasks.build_task(config, data.info)
+  devices = jax.devices()
+  if config.batch_size % len(devices):
+    raise UserError(f'batch_size {config.batch_size} is not divisible by the '
+                    f'{len(devices)} devices of the data mesh')
+  mesh = Mesh(np.asarray(devices), ('data',))
+  trainer = build_trainer(config, task, mesh)
+
+  first_batch = _device_batch(trainer, data.train(0))
+  state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), first_batch)
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+  writer = MetricWriter(workdir, enabled=is_main)
+  start = 0
+  if checkpoints.latest_step() is not None:
+    state = checkpoints.restore(state)
+    start = int(state.step)
+    writer.truncate_after(start)
+  train_step = trainer.train_step.lower(state, first_batch).compile()
+  flops_per_step = _flops(train_step)
+  tokens_per_example = task.tokens_per_example()
+
+  prefetch = concurrent.futures.ThreadPoolExecutor(1)
+  next_batch = prefetch.submit(data.train, start)
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, unit='step', dynamic_ncols=True,
+                  disable=not (is_main and config.progress_bar), desc=os.path.basename(workdir))
+  summary: dict[str, float] = {}
+  pending = None                     # (step, device metrics) not yet fetched
+  timer = (time.perf_counter(), start)
+
+  def fetch(step, device_metrics):
+    metrics = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not np.isfinite(metrics['train/loss']):
+      raise TrainingDiverged(
+          f'train/loss is {metrics["train/loss"]} at step {step}; stopped. The last good '
+          f'checkpoint (step {checkpoints.latest_step()}) in {checkpoints.directory} is intact')
+    summary.update(metrics)
+    return metrics
+
+  try:
+    for step in range(start, config.total_steps):
+      batch = _device_batch(trainer, next_batch.result())
+      if step + 1 < config.total_steps:
+        next_batch = prefetch.submit(data.train, step + 1)
+      state, device_metrics = train_step(state, batch)
+      if pending is not None:
+        fetch(*pending)
+      pending = (step, device_metrics)
+      done = step + 1
+      bar.update(1)
+      log_now = done % config.log_every == 0 or done == config.total_steps
+      eval_now = done % config.eval_every == 0 or done == config.total_steps
+      ckpt_now = done % config.checkpoint_every == 0 or done == config.total_steps
+      if not (log_now or eval_now or ckpt_now):
+        continue
+      metrics = fetch(*pending)
+      pending = None
+      if log_now:
+        elapsed, steps = time.perf_counter() - timer[0], done - timer[1]
+        perf = {'perf/step_time_s': elapsed / steps,
+                'perf/examples_per_s': steps * config.batch_size / elapsed,
+                'perf/flops_per_step': flops_per_step}
+        if tokens_per_example:
+          perf['perf/tokens_per_s'] = perf['perf/examples_per_s'] * tokens_per_example
+        summary.update(perf)
+        metrics.update(perf)
+        bar.set_postfix(loss=f'{metrics["train/loss"]:.4f}')
+      if eval_now:
+        eval_metrics = evaluate(trainer, state, data)
+        summary.update(eval_metrics)
+        metrics.update(eval_metrics)
+      writer.write(done, metrics)
+      if ckpt_now:
+        checkpoints.save(done, state)
+      timer = (time.perf_counter(), done)
+    if pending is not None:
+      fetch(*pending)
+  finally:
+    bar.close()
+    prefetch.shutdown(wait=False, cancel_futures=True)
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+  summary['step'] = config.total_steps
+  summary['workdir'] = os.path.abspath(workdir)
+  return summary
