@@ -1,0 +1,186 @@
+"""Chunk-based dot products with emulated low-precision accumulation (Wang et al. 2018,
+Fig. 3a; papers.md section 3), as a drop-in for `lax.dot_general`.
+
+For each output element, with the contracted axis cut into chunks of `chunk_size`:
+
+  total = 0
+  for each chunk:    chunk = 0
+                     for k in chunk:  chunk = rnd_acc(chunk + rnd_mul(a_k * b_k))
+                     total = rnd_acc(total + chunk)
+
+'exact' runs exactly this (every product rounded to mul_fmt, every addition to acc_fmt);
+'fast' computes each chunk sum with one float32 matmul, rounds it to acc_fmt and then
+adds the chunk sums as above. chunk_size = 1 is plain sequential accumulation in acc_fmt;
+chunk_size >= K is one chunk.
+
+Every addition is correctly rounded (the result is rnd_acc of the exact sum): the float32
+sum followed by rounding is already correct when both addends carry at most as many
+significant bits as acc_fmt and acc_fmt has at most 11 (then an inexact float32 sum means
+the smaller addend lies below a quarter ulp of the result); otherwise the float32 sum is
+made sticky (round-to-odd, from the exact TwoSum error) before rounding, correct for
+accumulators of up to 22 significant bits. Products are computed in float32, which is
+exact for operands holding 24 significant bits or fewer between them (FP8, bf16, fp16
+operands); wider operands are rounded to float32 before rnd_mul. Stochastic rounding in
+the accumulator rounds the float32 sum.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from accel.lowprec.formats import FP32, FloatFormat, get_format, quantize
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+def _sticky_sum(a: jax.Array, b: jax.Array) -> jax.Array:
+  """float32 a + b rounded to odd: the float32 RNE sum, moved one ulp towards the exact
+  sum when that is not representable and the RNE result is even (TwoSum error)."""
+  s = a + b
+  bb = s - a
+  err = (a - (s - bb)) + (b - bb)
+  bits = lax.bitcast_convert_type(s, jnp.int32)
+  towards = jnp.where((err > 0) == (s > 0), 1, -1)
+  fix = (err != 0) & ((bits & 1) == 0)
+  return lax.bitcast_convert_type(jnp.where(fix, bits + towards, bits), jnp.float32)
+
+
+def needs_sticky(acc_fmt: FloatFormat, addend_bits: int) -> bool:
+  """Whether float32 addition then rounding to acc_fmt could double-round."""
+  if acc_fmt.is_float32:
+    return False
+  if acc_fmt.significant_bits > 22:
+    raise ValueError(f'accumulators of 23 significant bits are not emulated: {acc_fmt}')
+  return addend_bits > acc_fmt.significant_bits or acc_fmt.significant_bits > 11
+
+
+def add_rounded(acc: jax.Array, x: jax.Array, acc_fmt: FloatFormat, addend_bits: int = 24,
+                rounding: str = 'nearest', key: jax.Array | None = None) -> jax.Array:
+  """rnd_acc(acc + x) for acc in acc_fmt and x of at most `addend_bits` significant bits."""
+  if acc_fmt.is_float32:
+    return acc + x
+  if rounding == 'nearest' and needs_sticky(acc_fmt, addend_bits):
+    return quantize(_sticky_sum(acc, x), acc_fmt)
+  return quantize(acc + x, acc_fmt, rounding, key)
+
+
+def _canonical(lhs, rhs, dimension_numbers):
+  """lhs -> (B, M, K), rhs -> (B, K, N) and the output shape of lax.dot_general."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(int(d) for d in ds) for ds in (lc, rc, lb, rb))
+  lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+  rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+  batch_shape = [lhs.shape[d] for d in lb]
+  out_shape = batch_shape + [lhs.shape[d] for d in lf] + [rhs.shape[d] for d in rf]
+  b = math.prod(batch_shape)
+  k = math.prod(lhs.shape[d] for d in lc)
+  lhs_BxMxK = jnp.transpose(lhs, lb + tuple(lf) + lc).reshape(b, -1, k)
+  rhs_BxKxN = jnp.transpose(rhs, rb + rc + tuple(rf)).reshape(b, k, -1)
+  return lhs_BxMxK, rhs_BxKxN, tuple(out_shape)
+
+
+def _chunks(lhs_BxMxK, rhs_BxKxN, chunk_size):
+  """Zero-pads K to a multiple of the chunk size; lhs -> (B,M,C,L), rhs -> (B,C,L,N)."""
+  b, m, k = lhs_BxMxK.shape
+  n = rhs_BxKxN.shape[2]
+  size = max(1, min(chunk_size, k))
+  c = -(-k // size)
+  pad = c * size - k
+  lhs_BxMxK = jnp.pad(lhs_BxMxK, ((0, 0), (0, 0), (0, pad)))
+  rhs_BxKxN = jnp.pad(rhs_BxKxN, ((0, 0), (0, pad), (0, 0)))
+  return lhs_BxMxK.reshape(b, m, c, size), rhs_BxKxN.reshape(b, c, size, n)
+
+
+def _keys(key, rounding, *shape):
+  if rounding == 'stochastic':
+    if key is None:
+      raise ValueError('stochastic accumulation needs a key')
+    return jax.random.split(key, shape)
+  return jnp.zeros(shape, jnp.uint32)   # unused placeholder carried through the scans
+
+
+def _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys_C):
+  """Adds the chunk sums sequentially in acc_fmt."""
+  def step(total, xs):
+    chunk, k = xs
+    key = k if rounding == 'stochastic' else None
+    return add_rounded(total, chunk, acc_fmt, acc_fmt.significant_bits, rounding, key), None
+  total, _ = lax.scan(step, jnp.zeros(chunks_CxBxMxN.shape[1:], jnp.float32),
+                      (chunks_CxBxMxN, keys_C))
+  return total
+
+
+def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key):
+  b, m, c, size = lhs_BxMxCxL.shape
+  n = rhs_BxCxLxN.shape[3]
+  lhs_CxLxBxM = jnp.transpose(lhs_BxMxCxL, (2, 3, 0, 1))
+  rhs_CxLxBxN = jnp.transpose(rhs_BxCxLxN, (1, 2, 0, 3))
+  keys = _keys(key, rounding, c, size + 1)
+  stoch = rounding == 'stochastic'
+
+  def element(chunk, xs):
+    a_BxM, b_BxN, k = xs
+    prod_BxMxN = quantize(a_BxM[:, :, None] * b_BxN[:, None, :], mul_fmt)
+    return add_rounded(chunk, prod_BxMxN, acc_fmt, mul_fmt.significant_bits, rounding,
+                       k if stoch else None), None
+
+  def one_chunk(total, xs):
+    a_LxBxM, b_LxBxN, k_L1 = xs
+    chunk, _ = lax.scan(element, jnp.zeros((b, m, n), jnp.float32), (a_LxBxM, b_LxBxN, k_L1[:-1]))
+    return add_rounded(total, chunk, acc_fmt, acc_fmt.significant_bits, rounding,
+                       k_L1[-1] if stoch else None), None
+
+  total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
+                      (lhs_CxLxBxM, rhs_CxLxBxN, keys))
+  return total
+
+
+def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
+  chunks_CxBxMxN = jnp.einsum('bmcl,bcln->cbmn', lhs_BxMxCxL, rhs_BxCxLxN,
+                              precision=lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+  c = chunks_CxBxMxN.shape[0]
+  keys = _keys(key, rounding, c, 2)
+  if rounding == 'stochastic':
+    chunks_CxBxMxN = jax.vmap(lambda x, k: quantize(x, acc_fmt, rounding, k))(chunks_CxBxMxN, keys[:, 0])
+  else:
+    chunks_CxBxMxN = quantize(chunks_CxBxMxN, acc_fmt)
+  return _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys[:, 1])
+
+
+def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers,
+                        precision=None, preferred_element_type=None, *,
+                        mul_fmt: str | FloatFormat = FP32, acc_fmt: str | FloatFormat = 'e6m9',
+                        chunk_size: int = 64, mode: str = 'exact', rounding: str = 'nearest',
+                        key: jax.Array | None = None) -> jax.Array:
+  """`lax.dot_general` with chunk-based low-precision accumulation (module docstring).
+
+  The contracted dimensions are flattened in the order given (row-major) and summed in
+  that order. `precision` is ignored: the arithmetic is set by the formats. mul_fmt only
+  applies in 'exact' mode ('fast' products are float32). The result is float32 (values of
+  acc_fmt) unless preferred_element_type says otherwise.
+  """
+  del precision
+  mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
+  if mode not in ('exact', 'fast'):
+    raise ValueError(f'mode must be exact or fast, got {mode!r}')
+  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  lhs_BxMxK, rhs_BxKxN, out_shape = _canonical(
+      lhs.astype(jnp.float32), rhs.astype(jnp.float32), dimension_numbers)
+  lhs_BxMxCxL, rhs_BxCxLxN = _chunks(lhs_BxMxK, rhs_BxKxN, chunk_size)
+  if mode == 'exact':
+    out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key)
+  else:
+    out_BxMxN = _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key)
+  return out_BxMxN.reshape(out_shape).astype(out_dtype)
+
+
+def make_chunked_dot_general(**settings):
+  """`chunked_dot_general` with its keyword settings bound, for `nn.Dense(dot_general=...)`."""
+  return functools.partial(chunked_dot_general, **settings)
