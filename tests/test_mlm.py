@@ -1,0 +1,58 @@
+"""Tests of accel.mlm: BERT masking proportions and the selected-only loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from accel import mlm
+
+
+def _bytes(shape, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 0, mlm.BYTE_VOCAB)
+
+
+def test_masking_proportions():
+  tokens = mlm.with_cls(_bytes((256, 127)))                     # 256 rows of 128 tokens
+  tokens = tokens.at[:, -7:].set(mlm.PAD_ID)                    # padded tail: 120 maskable
+  inputs, targets, weights = map(np.asarray, mlm.mask_tokens(jax.random.key(1), tokens))
+  tokens = np.asarray(tokens)
+  np.testing.assert_array_equal(targets, tokens)
+  # Exactly round(0.15 * 120) = 18 selected per row, never CLS or PAD.
+  np.testing.assert_array_equal(weights.sum(1), 18)
+  assert weights[:, 0].sum() == 0 and weights[:, -7:].sum() == 0
+  # Unselected positions are untouched.
+  np.testing.assert_array_equal(inputs[weights == 0], tokens[weights == 0])
+  sel_in, sel_tok = inputs[weights == 1], tokens[weights == 1]
+  n = sel_in.size                                                # 4608 selected tokens
+  masked = (sel_in == mlm.MASK_ID).mean()
+  changed = ((sel_in != mlm.MASK_ID) & (sel_in != sel_tok)).mean()
+  kept = (sel_in == sel_tok).mean()
+  assert np.all(sel_in[sel_in != mlm.MASK_ID] < mlm.BYTE_VOCAB)   # random tokens are bytes
+  # Expected: 0.8 masked; 0.1 random, of which 1/256 equal the original; so 0.1 * 255/256
+  # changed and 0.1 + 0.1/256 unchanged. Binomial bounds of 4 sigma.
+  for got, want in [(masked, 0.8), (changed, 0.1 * 255 / 256), (kept, 0.1 + 0.1 / 256)]:
+    assert abs(got - want) < 4 * np.sqrt(want * (1 - want) / n), (got, want)
+
+
+def test_masking_is_a_function_of_the_key():
+  tokens = mlm.with_cls(_bytes((4, 31)))
+  a = mlm.mask_tokens(jax.random.key(3), tokens)
+  b = mlm.mask_tokens(jax.random.key(3), tokens)
+  c = mlm.mask_tokens(jax.random.key(4), tokens)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert not np.array_equal(a[2], c[2])
+
+
+def test_loss_counts_only_selected_positions():
+  targets = _bytes((2, 8))
+  weights = jnp.zeros((2, 8)).at[0, 3].set(1.0).at[1, 5].set(1.0)
+  logits = jax.random.normal(jax.random.key(2), (2, 8, mlm.VOCAB_SIZE))
+  loss, accuracy = mlm.mlm_loss(logits, targets, weights)
+  logp = jax.nn.log_softmax(logits)
+  want = -(logp[0, 3, targets[0, 3]] + logp[1, 5, targets[1, 5]]) / 2
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  # Changing the logits at unselected positions changes nothing.
+  other = logits.at[:, :3].set(100.0)
+  np.testing.assert_allclose(mlm.mlm_loss(other, targets, weights)[0], loss, rtol=1e-6)
+  # A perfect prediction at the selected positions: accuracy 1.
+  perfect = logits.at[0, 3, targets[0, 3]].set(1e3).at[1, 5, targets[1, 5]].set(1e3)
+  assert float(mlm.mlm_loss(perfect, targets, weights)[1]) == 1.0
