@@ -1,0 +1,158 @@
+"""Standardization loss (Collins, Ballé, Shlens 2019, arXiv 1903.00925; papers.md section 4).
+
+For a layer's pre-activation x, per channel i, with mean mu_i and variance sigma_i^2 over
+the batch (and spatial) axes:
+
+    L(x) = 1/2 * sum_i (mu_i^2 + sigma_i^2 - log sigma_i^2 - 1)
+         = sum_i KL(N(mu_i, sigma_i^2) || N(0, 1)),
+
+summed over the chosen layers and added to the task loss with weight lambda during
+training only. No normalization layer, no reparameterization: the model is unchanged.
+
+Numerical safety. The moments are taken in float32 (or float64) whatever the activation
+dtype; the variance is two-pass, mean((x - mu)^2), so it is never negative (E[x^2] - mu^2
+can be); and sigma_i^2 is replaced by v_i = sigma_i^2 + eps everywhere in the formula, i.e. the KL
+of N(mu_i, sigma_i^2 + eps) from N(0, 1). It stays >= 0, is 0 at sigma_i^2 = 1 - eps, and
+for a constant channel (dead unit, sigma^2 = 0) it is finite, log(1/eps)/2 + ..., with a
+gradient bounded by 1/eps instead of 1/sigma^2 -> inf.
+
+Which layers. `capture` runs any Flax linen apply function under `nn.intercept_methods`
+and takes the output of every `nn.Dense`/`nn.DenseGeneral`/`nn.Conv` `__call__` whose
+module path ('/'-joined names, e.g. 'stage0_block1_conv0' or 'stack/block_0/mlp/fc_in')
+matches the regex `layers` and not the regex `exclude`. Defaults: every Dense and Conv
+except the classifier named 'logits' (`accel.models.cnn`), which is exactly the layers
+that feed a nonlinearity in the MLP and CNN; in the ResNet it includes the second conv of
+each block and the projection shortcut, which feed relu through the residual sum. For the
+Transformer only 'fc_in' feeds a nonlinearity: set `layers='fc_in$'`. The interceptor
+returns each output unchanged, so the model's outputs are bitwise those of a plain apply.
+Captured layers must not sit inside a lifted transform (nn.scan, nn.remat, nn.cond):
+their outputs would leak out of that transform's trace.
+
+Moments under data parallelism (`num_shards`). The train step is one `jax.jit` over a
+batch sharded along its first axis. `num_shards=1` computes the moments from the whole,
+globally sharded batch (XLA all-reduces the per-channel sums): global moments, as
+synchronized batch norm. `num_shards=n` splits the batch axis into n contiguous groups,
+which under an n-way batch sharding are exactly the n devices' local batches, computes
+moments and the loss per group and averages the n losses: per-device moments, as the
+paper did per TPU core. Inside `jax.shard_map`, `standardization_loss(axis_name=...)`
+gives global moments by `lax.pmean` over that mesh axis.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+EPS = 1e-5
+CAPTURED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def _moments(x, reduce_axes: Sequence[int], num_shards: int, axis_name: str | None):
+  """Per-channel (mu, sigma^2), at least float32, with a leading shard axis (num_shards)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(a % x.ndim for a in reduce_axes)
+  if 0 not in axes:
+    raise ValueError(f'reduce_axes {tuple(reduce_axes)} must include the batch axis 0')
+  if x.shape[0] % num_shards:
+    raise ValueError(f'batch {x.shape[0]} is not divisible by num_shards {num_shards}')
+  x = x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
+  axes = tuple(a + 1 for a in axes)
+  mu = jnp.mean(x, axes, keepdims=True)
+  if axis_name is not None:
+    mu = lax.pmean(mu, axis_name)
+  var = jnp.mean(jnp.square(x - mu), axes, keepdims=True)
+  if axis_name is not None:
+    var = lax.pmean(var, axis_name)
+  squeeze = lambda m: m.squeeze(axes).reshape(num_shards, -1)
+  return squeeze(mu), squeeze(var)
+
+
+def _loss_from_moments(mu_SxC, var_SxC, eps):
+  v = var_SxC + eps
+  per_shard = 0.5 * jnp.sum(jnp.square(mu_SxC) + v - jnp.log(v) - 1.0, axis=-1)
+  return jnp.mean(per_shard)
+
+
+def standardization_loss(x: jax.Array, reduce_axes: Sequence[int] | None = None, *,
+                         eps: float = EPS, num_shards: int = 1,
+                         axis_name: str | None = None) -> jax.Array:
+  """1/2 * sum_i (mu_i^2 + v_i - log v_i - 1), v_i = sigma_i^2 + eps, for one array.
+
+  x: pre-activations, batch first. reduce_axes: the axes the moments run over (batch and
+  spatial); the others index channels i. Default: all but the last axis.
+  num_shards: moments per contiguous batch group, losses averaged (per-device moments).
+  axis_name: inside shard_map, moments averaged over this mesh axis (global moments).
+  """
+  if reduce_axes is None:
+    reduce_axes = tuple(range(x.ndim - 1))
+  return _loss_from_moments(*_moments(x, reduce_axes, num_shards, axis_name), eps)
+
+
+class LayerStats(NamedTuple):
+  """One captured layer: its loss term and, without gradient, mean |mu| and mean sigma^2."""
+  loss: jax.Array
+  mean_abs_mu: jax.Array
+  mean_var: jax.Array
+
+
+def _layer_stats(x, eps, num_shards) -> LayerStats:
+  mu, var = _moments(x, tuple(range(x.ndim - 1)), num_shards, None)
+  return LayerStats(_loss_from_moments(mu, var, eps),
+                    lax.stop_gradient(jnp.mean(jnp.abs(mu))),
+                    lax.stop_gradient(jnp.mean(var)))
+
+
+def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$',
+            eps: float = EPS, num_shards: int = 1
+            ) -> Callable[..., tuple[Any, dict[str, LayerStats]]]:
+  """Wraps a linen apply `fn`; the wrapped one returns (fn's output, {path: LayerStats}).
+
+  A layer is captured if it is a Dense/DenseGeneral/Conv, its '/'-joined module path
+  matches `layers` (re.search; '' matches all) and does not match `exclude` ('' excludes
+  none). A module called k > 1 times gets keys 'path', 'path#1', ... The moments run
+  over all axes but the last (channels).
+  """
+  include_re = re.compile(layers)
+  exclude_re = re.compile(exclude) if exclude else None
+
+  def wrapped(*args, **kwargs):
+    captured: dict[str, LayerStats] = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      y = next_fun(*call_args, **call_kwargs)
+      module = context.module
+      if context.method_name != '__call__' or not isinstance(module, CAPTURED_TYPES):
+        return y
+      path = '/'.join(module.path)
+      if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
+        return y
+      key, k = path, 0
+      while key in captured:
+        k += 1
+        key = f'{path}#{k}'
+      captured[key] = _layer_stats(y, eps, num_shards)
+      return y
+
+    with nn.intercept_methods(interceptor):
+      out = fn(*args, **kwargs)
+    return out, captured
+
+  return wrapped
+
+
+def total_loss(captured: dict[str, LayerStats]) -> jax.Array:
+  """Sum of the captured layers' loss terms (0.0 if none)."""
+  return sum((s.loss for s in captured.values()), jnp.zeros((), jnp.float32))
+
+
+def metrics(captured: dict[str, LayerStats]) -> dict[str, jax.Array]:
+  """'stdloss/loss' (unweighted) and per-layer 'stdloss/<path>/{mean_abs_mu,mean_var}'."""
+  out = {'stdloss/loss': total_loss(captured)}
+  for path, s in captured.items():
+    out[f'stdloss/{path}/mean_abs_mu'] = s.mean_abs_mu
+    out[f'stdloss/{path}/mean_var'] = s.mean_var
+  return out

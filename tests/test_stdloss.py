@@ -1,0 +1,166 @@
+"""Tests for accel.stdloss: the formula, its gradient, layer capture, data-parallel moments."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util
+
+from accel import stdloss
+from accel.models import cnn
+
+
+def _reference(x, axes, eps=stdloss.EPS):
+  """The paper's formula in float64 numpy (sigma^2 -> sigma^2 + eps)."""
+  x = np.asarray(x, np.float64)
+  mu = x.mean(axis=axes)
+  v = x.var(axis=axes) + eps
+  return 0.5 * np.sum(mu ** 2 + v - np.log(v) - 1)
+
+
+@pytest.mark.parametrize('shape,axes', [((64, 5), (0,)), ((8, 4, 4, 3), (0, 1, 2)),
+                                        ((4, 6, 3), (0, 1))])
+def test_formula_on_random_data(shape, axes):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  c = shape[-1]
+  x = (jax.random.uniform(k1, (c,), minval=-2, maxval=2)
+       + jax.random.uniform(k2, (c,), minval=0.1, maxval=3) * jax.random.normal(k3, shape))
+  got = stdloss.standardization_loss(x, axes)
+  np.testing.assert_allclose(got, _reference(x, axes), rtol=1e-5)
+  assert got > 1.0  # far from standardized: the test data is not trivially 0
+
+
+def test_zero_for_standardized_inputs():
+  x = np.random.default_rng(0).normal(3.0, 5.0, size=(32, 4, 4, 6))
+  x = (x - x.mean((0, 1, 2))) / x.std((0, 1, 2))
+  # Exactly: 1/2 * C * (eps - log(1 + eps)) ~= C * eps^2 / 4.
+  assert abs(float(stdloss.standardization_loss(jnp.asarray(x, jnp.float32)))) < 1e-6
+
+
+def test_near_zero_variance_is_finite():
+  x = jnp.concatenate([jnp.full((16, 1), 0.5), jax.random.normal(jax.random.key(0), (16, 1))], 1)
+  loss, grad = jax.value_and_grad(stdloss.standardization_loss)(x)
+  expected_const = 0.5 * (0.25 + stdloss.EPS - np.log(stdloss.EPS) - 1)
+  np.testing.assert_allclose(loss, expected_const + _reference(x[:, 1:], (0,)), rtol=1e-5)
+  assert np.all(np.isfinite(grad))
+  # bf16 activations: moments in float32, loss float32.
+  assert stdloss.standardization_loss(x.astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+def test_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), (6, 3, 2), jnp.float64) * 2.0 + 0.5
+    f = lambda x: stdloss.standardization_loss(x, (0, 1))
+    test_util.check_grads(f, (x,), order=1, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
+    g = lambda x: stdloss.standardization_loss(x, (0,), num_shards=3)
+    test_util.check_grads(g, (x,), order=1, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
+
+
+def _model_and_vars(model, shape=(8, 8, 8, 1)):
+  x = jax.random.normal(jax.random.key(0), shape) * 2.0 + 1.0
+  return x, jax.jit(model.init)(jax.random.key(1), x)
+
+
+def test_capture_takes_exactly_the_named_layers():
+  model = cnn.ConvNet()
+  x, variables = _model_and_vars(model)
+  _, captured = jax.jit(stdloss.capture(model.apply))(variables, x)
+  assert list(captured) == ['conv_0', 'conv_1', 'conv_2']  # not the 'logits' classifier
+  _, inter = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+                                              mutable='intermediates'))(variables, x)
+  for name, s in captured.items():
+    y = inter['intermediates'][name]['__call__'][0]
+    np.testing.assert_allclose(s.loss, _reference(y, (0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(s.mean_abs_mu, np.abs(y.mean((0, 1, 2))).mean(), rtol=1e-5)
+    np.testing.assert_allclose(s.mean_var, y.var((0, 1, 2)).mean(), rtol=1e-5)
+  np.testing.assert_allclose(stdloss.total_loss(captured),
+                             sum(float(s.loss) for s in captured.values()), rtol=1e-6)
+
+  _, only = jax.eval_shape(stdloss.capture(model.apply, layers='conv_1$'), variables, x)
+  assert list(only) == ['conv_1']
+  _, all_dense_conv = jax.eval_shape(stdloss.capture(model.apply, exclude=''), variables, x)
+  assert list(all_dense_conv) == ['conv_0', 'conv_1', 'conv_2', 'logits']
+
+  # Layer identity only needs shapes: trace without compiling.
+  def captured_names(model):
+    variables = jax.eval_shape(model.init, jax.random.key(1), x)
+    return list(jax.eval_shape(stdloss.capture(model.apply), variables, x)[1])
+
+  assert captured_names(cnn.MLP(norm='batch')) == ['dense_0', 'dense_1', 'dense_2']
+  resnet_names = captured_names(cnn.ResNet(depth=8))
+  assert len(resnet_names) == 1 + 3 * 2 + 2  # stem, 2 convs per block, 2 projections
+  assert 'stage1_block0_proj' in resnet_names and 'logits' not in resnet_names
+
+
+def test_capture_changes_nothing_bitwise():
+  model = cnn.ConvNet()
+  x, variables = _model_and_vars(model)
+  plain = jax.jit(model.apply)(variables, x)
+  captured_fn = jax.jit(lambda v, x: stdloss.capture(model.apply)(v, x)[0])
+  np.testing.assert_array_equal(captured_fn(variables, x), plain)
+  # Gradients of the task loss alone are untouched by the capture too.
+  task = lambda v, f: f(v, x).sum()
+  g_plain = jax.jit(jax.grad(lambda v: task(v, model.apply)))(variables)
+  g_capt = jax.jit(jax.grad(lambda v: task(v, lambda *a: stdloss.capture(model.apply)(*a)[0])))(
+      variables)
+  jax.tree.map(np.testing.assert_array_equal, g_capt, g_plain)
+
+
+def test_metrics_names():
+  model = cnn.MLP(features=(4,))
+  x, variables = _model_and_vars(model)
+  m = jax.eval_shape(lambda v, x: stdloss.metrics(stdloss.capture(model.apply)(v, x)[1]),
+                     variables, x)
+  assert set(m) == {'stdloss/loss', 'stdloss/dense_0/mean_abs_mu', 'stdloss/dense_0/mean_var'}
+
+
+_MULTI_DEVICE = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from accel import stdloss
+    assert jax.device_count() == 4
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    x = jax.random.normal(jax.random.key(0), (16, 3, 3, 5)) * 2 + 1
+    x = x + jnp.arange(16.0)[:, None, None, None]  # each device's slice has other moments
+    x = jax.device_put(x, NamedSharding(mesh, P('data')))
+
+    def ref(a):
+      a = np.asarray(a, np.float64)
+      mu, v = a.mean((0, 1, 2)), a.var((0, 1, 2)) + stdloss.EPS
+      return 0.5 * np.sum(mu ** 2 + v - np.log(v) - 1)
+
+    glob = jax.jit(lambda x: stdloss.standardization_loss(x))(x)
+    per_dev = jax.jit(lambda x: stdloss.standardization_loss(x, num_shards=4))(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+    assert [s.device for s in shards] == list(mesh.devices)
+    np.testing.assert_allclose(glob, ref(x), rtol=1e-5)
+    np.testing.assert_allclose(per_dev, np.mean([ref(s.data) for s in shards]), rtol=1e-5)
+    assert abs(per_dev - glob) > 1.0, (per_dev, glob)  # the two really differ here
+
+    def in_shard_map(axis_name):
+      def f(xl):
+        l = stdloss.standardization_loss(xl, axis_name=axis_name)
+        return jax.lax.pmean(l, 'data')
+      return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('data'), out_specs=P()))(x)
+    np.testing.assert_allclose(in_shard_map('data'), glob, rtol=1e-5)
+    np.testing.assert_allclose(in_shard_map(None), per_dev, rtol=1e-5)
+
+    # Per-device gradient wrt x: each device's slice only sees its own moments.
+    g = jax.jit(jax.grad(lambda x: stdloss.standardization_loss(x, num_shards=4)))(x)
+    g0 = jax.grad(lambda a: stdloss.standardization_loss(a) / 4)(np.asarray(shards[0].data))
+    np.testing.assert_allclose(np.asarray(g)[:4], g0, rtol=1e-4, atol=1e-7)
+    print('OK')
+''')
+
+
+def test_per_device_vs_global_moments_on_4_devices():
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                       env.get('PYTHONPATH', '')])
+  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == 'OK', proc.stderr[-3000:]
