@@ -77,7 +77,7 @@ def data_parallel_trainer(config, task: tasks.Task, tx: optax.GradientTransforma
                                                 state.step, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, mutable), metrics
 
@@ -93,17 +93,21 @@ def data_parallel_trainer(config, task: tasks.Task, tx: optax.GradientTransforma
       batch_sharding=batch_sharding)
 
 
-def _prepare_workdir(config, workdir: str) -> None:
-  """Writes config.json, refusing a workdir that holds another experiment."""
-  os.makedirs(workdir, exist_ok=True)
+def _check_workdir(config, workdir: str) -> None:
+  """Refuses a workdir whose config.json holds another experiment (or is unreadable)."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise UserError(f'{path} is unreadable ({e}); the workdir was left as it is') from e
-    config_lib.check_same_experiment(saved, config, workdir)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{path} is unreadable ({e}); the workdir was left as it is') from e
+  config_lib.check_same_experiment(saved, config, workdir)
+
+
+def _write_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
   if jax.process_index() == 0:
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -140,7 +144,7 @@ def build_trainer(config, task, mesh) -> Trainer:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` up to `config.total_steps`; returns the final metrics."""
   is_main = jax.process_index() == 0
-  _prepare_workdir(config, workdir)
+  _check_workdir(config, workdir)
   data = input_pipeline.build(config)
   task = tasks.build_task(config, data.info)
   devices = jax.devices()
@@ -152,13 +156,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   first_batch = _device_batch(trainer, data.train(0))
   state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), first_batch)
+  os.makedirs(workdir, exist_ok=True)
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  writer = MetricWriter(workdir, enabled=is_main)
   start = 0
   if checkpoints.latest_step() is not None:
     state = checkpoints.restore(state)
     start = int(state.step)
-    writer.truncate_after(start)
+  _write_config(config, workdir)
+  writer = MetricWriter(workdir, enabled=is_main)
+  writer.truncate_after(start)
   train_step = trainer.train_step.lower(state, first_batch).compile()
   flops_per_step = _flops(train_step)
   tokens_per_example = task.tokens_per_example()
@@ -174,9 +180,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def fetch(step, device_metrics):
     metrics = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
     if not np.isfinite(metrics['train/loss']):
-      raise TrainingDiverged(
-          f'train/loss is {metrics["train/loss"]} at step {step}; stopped. The last good '
-          f'checkpoint (step {checkpoints.latest_step()}) in {checkpoints.directory} is intact')
+      last = checkpoints.latest_step()
+      where = (f'the last good checkpoint, step {last} in {checkpoints.directory}, is intact'
+               if last is not None else 'no checkpoint had been written')
+      raise TrainingDiverged(f'train/loss is {metrics["train/loss"]} at step {step}; '
+                             f'stopped ({where})')
     summary.update(metrics)
     return metrics
 

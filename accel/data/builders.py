@@ -114,8 +114,7 @@ class UserText(tfds.core.GeneratorBasedBuilder):
     for p in self._files:
       stat = p.stat()
       digest.update(f'{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
-    self.BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=digest.hexdigest()[:16])]
-    super().__init__(config=self.BUILDER_CONFIGS[0].name, **kwargs)
+    super().__init__(config=tfds.core.BuilderConfig(name=digest.hexdigest()[:16]), **kwargs)
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=_text_features(),
