@@ -49,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   c.model.remat = False
   c.model.attention_impl = ''    # '' (XLA picks) | 'xla' | 'cudnn'
+  # image classifiers (model.name cnn | mlp | resnet, accel/models/cnn.py)
+  c.model.norm = 'none'          # 'none' | 'batch' | 'group' | 'layer'
+  c.model.num_groups = 8         # norm=group: gcd(num_groups, channels) groups
+  c.model.depth = 20             # resnet: 6n + 2
+  c.model.width = 1              # resnet: channel multiplier
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'
@@ -70,6 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.layerdrop.enabled = False
   c.layerdrop.theta_bar = 0.5
   c.layerdrop.gamma = 0.001
+
+  c.stdloss = ml_collections.ConfigDict()   # accel/stdloss.py
+  c.stdloss.enabled = False
+  c.stdloss.weight = 1.0         # lambda
+  c.stdloss.layers = ''          # regex on module paths; '' = every Dense/Conv
+  c.stdloss.exclude = 'logits$'  # regex; '' = none
+  c.stdloss.moments = 'global'   # 'global' | 'per_device'
   return c
 
 
