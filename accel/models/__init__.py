@@ -11,6 +11,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from accel.errors import UserError
+from accel.models import cnn
 from accel.models.transformer import TransformerConfig, TransformerLM
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -41,8 +42,22 @@ def _transformer_lm(config, info, **overrides):
       config.model, vocab_size=info.vocab_size, max_len=config.data.seq_len, **overrides))
 
 
+def _image_classifier(config, info, **overrides):
+  """cnn | mlp | resnet of accel/models/cnn.py, normalization by config.model.norm."""
+  if info.kind != 'image':
+    raise UserError(f'model.name {config.model.name!r} classifies images; data.name '
+                    f'{config.data.name!r} is {info.kind!r} data')
+  m = config.model
+  if m.norm not in cnn.NORMS:
+    raise UserError(f'model.norm must be one of {", ".join(cnn.NORMS)}, got {m.norm!r}')
+  kwargs = dict(depth=m.depth, width=m.width) if m.name == 'resnet' else {}
+  return cnn.MODELS[m.name](num_classes=info.num_classes, norm=m.norm,
+                            num_groups=m.num_groups, **kwargs, **overrides)
+
+
 # name -> builder(config, dataset_info, **overrides) -> nn.Module
 MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm}
+MODEL_BUILDERS.update(dict.fromkeys(cnn.MODELS, _image_classifier))
 
 
 def build_model(config, info, **overrides):
