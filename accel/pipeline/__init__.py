@@ -1,0 +1,55 @@
+"""Ouroboros: a stale-gradient model-parallel pipeline for Transformer LMs.
+
+Yang, Huo, Wang, Carin, NeurIPS 2019 (arXiv 1909.06695); papers.md section 1.
+
+The algorithm (iteration t = 0, 1, ...; batch b enters the pipeline at iteration b;
+modules j = 0..K-1 as cut by `layout.Layout`; w_j^t = module j's weights at the start of
+iteration t):
+
+  forward   module j runs batch  f_j(t) = t - j  (the newest batch that has reached it),
+            with w_j^t, on the activation module j-1 sent at iteration t-1 (module 0: the
+            tokens of batch t).  It sends its output to module j+1 (next iteration).
+  loss      module K-1 runs forward, loss and backward of batch t-(K-1) in the same
+            iteration: its gradient is fresh (delay 0).
+  backward  module j < K-1 back-propagates batch  g_j(t) = t - 2(K-1) + j, using the
+            input-gradient module j+1 produced at iteration t-1, and sends its own
+            input-gradient to module j-1 (next iteration).
+  update    every module that has a gradient applies it with its own Adam
+            (Ouroboros+Adam), then w^{t+1}.
+
+Counted in batches relative to the loss-side module (batch t-(K-1)), module j (1-indexed
+k = j+1) updates with the gradient of the batch K-1-j = K-k earlier: the paper's delays,
+K-1 for the first module and 0 for the last. Counted in module j's own iterations, the
+batch was forwarded d_j = 2(K-1-j) iterations before its backward (`Layout.delay`), so
+module j keeps its last d_j forwards in a static ring buffer.
+
+Warm-up: the loss module has its first batch at iteration K-1 and module j its first
+gradient at iteration 2(K-1)-j; until then a module does not update (its Adam count
+does not advance). During warm-up forwards run on zero activations whose results are
+never used.
+
+Tied embedding E (`layout` docstring): E is used by module 0 (input lookup) and by module
+K-1 (output logits). Its gradient at iteration t is the sum of the output-side part
+(batch t-(K-1), fresh) and the input-side part (batch t-2(K-1), i.e. K-1 batches older);
+one Adam state updates it.
+
+Which weights the delayed backward uses (`backward_weights`):
+  'stored'    the forward as it ran at iteration t - d_j, weights w_j^{t-d_j} (DDG,
+              Huo et al. 2018). Exact gradient of that forward.
+  'recompute' re-run module j's forward on its stored input with the current w_j^t, then
+              back-propagate (Features Replay, Huo et al. 2018).
+Memory per module j (B x L x D activations, |w_j| its weights, R_j = d_j):
+  'recompute' R_j inputs (B L D each) and one extra forward per backward;
+  'stored'    the reference keeps R_j vjp residual sets (every intermediate activation of
+              the module); the SPMD program keeps R_j inputs plus R_j copies of the module
+              weights (weight stashing) and re-runs the forward with the stashed weights,
+              which gives the same forward values as the stored one, at the compute cost of
+              'recompute'.
+
+Everything else (schedule of the loss, no gradient clipping) is plain training;
+`synchronous=True` in the reference forces f_j(t) = g_j(t) = t (all delays 0), which is
+ordinary synchronous training.
+"""
+from accel.pipeline.layout import Layout
+
+__all__ = ['Layout']

@@ -1,0 +1,160 @@
+"""Single-device reference of the Ouroboros delayed-gradient algorithm (see package doc).
+
+Plain Python over per-module jitted functions, messages keyed by batch index, so the
+schedule reads as written in `accel.pipeline`'s docstring. The SPMD program
+(`accel.pipeline.spmd`) must reproduce it; `synchronous=True` forces every delay to 0
+(forward and backward of batch t at iteration t through all modules), which must equal
+ordinary training with jax.grad of the whole model.
+
+'stored' keeps the jax.vjp of each module forward as it ran (its residuals); 'recompute'
+keeps the module input and re-runs the forward with the current weights.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accel.pipeline import pieces
+from accel.pipeline.layout import Layout
+
+
+def _first(cfg, pm, E, tokens):
+  return pieces.blocks(cfg, pm['layers'], pieces.embed(cfg, E, pm['pos_embed'], tokens))
+
+
+def _middle(cfg, pm, x):
+  return pieces.blocks(cfg, pm['layers'], x)
+
+
+def _last(cfg, pm, E, x, targets):
+  h = pieces.blocks(cfg, pm['layers'], x)
+  return pieces.head_loss(cfg, E, pm.get('final_ln', {}), h, targets)
+
+
+# Module-level jits (cfg static) so every Reference shares the compilation cache.
+# A jax.vjp object is a pytree of residuals: returning it from jit stores the forward.
+_jit = functools.partial(jax.jit, static_argnums=0)
+_fwd_first = _jit(_first)
+_fwd_middle = _jit(_middle)
+_vjp_first = _jit(lambda cfg, pm, E, tok: jax.vjp(lambda p, e: _first(cfg, p, e, tok), pm, E))
+_vjp_middle = _jit(lambda cfg, pm, x: jax.vjp(functools.partial(_middle, cfg), pm, x))
+_grad_last = _jit(jax.value_and_grad(_last, argnums=(1, 2, 3)))
+_apply_vjp = jax.jit(lambda vjp, g: vjp(g))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _update(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+class Reference:
+  """state = dict(step, modules=[{'layers', 'pos_embed'?, 'final_ln'?}], E, opt, opt_E, ...)."""
+
+  def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
+               backward_weights: str, synchronous: bool = False):
+    if backward_weights not in ('stored', 'recompute'):
+      raise ValueError(f'backward_weights={backward_weights!r}')
+    self.cfg = pieces.scan_config(cfg)
+    self.layout, self.tx = layout, tx
+    self.backward_weights, self.synchronous = backward_weights, synchronous
+    self._k = layout.num_modules
+
+  def init(self, params) -> dict[str, Any]:
+    """Cuts TransformerLM (scan layout) params into modules; fresh per-module Adam."""
+    layers = params['stack']['layers']
+    modules = []
+    for j, (a, b) in enumerate(self.layout.module_ranges()):
+      pm = {'layers': pieces.slice_layers(layers, a, b)}
+      if j == 0:
+        pm['pos_embed'] = params['pos_embed']
+      if j == self._k - 1 and self.cfg.pre_ln:
+        pm['final_ln'] = params['final_ln']
+      modules.append(pm)
+    E = params['token_embed']['embedding']
+    return dict(step=0, modules=modules, E=E,
+                opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(E),
+                saved={}, acts={}, grads={}, batches={})
+
+  def model_params(self, state):
+    """Reassembles the TransformerLM params (for evaluation and comparison)."""
+    mods = state['modules']
+    out = {'token_embed': {'embedding': state['E']}, 'pos_embed': mods[0]['pos_embed'],
+           'stack': {'layers': pieces.concat_layers([m['layers'] for m in mods])}}
+    if self.cfg.pre_ln:
+      out['final_ln'] = mods[-1]['final_ln']
+    return out
+
+  def fwd_batch(self, j: int, t: int) -> int:
+    return t if self.synchronous else t - j
+
+  def bwd_batch(self, j: int, t: int) -> int:
+    return t if self.synchronous else t - self.layout.delay(j) - j
+
+  def step(self, state, batch):
+    """One iteration t: every module's forward and backward, then the updates.
+
+    batch: dict(inputs=[B, L] int, targets=[B, L] int), the batch that enters at t.
+    Returns (state, metrics) with metrics['loss'] the loss of batch bwd_batch(K-1, t)
+    (None while the pipeline fills).
+    """
+    k, t = self._k, state['step']
+    mods, E = state['modules'], state['E']
+    saved, acts, grads_in, batches = (state[n] for n in ('saved', 'acts', 'grads', 'batches'))
+    batches[t] = batch
+    g_mod = [None] * k
+    g_E = []
+    loss = None
+    # Forwards with the weights w^t of this iteration.
+    for j in range(k - 1):
+      b = self.fwd_batch(j, t)
+      if b < 0:
+        continue
+      x_in = batches[b]['inputs'] if j == 0 else acts.pop((j, b))
+      if self.backward_weights == 'stored':
+        y, vjp = (_vjp_first(self.cfg, mods[j], E, x_in) if j == 0
+                  else _vjp_middle(self.cfg, mods[j], x_in))
+        saved[(j, b)] = vjp
+      else:
+        y = (_fwd_first(self.cfg, mods[j], E, x_in) if j == 0
+             else _fwd_middle(self.cfg, mods[j], x_in))
+        saved[(j, b)] = x_in
+      acts[(j + 1, b)] = y
+    # The last module: forward, loss and backward of the same batch (delay 0).
+    b = self.fwd_batch(k - 1, t)
+    if b >= 0:
+      loss, (g_mod[k - 1], g_E_out, dx) = _grad_last(
+          self.cfg, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'])
+      g_E.append(g_E_out)
+      grads_in[(k - 2, b)] = dx
+    # Backwards of older batches, from the loss side down.
+    for j in range(k - 2, -1, -1):
+      b = self.bwd_batch(j, t)
+      if b < 0:
+        continue
+      g = grads_in.pop((j, b))
+      if self.backward_weights == 'stored':
+        cot = _apply_vjp(saved.pop((j, b)), g)
+      elif j == 0:
+        cot = _apply_vjp(_vjp_first(self.cfg, mods[0], E, saved.pop((0, b)))[1], g)
+      else:
+        cot = _apply_vjp(_vjp_middle(self.cfg, mods[j], saved.pop((j, b)))[1], g)
+      if j == 0:
+        g_mod[0], g_E_in = cot
+        g_E.append(g_E_in)
+        del batches[b]
+      else:
+        g_mod[j], grads_in[(j - 1, b)] = cot
+    # Adam per module, only for modules that have a gradient this iteration.
+    for j in range(k):
+      if g_mod[j] is not None:
+        mods[j], state['opt'][j] = _update(self.tx, g_mod[j], state['opt'][j], mods[j])
+    if g_E:
+      # Tied table: output-side part (batch t-(K-1)) + input-side part (batch t-2(K-1)).
+      state['E'], state['opt_E'] = _update(self.tx, sum(g_E[1:], g_E[0]), state['opt_E'], E)
+    state['step'] = t + 1
+    return state, {'loss': loss, 'grads': g_mod, 'grad_E': g_E}
