@@ -75,6 +75,18 @@ def step_gates(ld_config: Any, num_layers: int, seed: int, step, train: bool):
       'layerdrop/layers_run': jnp.sum(gates_L).astype(jnp.float32)}
 
 
+def apply_kwargs(config, step, train: bool) -> tuple[dict, dict]:
+  """The task hook: (model.apply kwargs, metrics); ({}, {}) unless `layerdrop.enabled`.
+
+  Metrics are returned for training steps only; evaluation runs every layer, unscaled.
+  """
+  if not config.layerdrop.enabled:
+    return {}, {}
+  gates_L, keep_probs_L, metrics = step_gates(config.layerdrop, config.model.num_layers,
+                                              config.seed, step, train)
+  return {'gates_L': gates_L, 'keep_probs_L': keep_probs_L}, (metrics if train else {})
+
+
 def expected_layers(num_layers: int, theta_value) -> jax.Array:
   """E[layers run] = sum_l p_l = L - (1 - theta) (L + 1) / 2 (8.75 for L=12, theta=0.5)."""
   return num_layers - (1.0 - theta_value) * (num_layers + 1) / 2.0

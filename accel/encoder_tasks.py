@@ -1,0 +1,111 @@
+"""Tasks of a BERT-style encoder (`model.name=bert`): MLM pretraining and classification.
+
+- `MaskedLMTask` (data of kind 'lm'): tokens = [CLS] + the first seq_len - 1 bytes of a
+  window, masked as in BERT by `accel.mlm` with a key of (seed, step); loss = mean
+  cross-entropy over the selected positions. Evaluation masks with a fixed key.
+- `TextClassificationTask` (kind 'text_classification', e.g. `shakespeare_genre`): the same
+  [CLS] + bytes input, loss = mean cross-entropy of the class. With
+  `finetune.pretrained_workdir` set, the encoder starts from the latest checkpoint of that
+  pretraining run (only the `encoder` subtree; the pooler and classifier are new).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from accel import mlm
+from accel.errors import UserError
+from accel.tasks import ClassificationTask, Task
+
+_MASK_STREAM = 0x4D4C4D   # separates the masking key from dropout's
+
+
+def encoder_tokens(batch) -> jax.Array:
+  """[CLS] + bytes, seq_len tokens in all (the last byte of the window is not used)."""
+  return mlm.with_cls(batch['inputs'][:, :-1])
+
+
+class MaskedLMTask(Task):
+  """BERT masked language modelling (`accel.mlm`)."""
+
+  def _masked(self, batch, rng):
+    inputs, targets, weights = mlm.mask_tokens(jax.random.fold_in(rng, _MASK_STREAM),
+                                               encoder_tokens(batch))
+    return {'mlm_inputs': inputs, 'mlm_targets': targets, 'mlm_weights': weights}
+
+  def init(self, rng, batch):
+    return super().init(rng, self._masked(batch, rng))
+
+  def inputs(self, batch):
+    return batch['mlm_inputs']
+
+  def loss(self, params, mutable, batch, rng, step, train: bool = True):
+    return super().loss(params, mutable, self._masked(batch, rng), rng, step, train)
+
+  def objective(self, logits_BxLxV, batch):
+    loss, accuracy = mlm.mlm_loss(logits_BxLxV, batch['mlm_targets'], batch['mlm_weights'])
+    return loss, {'loss': loss, 'accuracy': accuracy}
+
+  def tokens_per_example(self):
+    return self.config.data.seq_len
+
+
+def load_pretrained_encoder(workdir: str) -> dict:
+  """The `encoder` params of the latest checkpoint in a pretraining workdir, as numpy."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise UserError(f'finetune.pretrained_workdir {workdir!r} has no checkpoints/ folder')
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise UserError(f'finetune.pretrained_workdir {workdir!r} has no checkpoint')
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  params = restored['params']
+  if 'encoder' not in params:
+    raise UserError(f'the checkpoint in {directory} is not of a model.name=bert encoder '
+                    f'(params: {", ".join(sorted(params))})')
+  return jax.tree.map(np.asarray, params['encoder'])
+
+
+@dataclasses.dataclass
+class TextClassificationTask(ClassificationTask):
+  """Sequence classification from the [CLS] position; optionally from a pretrained encoder."""
+  pretrained: Any = None      # encoder params (numpy) that replace the fresh ones at init
+
+  def inputs(self, batch):
+    return encoder_tokens(batch)
+
+  def init(self, rng, batch):
+    variables = super().init(rng, batch)
+    if self.pretrained is None:
+      return variables
+    fresh = variables['params']['encoder']
+    want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), fresh)
+    got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.pretrained)
+    if want != got:
+      raise UserError('the pretrained encoder does not match this model (check that '
+                      'model.* and data.seq_len are those of the pretraining run)')
+    # Loaded on the host; a callback brings it in without baking it into the program.
+    encoder = jax.pure_callback(
+        lambda: self.pretrained,
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), fresh))
+    return {**variables, 'params': {**variables['params'], 'encoder': encoder}}
+
+  def tokens_per_example(self):
+    return self.config.data.seq_len
+
+
+def build_task(config, info, model) -> Task:
+  if info.kind == 'lm':
+    return MaskedLMTask(config, model)
+  if info.kind == 'text_classification':
+    workdir = config.get('finetune', {}).get('pretrained_workdir', '')
+    return TextClassificationTask(config, model, pretrained=(
+        load_pretrained_encoder(workdir) if workdir else None))
+  raise UserError(f'model.name=bert has no task for data of kind {info.kind!r} '
+                  '(use a text dataset for MLM or shakespeare_genre for classification)')

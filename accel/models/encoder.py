@@ -1,0 +1,49 @@
+"""BERT-style encoder heads on the bidirectional `TransformerLM` (cfg.causal=False).
+
+Both models keep the encoder under the parameter name `encoder`, so a classifier starts
+from a pretrained masked LM by copying that subtree (`accel.encoder_tasks`).
+
+- `MaskedLM`: logits_BxLxV = LN_f(Blocks(E[tokens] + P)) @ E^T, the output projection
+  tied to the token embedding (BERT section 3.1; PLD pretraining, papers.md section 2).
+- `SequenceClassifier`: logits_BxC = W_c tanh(W_p LN_f(h)[:, 0] + b_p) + b_c, the BERT
+  pooler on the first ([CLS]) position (BERT section 4), LN_f only for PreLN.
+
+Both accept the layer-dropping gates of `TransformerLM` (`accel.layerdrop`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from accel.models.transformer import TransformerConfig, TransformerLM
+
+
+class MaskedLM(nn.Module):
+  """Token logits of a bidirectional encoder with tied embeddings."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+    encoder = TransformerLM(self.cfg, name='encoder')
+    return encoder(tokens_BxL, train=train, gates_L=gates_L, keep_probs_L=keep_probs_L)
+
+
+class SequenceClassifier(nn.Module):
+  """Class logits from the encoder's [CLS] position through a tanh pooler."""
+  cfg: TransformerConfig
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+    cfg = self.cfg
+    encoder = TransformerLM(cfg, name='encoder')
+    h_BxLxD = encoder.features(tokens_BxL, train=train, gates_L=gates_L,
+                               keep_probs_L=keep_probs_L)
+    if encoder.final_ln is not None:
+      h_BxLxD = encoder.final_ln(h_BxLxD)
+    pooled_BxD = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.dtype, name='pooler')(
+        h_BxLxD[:, 0]))
+    pooled_BxD = nn.Dropout(cfg.dropout_rate)(pooled_BxD, deterministic=not train)
+    logits_BxC = nn.Dense(self.num_classes, dtype=cfg.dtype, name='classifier')(pooled_BxD)
+    return logits_BxC.astype(jnp.float32)
