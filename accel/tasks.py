@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from accel import models
+from accel import layerdrop, models
 from accel.errors import UserError
 
 LN2 = math.log(2.0)
@@ -45,11 +45,14 @@ class Task:
     """Returns (outputs, new_mutable, method_metrics, aux_loss)."""
     variables = {'params': params, **mutable}
     kwargs = dict(rngs={'dropout': rng}) if train else {}
+    gate_kwargs, metrics = layerdrop.apply_kwargs(self.config, step, train)
+    kwargs.update(gate_kwargs)
     if train and self.mutable_collections:
       out, new_mutable = self.model.apply(variables, self.inputs(batch), train=True,
                                           mutable=list(self.mutable_collections), **kwargs)
-      return out, dict(new_mutable), {}, 0.0
-    return self.model.apply(variables, self.inputs(batch), train=train, **kwargs), mutable, {}, 0.0
+      return out, dict(new_mutable), metrics, 0.0
+    out = self.model.apply(variables, self.inputs(batch), train=train, **kwargs)
+    return out, mutable, metrics, 0.0
 
   def loss(self, params, mutable, batch, rng, step, train: bool = True):
     outputs, new_mutable, metrics, aux_loss = self.apply(params, mutable, batch, rng, step, train)
@@ -101,6 +104,9 @@ def model_overrides(config) -> dict:
 
 def build_task(config, info) -> Task:
   model = models.build_model(config, info, **model_overrides(config))
+  if config.model.name == 'bert':
+    from accel import encoder_tasks  # pylint: disable=g-import-not-at-top (it imports Task)
+    return encoder_tasks.build_task(config, info, model)
   if info.kind == 'lm':
     return LanguageModelTask(config, model)
   if info.kind == 'image':

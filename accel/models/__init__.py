@@ -10,8 +10,10 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from accel import mlm
 from accel.errors import UserError
 from accel.models import cnn
+from accel.models.encoder import MaskedLM, SequenceClassifier
 from accel.models.transformer import TransformerConfig, TransformerLM
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -55,8 +57,17 @@ def _image_classifier(config, info, **overrides):
                             num_groups=m.num_groups, **kwargs, **overrides)
 
 
+def _bert(config, info, **overrides):
+  """Bidirectional encoder: masked LM on text, [CLS] classifier on text classification."""
+  cfg = transformer_config(config.model, vocab_size=mlm.VOCAB_SIZE,
+                           max_len=config.data.seq_len, causal=False, **overrides)
+  if info.kind == 'text_classification':
+    return SequenceClassifier(cfg, info.num_classes)
+  return MaskedLM(cfg)
+
+
 # name -> builder(config, dataset_info, **overrides) -> nn.Module
-MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm}
+MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm, 'bert': _bert}
 MODEL_BUILDERS.update(dict.fromkeys(cnn.MODELS, _image_classifier))
 
 
