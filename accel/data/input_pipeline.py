@@ -6,7 +6,8 @@ state is therefore the step alone — a resumed run sees exactly the batches an 
 would — and each process reads only its own rows of the global batch.
 
 Batches: LM {'inputs': int32 BxL, 'targets': int32 BxL} (targets = inputs shifted by one);
-images {'image': float32 BxHxWxC, 'label': int32 B}.
+images {'image': float32 BxHxWxC, 'label': int32 B}; text classification {'inputs': int32 BxL,
+'label': int32 B}.
 """
 from __future__ import annotations
 
@@ -18,19 +19,20 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from accel.data import builders
+from accel.data import builders, genre
 from accel.errors import UserError
 
 TEXT_DATASETS = ('shakespeare', 'text')
+TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',)
 IMAGE_DATASETS = ('digits',)
 BYTE_VOCAB = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  kind: str                       # 'lm' | 'image'
-  vocab_size: int = 0             # lm
-  num_classes: int = 0            # image
+  kind: str                       # 'lm' | 'image' | 'text_classification'
+  vocab_size: int = 0             # lm, text_classification
+  num_classes: int = 0            # image, text_classification
   image_shape: tuple = ()         # image
   num_train_examples: int = 0
 
@@ -58,14 +60,14 @@ class Data:
 def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
   kwargs = dict(data_dir=builders.default_data_dir(data_cfg.get('dir') or None),
                 file_format='array_record')
-  if name == 'shakespeare':
+  if name in ('shakespeare', 'shakespeare_genre'):
     return builders.prepare(builders.Shakespeare(**kwargs))
   if name == 'text':
     return builders.prepare(builders.UserText(path=data_cfg.path, **kwargs))
   if name == 'digits':
     return builders.prepare(builders.Digits(**kwargs))
   raise UserError(f'unknown data.name {name!r}; known: '
-                  f'{", ".join(TEXT_DATASETS + IMAGE_DATASETS)}')
+                  f'{", ".join(TEXT_DATASETS + TEXT_CLASSIFICATION_DATASETS + IMAGE_DATASETS)}')
 
 
 def byte_stream(source) -> np.ndarray:
@@ -132,6 +134,12 @@ def build(config) -> Data:
     val = _lm_windows(byte_stream(val_src), data_cfg.seq_len)
     info = DatasetInfo('lm', vocab_size=BYTE_VOCAB, num_train_examples=len(train))
     collate = _collate_lm
+  elif name in TEXT_CLASSIFICATION_DATASETS:
+    train, val = genre.passage_datasets(train_src, val_src,
+                                        builder.info.features['genre'].names, data_cfg.seq_len)
+    info = DatasetInfo('text_classification', vocab_size=BYTE_VOCAB,
+                       num_classes=len(genre.GENRES), num_train_examples=len(train))
+    collate = genre.collate
   else:
     train = grain.MapDataset.source(train_src)
     val = grain.MapDataset.source(val_src)
