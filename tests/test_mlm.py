@@ -1,9 +1,13 @@
-"""Tests of accel.mlm: BERT masking proportions and the selected-only loss."""
+"""Tests of accel.mlm (masking proportions, selected-only loss) and BERT fine-tuning."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accel import mlm
+from accel import mlm, models, train
+from accel.data import input_pipeline
+from configs import pld_bert, pld_bert_finetune
 
 
 def _bytes(shape, seed=0):
@@ -56,3 +60,37 @@ def test_loss_counts_only_selected_positions():
   # A perfect prediction at the selected positions: accuracy 1.
   perfect = logits.at[0, 3, targets[0, 3]].set(1e3).at[1, 5, targets[1, 5]].set(1e3)
   assert float(mlm.mlm_loss(perfect, targets, weights)[1]) == 1.0
+
+
+def _bert_config(module, **overrides):
+  config = module.get_config('smoke')
+  config.progress_bar = False
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _checkpoint_params(workdir):
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())['params']
+
+
+def test_finetuning_run_restores_the_pretrained_encoder(tmp_path):
+  pre_dir, ft_dir = str(tmp_path / 'pre'), str(tmp_path / 'ft')
+  summary = train.train_and_evaluate(_bert_config(pld_bert, total_steps=4), pre_dir)
+  assert 0 < summary['eval/accuracy'] <= 1
+  # lr 0: the one fine-tuning step leaves the encoder exactly as it was loaded.
+  ft = dict(total_steps=1, **{'optimizer.lr': 0.0})
+  train.train_and_evaluate(
+      _bert_config(pld_bert_finetune, **ft, **{'finetune.pretrained_workdir': pre_dir}), ft_dir)
+  pretrained, tuned = map(_checkpoint_params, (pre_dir, ft_dir))
+  assert set(tuned) == {'encoder', 'pooler', 'classifier'}
+  jax.tree.map(np.testing.assert_array_equal, tuned['encoder'], pretrained['encoder'])
+  # ... and not as a fresh initialisation (same seed) would have it.
+  config = _bert_config(pld_bert_finetune)
+  info = input_pipeline.DatasetInfo('text_classification', vocab_size=256, num_classes=3)
+  fresh = models.build_model(config, info).init(
+      jax.random.fold_in(jax.random.key(config.seed), 0),
+      jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+  assert not np.array_equal(fresh['encoder']['token_embed']['embedding'],
+                            tuned['encoder']['token_embed']['embedding'])
