@@ -70,7 +70,7 @@ def add_rounded(acc: jax.Array, x: jax.Array, acc_fmt: FloatFormat, addend_bits:
   return quantize(acc + x, acc_fmt, rounding, key)
 
 
-def _canonical(lhs, rhs, dimension_numbers):
+def canonical_operands(lhs, rhs, dimension_numbers):
   """lhs -> (B, M, K), rhs -> (B, K, N) and the output shape of lax.dot_general."""
   (lc, rc), (lb, rb) = dimension_numbers
   lc, rc, lb, rb = (tuple(int(d) for d in ds) for ds in (lc, rc, lb, rb))
@@ -171,10 +171,12 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
   if mode not in ('exact', 'fast'):
     raise ValueError(f'mode must be exact or fast, got {mode!r}')
   out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
-  lhs_BxMxK, rhs_BxKxN, out_shape = _canonical(
+  lhs_BxMxK, rhs_BxKxN, out_shape = canonical_operands(
       lhs.astype(jnp.float32), rhs.astype(jnp.float32), dimension_numbers)
   lhs_BxMxCxL, rhs_BxCxLxN = _chunks(lhs_BxMxK, rhs_BxKxN, chunk_size)
-  if mode == 'exact':
+  if mode == 'exact' or lhs_BxMxCxL.shape[3] == 1:  # fast with chunks of 1 is exact
+    if mode == 'fast':
+      mul_fmt = FP32
     out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key)
   else:
     out_BxMxN = _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key)
