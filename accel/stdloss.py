@@ -28,13 +28,21 @@ returns each output unchanged, so the model's outputs are bitwise those of a pla
 Captured layers must not sit inside a lifted transform (nn.scan, nn.remat, nn.cond):
 their outputs would leak out of that transform's trace.
 
+Training (`task_hook`, called by `accel.tasks.Task.apply`): with `config.stdloss.enabled`
+and train=True, the model's apply runs under `capture` and the task loss gets
+`stdloss.weight` * the summed layer losses; metrics 'stdloss/loss' (unweighted) and per
+layer 'stdloss/<path>/mean_abs_mu' and '.../mean_var' come with every step (a few
+scalars; the loop logs them every `log_every` steps). Evaluation (train=False) runs the
+plain apply: no capture, no term.
+
 Moments under data parallelism (`num_shards`). The train step is one `jax.jit` over a
 batch sharded along its first axis. `num_shards=1` computes the moments from the whole,
 globally sharded batch (XLA all-reduces the per-channel sums): global moments, as
 synchronized batch norm. `num_shards=n` splits the batch axis into n contiguous groups,
 which under an n-way batch sharding are exactly the n devices' local batches, computes
 moments and the loss per group and averages the n losses: per-device moments, as the
-paper did per TPU core. Inside `jax.shard_map`, `standardization_loss(axis_name=...)`
+paper did per TPU core. `config.stdloss.moments`: 'global' | 'per_device'
+(num_shards = jax.device_count(), the size of accel.train's 'data' mesh). Inside `jax.shard_map`, `standardization_loss(axis_name=...)`
 gives global moments by `lax.pmean` over that mesh axis.
 """
 from __future__ import annotations
@@ -46,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from accel.errors import UserError
 
 EPS = 1e-5
 CAPTURED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -156,3 +166,32 @@ def metrics(captured: dict[str, LayerStats]) -> dict[str, jax.Array]:
     out[f'stdloss/{path}/mean_abs_mu'] = s.mean_abs_mu
     out[f'stdloss/{path}/mean_var'] = s.mean_var
   return out
+
+
+def task_hook(config, apply_fn: Callable[..., Any], train: bool
+              ) -> Callable[..., tuple[Any, jax.Array | float, dict[str, jax.Array]]]:
+  """Wraps a model's apply for the task: fn(*a, **kw) -> (apply_fn(*a, **kw), term, metrics).
+
+  term = stdloss.weight * sum of the captured layers' losses, metrics as `metrics`; when
+  the block is disabled or train=False, apply_fn runs untouched and term is 0.0, metrics {}.
+  """
+  cfg = config.stdloss
+  if not (cfg.enabled and train):
+    return lambda *args, **kwargs: (apply_fn(*args, **kwargs), 0.0, {})
+  if cfg.moments not in ('global', 'per_device'):
+    raise UserError(f"stdloss.moments must be 'global' or 'per_device', got {cfg.moments!r}")
+  num_shards = jax.device_count() if cfg.moments == 'per_device' else 1
+  try:
+    captured_apply = capture(apply_fn, layers=cfg.layers, exclude=cfg.exclude,
+                             num_shards=num_shards)
+  except re.error as e:
+    raise UserError(f'stdloss.layers / stdloss.exclude: bad regular expression ({e})') from e
+
+  def wrapped(*args, **kwargs):
+    out, captured = captured_apply(*args, **kwargs)
+    if not captured:
+      raise UserError(f'stdloss.layers={cfg.layers!r} (exclude={cfg.exclude!r}) matches '
+                      'no Dense or Conv layer of the model')
+    return out, cfg.weight * total_loss(captured), metrics(captured)
+
+  return wrapped

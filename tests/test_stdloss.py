@@ -164,3 +164,40 @@ def test_per_device_vs_global_moments_on_4_devices():
   proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE], env=env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0 and proc.stdout.strip() == 'OK', proc.stderr[-3000:]
+
+
+def _hook_config(**stdloss_overrides):
+  from accel import config_lib
+  c = config_lib.base_config()
+  c.stdloss.update(stdloss_overrides)
+  return c
+
+
+def test_task_hook_adds_weighted_term_in_training_only():
+  model = cnn.ConvNet()
+  x, variables = _model_and_vars(model)
+  plain = model.apply(variables, x)
+  on = _hook_config(enabled=True, weight=0.25)
+  out, term, m = jax.jit(stdloss.task_hook(on, model.apply, train=True))(variables, x)
+  np.testing.assert_array_equal(out, plain)
+  np.testing.assert_allclose(term, 0.25 * m['stdloss/loss'], rtol=1e-6)
+  assert float(m['stdloss/loss']) > 0 and 'stdloss/conv_2/mean_var' in m
+  # Disabled, or evaluation: the plain apply, no term, no metrics.
+  for cfg, train in ((_hook_config(enabled=False), True), (on, False)):
+    out, term, m = stdloss.task_hook(cfg, model.apply, train)(variables, x)
+    np.testing.assert_array_equal(out, plain)
+    assert term == 0.0 and m == {}
+
+
+def test_task_hook_rejects_bad_layer_choice():
+  from accel.errors import UserError
+  model = cnn.ConvNet()
+  x = jnp.zeros((2, 8, 8, 1))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  with pytest.raises(UserError, match='matches no Dense or Conv'):
+    jax.eval_shape(stdloss.task_hook(_hook_config(enabled=True, layers='fc_in'), model.apply,
+                                     True), variables, x)
+  with pytest.raises(UserError, match='bad regular expression'):
+    stdloss.task_hook(_hook_config(enabled=True, layers='('), model.apply, True)
+  with pytest.raises(UserError, match='per_device'):
+    stdloss.task_hook(_hook_config(enabled=True, moments='local'), model.apply, True)
