@@ -8,3 +8,4 @@ from accel.lowprec.formats import (BF16, E4M3, E5M2, E6M9, FORMATS, FP16, FP32, 
 from accel.lowprec.chunked import add_rounded, chunked_dot_general, make_chunked_dot_general
 from accel.lowprec.gemm import (GemmSettings, LayerSettings, LowPrecConv, LowPrecDotGeneral,
                                 accumulation_lengths)
+from accel.lowprec.optimizer import lowprec_updates, scale_gradient
