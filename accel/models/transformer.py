@@ -169,7 +169,8 @@ class BlockStack(nn.Module):
 class TransformerLM(nn.Module):
   """Decoder-only (causal) or encoder (bidirectional) Transformer with tied embeddings.
 
-  logits = LN_f(Blocks(E[tokens] + P[positions])) @ E^T  (LN_f only for PreLN).
+  logits = LN_f(Blocks(E[tokens] + P[positions])) @ E^T  (LN_f only for PreLN), returned in
+  the compute dtype: losses take them to float32 inside their own fusion.
   """
   cfg: TransformerConfig
 
@@ -193,7 +194,7 @@ class TransformerLM(nn.Module):
     table_VxD = self.token_embed.embedding.astype(self.cfg.dtype)
     logits_BxLxV = self.cfg.head_dot_general(
         x_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
-    return logits_BxLxV.astype(jnp.float32)
+    return logits_BxLxV   # compute dtype; losses upcast (a float32 copy of BxLxV is costly)
 
   def features(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
     """Final hidden states (before the final LayerNorm)."""
