@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from accel import layerdrop, models
+from accel import layerdrop, models, stdloss
 from accel.errors import UserError
 
 LN2 = math.log(2.0)
@@ -47,12 +47,15 @@ class Task:
     kwargs = dict(rngs={'dropout': rng}) if train else {}
     gate_kwargs, metrics = layerdrop.apply_kwargs(self.config, step, train)
     kwargs.update(gate_kwargs)
+    model_apply = stdloss.task_hook(self.config, self.model.apply, train)
     if train and self.mutable_collections:
-      out, new_mutable = self.model.apply(variables, self.inputs(batch), train=True,
-                                          mutable=list(self.mutable_collections), **kwargs)
-      return out, dict(new_mutable), metrics, 0.0
-    out = self.model.apply(variables, self.inputs(batch), train=train, **kwargs)
-    return out, mutable, metrics, 0.0
+      (out, new_mutable), aux_loss, std_metrics = model_apply(
+          variables, self.inputs(batch), train=True,
+          mutable=list(self.mutable_collections), **kwargs)
+      return out, dict(new_mutable), {**metrics, **std_metrics}, aux_loss
+    out, aux_loss, std_metrics = model_apply(variables, self.inputs(batch), train=train,
+                                             **kwargs)
+    return out, mutable, {**metrics, **std_metrics}, aux_loss
 
   def loss(self, params, mutable, batch, rng, step, train: bool = True):
     outputs, new_mutable, metrics, aux_loss = self.apply(params, mutable, batch, rng, step, train)
