@@ -201,3 +201,40 @@ def test_task_hook_rejects_bad_layer_choice():
     stdloss.task_hook(_hook_config(enabled=True, layers='('), model.apply, True)
   with pytest.raises(UserError, match='per_device'):
     stdloss.task_hook(_hook_config(enabled=True, moments='local'), model.apply, True)
+
+
+def test_classification_task_wiring():
+  """Task.loss adds lambda * L_std in training; disabled it is bitwise the plain task;
+  evaluation ignores it; batch statistics are untouched by the capture."""
+  import optax
+  from accel import tasks
+  x, _ = _model_and_vars(cnn.ConvNet())
+  batch = {'image': x, 'label': jnp.arange(8) % 10}
+  rng = jax.random.key(2)
+
+  model = cnn.ConvNet(norm='batch')  # the batch_stats path every ClassificationTask takes
+
+  def task_for(**stdloss_cfg):
+    return tasks.ClassificationTask(_hook_config(**stdloss_cfg), model,
+                                    mutable_collections=('batch_stats',))
+
+  off, on = task_for(enabled=False), task_for(enabled=True, weight=0.5)
+  variables = off.init(jax.random.key(1), batch)
+  params = variables.pop('params')
+  loss_grad = lambda t: jax.jit(jax.value_and_grad(t.loss, has_aux=True),
+                                static_argnums=5)(params, variables, batch, rng, 0, True)
+  (l_off, (m_off, mut_off)), g_off = loss_grad(off)
+  (l_on, (m_on, mut_on)), _ = loss_grad(on)
+  ce = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p, **variables}, x, train=True, mutable=['batch_stats'])[0],
+      batch['label']).mean()
+  ce, g_plain = jax.jit(jax.value_and_grad(ce))(params)
+  np.testing.assert_array_equal(l_off, ce)
+  np.testing.assert_allclose(l_on, ce + 0.5 * m_on['stdloss/loss'], rtol=1e-6)
+  assert not any(k.startswith('stdloss/') for k in m_off)
+  jax.tree.map(np.testing.assert_array_equal, mut_on, mut_off)
+  # Disabled is bitwise the task without the hook: grads of the plain CE.
+  jax.tree.map(np.testing.assert_array_equal, g_off, g_plain)
+  e_off, e_on = (jax.jit(t.evaluate)(params, variables, batch) for t in (off, on))
+  assert set(e_on) == set(e_off) == {'loss', 'accuracy'}
+  jax.tree.map(np.testing.assert_array_equal, e_on, e_off)
