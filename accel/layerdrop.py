@@ -114,3 +114,17 @@ def block_train_flops(cfg: TransformerConfig, batch_size: int, seq_len: int) -> 
 def executed_flops(step_flops, block_flops, num_layers: int, layers_run):
   """FLOPs a train step executed: the compiled cost (all L blocks) less the dropped ones."""
   return step_flops - (num_layers - layers_run) * block_flops
+
+
+def flops_per_step_fn(config, model, compiled_flops: float):
+  """The loop's hook: logged train metrics -> FLOPs of that step (per device, as XLA's).
+
+  Without layer dropping the compiled cost; with it, less one block's forward + backward
+  (at the per-device batch) for every block the logged step dropped.
+  """
+  if not config.layerdrop.enabled:
+    return lambda metrics: compiled_flops
+  block = block_train_flops(model.cfg, config.batch_size // jax.device_count(),
+                            config.data.seq_len)
+  return lambda metrics: executed_flops(compiled_flops, block, config.model.num_layers,
+                                        metrics['train/layerdrop/layers_run'])

@@ -5,16 +5,18 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from jax import lax
 
-from accel import layerdrop
+from accel import layerdrop, train
+from accel.metrics import read_jsonl
 from accel.models.transformer import MLP, Attention, Block, TransformerConfig, TransformerLM
+from configs import lm
 
 L = 3
 TINY = dict(vocab_size=32, num_layers=L, d_model=16, num_heads=2, d_ff=32, max_len=8)
@@ -216,3 +218,28 @@ def test_executed_flops_discount_the_dropped_blocks():
   # One more block adds one block's forward + backward.
   np.testing.assert_allclose(full - step_flops(L - 1, switchable=False), block, rtol=1e-2)
   assert layerdrop.executed_flops(switchable, block, L, 1) == pytest.approx(switchable - 2 * block)
+
+
+def test_training_run_logs_schedule_and_executed_flops(tmp_path):
+  """The decoder LM of the spine, scanned layers, dropping switched on by config only."""
+  config = lm.get_config('smoke')
+  config.update_from_flattened_dict({
+      'progress_bar': False, 'total_steps': 8, 'log_every': 1, 'eval_every': 8,
+      'checkpoint_every': 8, 'model.num_layers': 4, 'model.scan_layers': True,
+      'layerdrop.enabled': True, 'layerdrop.gamma': 0.5})
+  train.train_and_evaluate(config, str(tmp_path))
+  logged = read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [m['step'] for m in logged] == list(range(1, 9))
+  layers_run = np.array([m['train/layerdrop/layers_run'] for m in logged])
+  flops = np.array([m['perf/flops_per_step'] for m in logged])
+  for m in logged:   # metrics logged at step s are those of step index s - 1
+    np.testing.assert_allclose(m['train/layerdrop/theta'],
+                               0.5 * np.exp(-0.5 * (m['step'] - 1)) + 0.5, rtol=1e-6)
+    want, _, _ = layerdrop.step_gates(config.layerdrop, 4, config.seed, m['step'] - 1, True)
+    assert m['train/layerdrop/layers_run'] == int(np.sum(want))
+  assert layers_run[0] == 4 and layers_run.min() < 4
+  block = layerdrop.block_train_flops(
+      TransformerConfig(**{**TINY, 'num_layers': 4, 'd_model': 32, 'd_ff': 64,
+                           'max_len': 32, 'vocab_size': 256}),
+      config.batch_size, config.data.seq_len)
+  np.testing.assert_allclose(flops - flops[0], (layers_run - 4) * block, rtol=1e-6)
