@@ -25,7 +25,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from accel import config_lib, optim, tasks
+from accel import config_lib, layerdrop, optim, tasks
 from accel.checkpoint import Checkpoints
 from accel.data import input_pipeline
 from accel.errors import UserError
@@ -166,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start)
   train_step = trainer.train_step.lower(state, first_batch).compile()
-  flops_per_step = _flops(train_step)
+  flops_per_step = layerdrop.flops_per_step_fn(config, task.model, _flops(train_step))
   tokens_per_example = task.tokens_per_example()
 
   prefetch = concurrent.futures.ThreadPoolExecutor(1)
@@ -210,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         elapsed, steps = time.perf_counter() - timer[0], done - timer[1]
         perf = {'perf/step_time_s': elapsed / steps,
                 'perf/examples_per_s': steps * config.batch_size / elapsed,
-                'perf/flops_per_step': flops_per_step}
+                'perf/flops_per_step': flops_per_step(metrics)}
         if tokens_per_example:
           perf['perf/tokens_per_s'] = perf['perf/examples_per_s'] * tokens_per_example
         summary.update(perf)
