@@ -13,6 +13,7 @@ Prepared once into `data_dir` (config `data.dir`, else $ACCEL_DATA_DIR, else
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import os
@@ -162,6 +163,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Writes the array_record files once; later calls only read the metadata."""
-  builder.download_and_prepare()
+  """Writes the array_record files once; later calls only read the metadata.
+
+  Under an exclusive file lock beside the dataset's folder: runs started side by side (a
+  parallel sweep) would otherwise prepare it together and collide renaming it into place.
+  """
+  os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
+  with open(builder.data_dir + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder.download_and_prepare()
+  if not builder.info.splits:   # another process prepared it after this builder was made
+    builder.info.read_from_directory(builder.data_dir)
   return builder
