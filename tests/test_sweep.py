@@ -1,0 +1,177 @@
+"""Sweeps: declaration helpers, run names, targets, summaries; a 3-run smoke sweep with one
+failure, resumed and retried."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from accel import sweep
+from accel.errors import UserError
+from tests.helpers import ROOT
+
+
+def test_product_crosses_axes_later_fastest():
+  runs = sweep.product({'optimizer.lr': [1e-4, 3e-4]}, {'seed': [0, 1, 2]})
+  assert runs == [{'optimizer.lr': lr, 'seed': s} for lr in (1e-4, 3e-4) for s in (0, 1, 2)]
+  # A dict with two axes is crossed too; a list of override dicts is an inner sweep.
+  assert sweep.product({'a': [1, 2], 'b': [3]}) == [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]
+  assert sweep.product([{'a': 1}, {'a': 2, 'b': 0}], {'c': [5]}) == [
+      {'a': 1, 'c': 5}, {'a': 2, 'b': 0, 'c': 5}]
+
+
+def test_zip_pairs_axes_and_rejects_unequal_lengths():
+  assert sweep.zip({'a': [1, 2], 'b': [3, 4]}) == [{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]
+  assert sweep.zip([{'a': 1}, {'a': 2}], {'b': [7, 8]}) == [{'a': 1, 'b': 7}, {'a': 2, 'b': 8}]
+  nested = sweep.product(sweep.zip({'lr': [1, 2], 'wu': [10, 20]}), {'seed': [0, 1]})
+  assert len(nested) == 4 and nested[3] == {'lr': 2, 'wu': 20, 'seed': 1}
+  with pytest.raises(UserError, match='one length'):
+    sweep.zip({'a': [1, 2], 'b': [3]})
+
+
+def test_parse_axis():
+  assert sweep.parse_axis('optimizer.lr=1e-4, 3e-4') == {'optimizer.lr': ['1e-4', '3e-4']}
+  for bad in ('optimizer.lr', '=1,2', 'seed='):
+    with pytest.raises(UserError, match='KEY=VALUE'):
+      sweep.parse_axis(bad)
+
+
+def test_run_names_are_safe_and_distinct():
+  assert sweep.run_name({}) == 'base'
+  assert sweep.run_name({'optimizer.lr': 3e-4, 'seed': 1}) == 'optimizer.lr=0.0003,seed=1'
+  assert sweep.run_name({'layerdrop.enabled': True}) == 'layerdrop.enabled=true'
+  a = sweep.run_name({'data.path': '/a/b c'})
+  b = sweep.run_name({'data.path': '/a/b_c'})
+  assert a != b and '/' not in a and ' ' not in a
+  long = sweep.run_name({'k' * 200: 1})
+  assert len(long) <= sweep.MAX_NAME_CHARS
+  assert long != sweep.run_name({'k' * 201: 1})
+  with pytest.raises(UserError, match='more than once'):
+    sweep.make_runs('configs/lm.py', [{'seed': 1}, {'seed': 1}])
+
+
+def test_run_command_passes_overrides_as_config_flags():
+  run = sweep.Run('configs/lm.py:smoke', {'optimizer.lr': 0.001, 'layerdrop.enabled': False})
+  command = run.command('/tmp/w')
+  assert command[1:3] == ['-m', 'experiments.train']
+  assert f'--config={os.path.abspath("configs/lm.py")}:smoke' in command
+  assert '--config.optimizer.lr=0.001' in command
+  assert '--config.layerdrop.enabled=false' in command
+  assert command[-1] == '--workdir=/tmp/w'
+
+
+def test_target_parse_and_direction():
+  t = sweep.Target.parse('eval/loss<=2.5')
+  assert (t.metric, t.op, t.value) == ('eval/loss', '<=', 2.5)
+  assert t.met(2.5) and not t.met(2.6)
+  assert sweep.Target.parse('eval/accuracy >= 0.9').met(0.95)
+  with pytest.raises(UserError, match='METRIC<=VALUE'):
+    sweep.Target.parse('eval/loss=2')
+  assert sweep.higher_is_better('eval/accuracy')
+  assert not sweep.higher_is_better('eval/loss')
+  assert not sweep.higher_is_better('eval/bits_per_byte')
+
+
+def test_gpu_groups_split_visible_devices(monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3')
+  assert sweep.gpu_groups(2) == ['0,1', '2,3']
+  assert sweep.gpu_groups(4) == ['0', '1', '2', '3']
+  with pytest.raises(UserError, match='does not divide'):
+    sweep.gpu_groups(3)
+
+
+def test_summary_of_synthetic_run(tmp_path):
+  """Final/best values, step time median, training seconds and steps to a target."""
+  lines = [
+      {'step': 10, 'train/loss': 3.0, 'perf/step_time_s': 0.5},
+      {'step': 20, 'train/loss': 2.5, 'perf/step_time_s': 0.1, 'eval/loss': 2.4,
+       'eval/accuracy': 0.3},
+      {'step': 30, 'train/loss': 2.0, 'perf/step_time_s': 0.2},
+      {'step': 40, 'train/loss': 1.9, 'perf/step_time_s': 0.2, 'eval/loss': 2.6,
+       'eval/accuracy': 0.5}]
+  run = sweep.Run('configs/lm.py', {'seed': 3})
+  run_dir = tmp_path / run.name
+  run_dir.mkdir()
+  (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  assert sweep.train_seconds(lines) == pytest.approx([5.0, 6.0, 8.0, 10.0])
+  targets = [sweep.Target.parse('eval/loss<=2.5'), sweep.Target.parse('eval/accuracy>=0.9')]
+  row = sweep.summarize(run, str(run_dir), {'state': 'finished', 'wall_s': 12.0},
+                        ['eval/loss', 'eval/accuracy'], targets)
+  assert row['seed'] == '3' and row['step'] == 40 and row['state'] == 'finished'
+  assert row['final eval/loss'] == 2.6 and row['best eval/loss'] == 2.4
+  assert row['final eval/accuracy'] == 0.5 and row['best eval/accuracy'] == 0.5
+  assert row['step time (s)'] == 0.2 and row['train time (s)'] == pytest.approx(10.0)
+  assert row['steps to eval/loss<=2.5'] == 20
+  assert row['train s to eval/loss<=2.5'] == pytest.approx(6.0)
+  assert row['steps to eval/accuracy>=0.9'] is None
+  table = sweep.markdown_table([row])
+  assert table.splitlines()[0].startswith('| run | seed | state | step | final eval/loss')
+  assert '| seed=3 | 3 | finished | 40 | 2.6 | 2.4 |' in table
+
+
+def _sweep_cli(*args):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  return subprocess.run([sys.executable, '-m', 'experiments.sweep', *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
+  """Three smoke runs side by side, one with a bad optimizer name: two finish, the failure
+  is recorded with its error; a rerun skips the finished ones, resumes an interrupted one
+  and retries the failure only when asked."""
+  sweep_dir = str(tmp_path / 'sweep')
+  args = ['--config=configs/lm.py:smoke', f'--sweep_dir={sweep_dir}', '--parallel=2',
+          '--sweep=total_steps=4', '--sweep=optimizer.name=adamw,nosuch,sgd',
+          '--target=train/loss<=100']
+  first = _sweep_cli(*args)
+  assert first.returncode == 1, first.stderr   # one run failed
+  names = [f'total_steps=4,optimizer.name={o}' for o in ('adamw', 'nosuch', 'sgd')]
+  status = {n: sweep.read_status(os.path.join(sweep_dir, n)) for n in names}
+  assert [status[n]['state'] for n in names] == ['finished', 'failed', 'finished']
+  assert status[names[1]]['error'] == ("unknown optimizer.name 'nosuch'; known: adamw, adam, "
+                                       'sgd, rmsprop')
+  for n in (names[0], names[2]):
+    steps = [l['step'] for l in sweep.read_metrics(os.path.join(sweep_dir, n))]
+    assert steps[-1] == 4
+  with open(os.path.join(sweep_dir, 'summary.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['state'] for r in rows] == ['finished', 'failed', 'finished']
+  assert [r['steps to train/loss<=100'] for r in rows] == ['4', '', '4']
+  assert os.path.getsize(os.path.join(sweep_dir, 'summary.png')) > 1000
+
+  # A rerun skips all three: two finished, one failed (nothing is trained).
+  second = _sweep_cli(*args)
+  assert second.returncode == 1
+  assert f'skip {names[0]}: finished' in second.stdout
+  assert f'skip {names[1]}: failed' in second.stdout
+  assert f'skip {names[2]}: finished' in second.stdout and 'start' not in second.stdout
+
+  # Interrupt the sgd run's record (its process is gone): the next rerun resumes it from its
+  # checkpoint and, with --retry_failed, retries the failure; the finished run stays skipped.
+  interrupted = {**status[names[2]], 'state': 'running', 'pid': 2 ** 22 + 1}
+  sweep.write_status(os.path.join(sweep_dir, names[2]), interrupted)
+  third = _sweep_cli(*args, '--retry_failed')
+  assert f'skip {names[0]}: finished' in third.stdout
+  assert f'start {names[1]}' in third.stdout and f'start {names[2]}' in third.stdout
+  assert sweep.read_status(os.path.join(sweep_dir, names[0]))['attempts'] == 1
+  resumed = sweep.read_status(os.path.join(sweep_dir, names[2]))
+  assert (resumed['state'], resumed['attempts']) == ('finished', 2)
+  assert [l['step'] for l in sweep.read_metrics(os.path.join(sweep_dir, names[2]))] == [4]
+  retried = sweep.read_status(os.path.join(sweep_dir, names[1]))
+  assert (retried['state'], retried['attempts']) == ('failed', 2)
+
+
+def test_plan_of_recorded_states():
+  run = sweep.Run('configs/lm.py:smoke', {'seed': 1})
+  record = {'config': run.config, 'overrides': {'seed': 1}}
+  assert sweep._plan(run, None, False) == 'run'
+  assert sweep._plan(run, {**record, 'state': 'finished'}, True) == 'finished'
+  assert sweep._plan(run, {**record, 'state': 'failed'}, False) == 'failed'
+  assert sweep._plan(run, {**record, 'state': 'failed'}, True) == 'run'
+  alive = {**record, 'state': 'running', 'pid': os.getpid(), 'host': sweep.socket.gethostname()}
+  assert sweep._plan(run, alive, False) == 'running elsewhere'
+  assert sweep._plan(run, {**alive, 'pid': 2 ** 22 + 1}, False) == 'run'
+  with pytest.raises(UserError, match='holds another run'):
+    sweep._plan(run, {**record, 'overrides': {'seed': 2}, 'state': 'finished'}, False)
