@@ -20,12 +20,9 @@ import optax
 
 from accel import layerdrop, models, stdloss
 from accel.errors import UserError
+from accel.losses import cross_entropy
 
 LN2 = math.log(2.0)
-
-
-def _cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 @dataclasses.dataclass
@@ -76,7 +73,7 @@ class LanguageModelTask(Task):
     return batch['inputs']
 
   def objective(self, logits_BxLxV, batch):
-    loss = _cross_entropy(logits_BxLxV, batch['targets']).mean()
+    loss = cross_entropy(logits_BxLxV, batch['targets']).mean()
     accuracy = (logits_BxLxV.argmax(-1) == batch['targets']).mean()
     return loss, {'loss': loss, 'accuracy': accuracy, 'bits_per_byte': loss / LN2,
                   'perplexity': jnp.exp(loss)}
@@ -92,7 +89,7 @@ class ClassificationTask(Task):
     return batch['image']
 
   def objective(self, logits_BxC, batch):
-    loss = _cross_entropy(logits_BxC, batch['label']).mean()
+    loss = cross_entropy(logits_BxC, batch['label']).mean()
     accuracy = (logits_BxC.argmax(-1) == batch['label']).mean()
     return loss, {'loss': loss, 'accuracy': accuracy}
 
