@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from accel import layerdrop, models, stdloss
 from accel.errors import UserError
