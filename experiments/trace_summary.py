@@ -1,0 +1,47 @@
+r"""Sums the device time of each kernel in a perfetto trace written by jax.profiler.
+
+  python -m experiments.trace_summary PATH/perfetto_trace.json.gz [--top 25]
+
+Prints the kernels that took the most time (all steps in the trace together), to find what
+to optimise before guessing.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+
+
+def kernel_times(path: str) -> tuple[collections.Counter, dict]:
+  with gzip.open(path, 'rt') as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  names = {}
+  for e in events:   # process names tell device streams from host threads
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      names[e['pid']] = e['args'].get('name', '')
+  totals = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e:
+      process = names.get(e.get('pid'), '')
+      if '/device:' in process.lower() or 'gpu' in process.lower() or 'stream' in process.lower():
+        totals[e['name']] += e['dur']
+  return totals, names
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('path')
+  parser.add_argument('--top', type=int, default=25)
+  args = parser.parse_args()
+  totals, names = kernel_times(args.path)
+  total = sum(totals.values()) or 1
+  print(f'processes: {sorted(set(names.values()))}')
+  print(f'device time in trace: {total / 1e3:.1f} ms')
+  for name, us in totals.most_common(args.top):
+    print(f'{us / 1e3:9.2f} ms {us / total:6.1%}  {name[:120]}')
+
+
+if __name__ == '__main__':
+  main()
