@@ -27,11 +27,13 @@ def provenance() -> dict:
     flax_version = flax.__version__
   except ImportError:
     flax_version = None
-  try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                            text=True, check=False).stdout.strip() or None
-  except OSError:
-    commit = None
+  commit = os.environ.get('ACCEL_GIT_COMMIT')   # set where the tree travels without .git
+  if not commit:
+    try:
+      commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                              text=True, check=False).stdout.strip() or None
+    except OSError:
+      commit = None
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'command': ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable),
