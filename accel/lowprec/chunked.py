@@ -116,7 +116,7 @@ def _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys_C):
   return total
 
 
-def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key):
+def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, addend_bits, rounding, key):
   b, m, c, size = lhs_BxMxCxL.shape
   n = rhs_BxCxLxN.shape[3]
   lhs_CxLxBxM = jnp.transpose(lhs_BxMxCxL, (2, 3, 0, 1))
@@ -127,7 +127,7 @@ def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key):
   def element(chunk, xs):
     a_BxM, b_BxN, k = xs
     prod_BxMxN = quantize(a_BxM[:, :, None] * b_BxN[:, None, :], mul_fmt)
-    return add_rounded(chunk, prod_BxMxN, acc_fmt, mul_fmt.significant_bits, rounding,
+    return add_rounded(chunk, prod_BxMxN, acc_fmt, addend_bits, rounding,
                        k if stoch else None), None
 
   def one_chunk(total, xs):
@@ -154,30 +154,39 @@ def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
   return _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys[:, 1])
 
 
+def product_bits(operand_fmt: FloatFormat, mul_fmt: FloatFormat) -> int:
+  """Significant bits a rounded product can carry."""
+  return min(2 * operand_fmt.significant_bits, mul_fmt.significant_bits, 24)
+
+
 def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers,
                         precision=None, preferred_element_type=None, *,
-                        mul_fmt: str | FloatFormat = FP32, acc_fmt: str | FloatFormat = 'e6m9',
+                        operand_fmt: str | FloatFormat = FP32, mul_fmt: str | FloatFormat = FP32,
+                        acc_fmt: str | FloatFormat = 'e6m9',
                         chunk_size: int = 64, mode: str = 'exact', rounding: str = 'nearest',
                         key: jax.Array | None = None) -> jax.Array:
   """`lax.dot_general` with chunk-based low-precision accumulation (module docstring).
 
-  The contracted dimensions are flattened in the order given (row-major) and summed in
-  that order. `precision` is ignored: the arithmetic is set by the formats. mul_fmt only
+  The operands are first rounded to operand_fmt (nearest; a no-op for operands already
+  in it). The contracted dimensions are flattened in the order given (row-major) and
+  summed in that order. `precision` is ignored: the arithmetic is set by the formats. mul_fmt only
   applies in 'exact' mode ('fast' products are float32). The result is float32 (values of
   acc_fmt) unless preferred_element_type says otherwise.
   """
   del precision
-  mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
+  operand_fmt, mul_fmt, acc_fmt = get_format(operand_fmt), get_format(mul_fmt), get_format(acc_fmt)
   if mode not in ('exact', 'fast'):
     raise ValueError(f'mode must be exact or fast, got {mode!r}')
   out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
   lhs_BxMxK, rhs_BxKxN, out_shape = canonical_operands(
-      lhs.astype(jnp.float32), rhs.astype(jnp.float32), dimension_numbers)
+      quantize(lhs.astype(jnp.float32), operand_fmt),
+      quantize(rhs.astype(jnp.float32), operand_fmt), dimension_numbers)
   lhs_BxMxCxL, rhs_BxCxLxN = _chunks(lhs_BxMxK, rhs_BxKxN, chunk_size)
   if mode == 'exact' or lhs_BxMxCxL.shape[3] == 1:  # fast with chunks of 1 is exact
     if mode == 'fast':
       mul_fmt = FP32
-    out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, rounding, key)
+    out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt,
+                             product_bits(operand_fmt, mul_fmt), rounding, key)
   else:
     out_BxMxN = _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key)
   return out_BxMxN.reshape(out_shape).astype(out_dtype)

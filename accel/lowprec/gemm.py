@@ -64,7 +64,7 @@ def _gemm(a, b, dims, s: GemmSettings, seed: int, role: int):
   ka, kb, kacc = jax.random.split(key, 3) if stochastic else (None, None, None)
   qa = quantize(a, fmt, s.rounding, ka)
   qb = quantize(b, fmt, s.rounding, kb)
-  return chunked_dot_general(qa, qb, dims, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
+  return chunked_dot_general(qa, qb, dims, operand_fmt=fmt, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
                              chunk_size=s.chunk_size, mode=s.mode, rounding=s.rounding,
                              key=kacc)
 

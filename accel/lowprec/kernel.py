@@ -1,0 +1,149 @@
+"""Pallas GPU kernels for the chunked matmul of chunked.py: C_MxN = A_MxK @ B_KxN.
+
+'exact': each program owns a (block_m, block_n) tile of C and walks K in order, keeping
+the chunk sum and the running total in registers; every product is rounded to mul_fmt and
+every addition to acc_fmt, as `chunked_dot_general(mode='exact')` with nearest rounding,
+bit for bit. The rounding (`round_nearest`) uses int32 bit operations for the normal
+range and float32's own rounding for the fixed-spacing range below min_normal: the
+float32 sum |x| + 2^(q+23) is |x| rounded to a multiple of 2^q (ties to even) plus
+2^(q+23), and its bit pattern minus that of 2^(q+23) counts the multiples.
+'fast': each chunk is one matrix-unit dot (bf16 operands where the operand format fits in
+bf16, which makes every product exact, float32 accumulation), rounded to acc_fmt and
+added to the running total in acc_fmt.
+
+Only round-to-nearest accumulators whose float32 sum-then-round is already correct
+(`chunked.needs_sticky` false: acc_fmt of at most 11 significant bits, products no wider)
+are supported; the JAX path in chunked.py covers everything else and runs on every
+backend. On CPU the kernels run with `interpret=True` (the tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from accel.lowprec.chunked import needs_sticky, product_bits
+from accel.lowprec.formats import FP32, FloatFormat, get_format
+
+
+def round_nearest(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+  """quantize(x, fmt, 'nearest') from int32/float32 elementwise ops a GPU kernel lowers."""
+  if fmt.is_float32:
+    return x
+  s = 23 - fmt.man_bits
+  bits = lax.bitcast_convert_type(x, jnp.int32)
+  mag = bits & np.int32(0x7FFFFFFF)
+  sign = bits ^ mag
+  half_m1 = np.int32((1 << (s - 1)) - 1) if s > 0 else np.int32(0)
+  r = (mag + half_m1 + ((mag >> s) & 1)) & np.int32(~((1 << s) - 1))
+  if not (fmt.exp_bits == 8 and fmt.subnormals):
+    q = fmt.emin - (fmt.man_bits if fmt.subnormals else 0)
+    magic = np.float32(2.0 ** (q + 23))
+    absx = lax.bitcast_convert_type(mag, jnp.float32)
+    steps = lax.bitcast_convert_type(absx + magic, jnp.int32) - magic.view(np.int32)
+    below = lax.bitcast_convert_type(steps.astype(jnp.float32) * np.float32(2.0 ** q), jnp.int32)
+    r = jnp.where(mag < np.int32(np.float32(fmt.min_normal).view(np.int32)), below, r)
+  max_bits = np.int32(np.float32(fmt.max).view(np.int32))
+  over = max_bits if fmt.overflow == 'saturate' else np.int32(0x7F800000)
+  r = jnp.where(r > max_bits, over, r)
+  r = jnp.where(mag > np.int32(0x7F800000), mag, r)     # NaN (r may have wrapped)
+  return lax.bitcast_convert_type(r | sign, jnp.float32)
+
+
+def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt):
+  bm, bn = aT_ref.shape[1], b_ref.shape[1]
+
+  def chunk_body(c, total):
+    def element(j, part):
+      k = c * chunk + j
+      a_M = aT_ref[k, :]
+      b_N = b_ref[k, :]
+      prod = round_nearest(a_M[:, None] * b_N[None, :], mul_fmt)
+      return round_nearest(part + prod, acc_fmt)
+    part = lax.fori_loop(0, chunk, element, jnp.zeros((bm, bn), jnp.float32))
+    return round_nearest(total + part, acc_fmt)
+
+  o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, acc_fmt, precision):
+  bm, bn = a_ref.shape[0], b_ref.shape[1]
+
+  def chunk_body(c, total):
+    a = a_ref[:, pl.ds(c * chunk, chunk)]
+    b = b_ref[pl.ds(c * chunk, chunk), :]
+    part = jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+    return round_nearest(total + round_nearest(part, acc_fmt), acc_fmt)
+
+  o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _pad_to(x, multiples):
+  return jnp.pad(x, [(0, -d % m) for d, m in zip(x.shape, multiples)])
+
+
+def supported(operand_fmt, mul_fmt, acc_fmt, rounding: str = 'nearest') -> bool:
+  """Whether the kernels implement these settings (else use the JAX path)."""
+  operand_fmt, mul_fmt, acc_fmt = (get_format(f) for f in (operand_fmt, mul_fmt, acc_fmt))
+  return rounding == 'nearest' and not needs_sticky(acc_fmt, product_bits(operand_fmt, mul_fmt))
+
+
+@functools.partial(jax.jit, static_argnames=('mul_fmt', 'acc_fmt', 'chunk_size', 'mode',
+                                             'operand_fmt', 'block_m', 'block_n', 'num_warps',
+                                             'interpret'))
+def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat = FP32,
+                   acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64,
+                   mode: str = 'exact', operand_fmt: FloatFormat = FP32, block_m: int = 64,
+                   block_n: int = 64, num_warps: int = 4, interpret: bool = False) -> jax.Array:
+  """C = A @ B with chunk-based accumulation (module docstring); float32 result.
+
+  operand_fmt: the format A and B already hold (it bounds the products' width; 'fast'
+  feeds bf16 to the matrix units when it fits in bf16). K is zero-padded to a multiple of chunk_size, M and N to the
+  block sizes.
+  """
+  mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
+  operand_fmt = get_format(operand_fmt)
+  if not supported(operand_fmt, mul_fmt, acc_fmt):
+    raise ValueError(f'the kernel does not support operands {operand_fmt} / mul {mul_fmt} / '
+                     f'acc {acc_fmt}')
+  m, k = a_MxK.shape
+  n = b_KxN.shape[1]
+  chunk = max(1, min(chunk_size, k))
+  a = _pad_to(a_MxK.astype(jnp.float32), (block_m, chunk))
+  b = _pad_to(b_KxN.astype(jnp.float32), (chunk, block_n))
+  mp, kp = a.shape
+  np_ = b.shape[1]
+  grid = (mp // block_m, np_ // block_n)
+  params = dict(compiler_params=None if interpret else _triton_params(num_warps),
+                interpret=interpret)
+  out_spec = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
+  b_spec = pl.BlockSpec((kp, block_n), lambda i, j: (0, j))
+  if mode == 'exact':
+    kernel = functools.partial(_exact_kernel, num_chunks=kp // chunk, chunk=chunk,
+                               mul_fmt=mul_fmt, acc_fmt=acc_fmt)
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
+        in_specs=[pl.BlockSpec((kp, block_m), lambda i, j: (0, i)), b_spec],
+        out_specs=out_spec, **params)(a.T, b)
+  elif mode == 'fast':
+    fits_bf16 = operand_fmt.exp_bits <= 8 and operand_fmt.man_bits <= 7
+    dtype = jnp.bfloat16 if fits_bf16 else jnp.float32
+    precision = lax.Precision.DEFAULT if fits_bf16 else lax.Precision.HIGHEST
+    kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
+                               acc_fmt=acc_fmt, precision=precision)
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
+        in_specs=[pl.BlockSpec((block_m, kp), lambda i, j: (i, 0)), b_spec],
+        out_specs=out_spec, **params)(a.astype(dtype), b.astype(dtype))
+  else:
+    raise ValueError(f'mode must be exact or fast, got {mode!r}')
+  return out[:m, :n]
+
+
+def _triton_params(num_warps: int):
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)

@@ -1,0 +1,50 @@
+"""Pallas kernels (interpret mode on CPU) against the JAX path, bit for bit."""
+import functools
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from accel.lowprec import chunked as C
+from accel.lowprec import formats as F
+from accel.lowprec import kernel as Kn
+from tests.test_lowprec_formats import _probe_values
+
+
+@pytest.mark.parametrize('fmt', [F.E5M2, F.E4M3, F.E6M9, F.FP16, F.BF16,
+                                 F.FloatFormat(5, 4, subnormals=False, overflow='saturate')])
+def test_kernel_rounding_is_quantize(fmt):
+  x = np.concatenate([_probe_values(fmt, n=8000), [np.inf, -np.inf, np.nan, 1e38, -3e38]]).astype(np.float32)
+  got = np.asarray(jax.jit(lambda v: Kn.round_nearest(v, fmt))(x)).view(np.uint32)
+  want = np.asarray(jax.jit(lambda v: F.quantize(v, fmt))(x)).view(np.uint32)
+  np.testing.assert_array_equal(got, want)
+
+
+def _e5m2(rng, shape, spread):
+  x = rng.standard_normal(shape) * np.exp2(rng.uniform(-spread, spread, shape))
+  return x.astype(np.float32).astype(ml_dtypes.float8_e5m2).astype(np.float32)
+
+
+@pytest.mark.parametrize('mode,chunk,acc,spread', [('exact', 1, F.E6M9, 6), ('exact', 8, F.E6M9, 6),
+                                                   ('exact', 64, F.FP16, 6), ('fast', 8, F.E6M9, 3),
+                                                   ('fast', 16, F.BF16, 3)])
+def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread):
+  rng = np.random.default_rng(chunk)
+  a, b = _e5m2(rng, (20, 40), spread), _e5m2(rng, (40, 12), spread)
+  got = Kn.chunked_matmul(a, b, acc_fmt=acc, chunk_size=chunk, mode=mode, operand_fmt=F.E5M2,
+                          block_m=8, block_n=8, interpret=True)
+  want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=F.E5M2, acc_fmt=acc,
+                               chunk_size=chunk, mode=mode)
+  assert got.shape == (20, 12)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+def test_unsupported_settings_are_refused():
+  assert Kn.supported(F.E5M2, F.FP32, F.E6M9) and Kn.supported(F.E4M3, F.FP32, F.FP16)
+  assert not Kn.supported(F.E5M2, F.FP32, F.E6M9, 'stochastic')
+  assert not Kn.supported(F.BF16, F.FP32, F.E6M9)               # 16-bit products: sticky sum
+  assert not Kn.supported(F.E5M2, F.FP32, F.FloatFormat(8, 14))  # 15-bit accumulator
+  with pytest.raises(ValueError):
+    Kn.chunked_matmul(np.ones((4, 4), np.float32), np.ones((4, 4), np.float32),
+                      acc_fmt=F.FloatFormat(8, 14), interpret=True)
