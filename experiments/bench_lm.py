@@ -12,6 +12,9 @@ the same process. Variants differ only in model.* settings.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import traceback
 
 import jax
@@ -82,6 +85,15 @@ def bench_variant(config, vocab: int, iters: int, profile_dir: str = '') -> dict
           'loss': float(jax.device_get(run(batch)[1]['loss']))}
 
 
+def torch_reference(batch: int) -> dict:
+  """experiments/bench_lm_torch.py in a subprocess, run before JAX takes device memory."""
+  result = subprocess.run([sys.executable, '-m', 'experiments.bench_lm_torch',
+                           f'--batch={batch}'], capture_output=True, text=True, check=False)
+  if result.returncode:
+    return {'error': (result.stderr.strip().splitlines() or ['failed'])[-1][:200]}
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='tiny CPU run')
@@ -89,13 +101,17 @@ def main():
   parser.add_argument('--iters', type=int, default=0)
   parser.add_argument('--profile', default='', help='write a perfetto trace of the first variant '
                       'here (3 steps)')
+  parser.add_argument('--torch', action='store_true',
+                      help='also time experiments/bench_lm_torch.py (the PyTorch bar) first')
   parser.add_argument('--variants', default='', help='comma-separated subset of variant names')
   args = parser.parse_args()
   config = gpt2_config(args.quick)
   iters = args.iters or (3 if args.quick else 20)
+  rows = {}
+  if args.torch:
+    rows['PyTorch reference (bench_lm_torch)'] = torch_reference(config.batch_size)
   ceiling = benchmarking.matmul_ceiling(512 if args.quick else 8192,
                                         jnp.float32 if args.quick else jnp.bfloat16)
-  rows = {}
   variants = CPU_VARIANTS if args.quick else GPU_VARIANTS
   chosen = [v.strip() for v in args.variants.split(',') if v.strip()] or list(variants)
   for i, name in enumerate(chosen):
