@@ -105,17 +105,6 @@ def _keys(key, rounding, *shape):
   return jnp.zeros(shape, jnp.uint32)   # unused placeholder carried through the scans
 
 
-def _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys_C):
-  """Adds the chunk sums sequentially in acc_fmt."""
-  def step(total, xs):
-    chunk, k = xs
-    key = k if rounding == 'stochastic' else None
-    return add_rounded(total, chunk, acc_fmt, acc_fmt.significant_bits, rounding, key), None
-  total, _ = lax.scan(step, jnp.zeros(chunks_CxBxMxN.shape[1:], jnp.float32),
-                      (chunks_CxBxMxN, keys_C))
-  return total
-
-
 def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, addend_bits, rounding, key):
   b, m, c, size = lhs_BxMxCxL.shape
   n = rhs_BxCxLxN.shape[3]
@@ -142,16 +131,24 @@ def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, addend_bits, roundi
 
 
 def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
-  chunks_CxBxMxN = jnp.einsum('bmcl,bcln->cbmn', lhs_BxMxCxL, rhs_BxCxLxN,
-                              precision=lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
-  c = chunks_CxBxMxN.shape[0]
+  """One float32 matmul per chunk, rounded to acc_fmt and added to the running total."""
+  c = lhs_BxMxCxL.shape[2]
   keys = _keys(key, rounding, c, 2)
-  if rounding == 'stochastic':
-    chunks_CxBxMxN = jax.vmap(lambda x, k: quantize(x, acc_fmt, rounding, k))(chunks_CxBxMxN, keys[:, 0])
-  else:
-    chunks_CxBxMxN = quantize(chunks_CxBxMxN, acc_fmt)
-  return _sum_chunks(chunks_CxBxMxN, acc_fmt, rounding, keys[:, 1])
+  stoch = rounding == 'stochastic'
+
+  def one_chunk(total, xs):
+    a_BxMxL, b_BxLxN, k2 = xs
+    part = jnp.einsum('bml,bln->bmn', a_BxMxL, b_BxLxN, precision=lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+    part = quantize(part, acc_fmt, rounding, k2[0] if stoch else None)
+    return add_rounded(total, part, acc_fmt, acc_fmt.significant_bits, rounding,
+                       k2[1] if stoch else None), None
+
+  b, m = lhs_BxMxCxL.shape[:2]
+  n = rhs_BxCxLxN.shape[3]
+  total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
+                      (jnp.moveaxis(lhs_BxMxCxL, 2, 0), jnp.moveaxis(rhs_BxCxLxN, 1, 0), keys))
+  return total
 
 
 def product_bits(operand_fmt: FloatFormat, mul_fmt: FloatFormat) -> int:
