@@ -428,27 +428,30 @@ def write_csv(rows: list[dict], path: str) -> None:
     writer.writerows({k: '' if v is None else v for k, v in r.items()} for r in rows)
 
 
-def plot_curves(curves: dict[str, list[dict]], metrics: list[str], path: str,
-                title: str = '') -> None:
+def plot_curves(curves: dict[str, list[dict]], metrics: list[str], path: str) -> None:
   """One panel per metric, one line per run (x: step); PNG via matplotlib's Agg backend."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, metric in builtins.zip(axes[0], metrics):
-    for name, lines in curves.items():
+    for i, (name, lines) in enumerate(curves.items()):   # one colour per run in every panel
       points = [(l['step'], l[metric]) for l in lines if metric in l]
       if points:
-        ax.plot(*builtins.zip(*points), marker='.' if len(points) < 30 else None, label=name)
+        ax.plot(*builtins.zip(*points), marker='.' if len(points) < 30 else None, label=name,
+                color=colors[i % len(colors)])
     ax.set_xlabel('step')
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-  handles, labels = axes[0][0].get_legend_handles_labels()
+  labelled = {}
+  for ax in axes[0]:
+    handles, labels = ax.get_legend_handles_labels()
+    labelled.update(builtins.zip(labels, handles))
+  handles, labels = list(labelled.values()), list(labelled)
   if handles:
     fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 3), fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
-  if title:
-    fig.suptitle(title)
   fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3 if handles else 0), 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)

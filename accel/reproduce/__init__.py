@@ -1,0 +1,235 @@
+r"""Paper tables: the runs behind each paper's headline results, and their table beside it.
+
+A target is a module of this package with
+  TITLE, CONFIGS      the paper, and the config files its runs need (checked before running);
+  stages(scale)       lists of `accel.sweep.Run`s, run in order through the sweep machinery
+                      (a later stage may start from an earlier one's workdir, e.g.
+                      fine-tuning after pretraining);
+  report(results, scale, out_prefix)
+                      the Markdown body: the paper's reported numbers beside accel's, computed
+                      from the runs' metrics.jsonl (`RunResult`); it may write PNGs beside
+                      OUT_PREFIX and link them.
+`reproduce()` runs a target at a scale (smoke | cpu here; gpu | paper need GPUs) and writes
+OUT/TARGET_SCALE.md (header with command, device, versions and date; the body; a per-run
+table; the commands of the other scales), .csv (per-run table) and .png (curves).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+from accel import sweep
+from accel.errors import UserError
+
+TARGETS = ('ouroboros', 'pld', 'lowprec', 'stdloss', 'together')
+SCALES = ('smoke', 'cpu', 'gpu', 'paper')
+LOCAL_SCALES = ('smoke', 'cpu')      # run without GPUs
+ROOT = sweep.ROOT
+
+
+def config(name: str, arg: str) -> str:
+  """'configs/NAME.py:ARG', absolute (a sweep's runs are recorded with it)."""
+  return f'{os.path.join(ROOT, "configs", name + ".py")}:{arg}'
+
+
+def shown(path: str) -> str:
+  """A path as a reader would type it from the repository root."""
+  return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def train_command(run: sweep.Run, workdir: str) -> str:
+  path, _, arg = run.config.partition(':')
+  overrides = [f'--config.{k}={sweep.flag_value(v)}' for k, v in run.overrides.items()]
+  return ' '.join(shlex.quote(a) for a in ['python', '-m', 'experiments.train',
+                                          f'--config={shown(path)}:{arg}', *overrides,
+                                          f'--workdir={shown(workdir)}'])
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One run's status and logged metrics, with the reductions the tables use."""
+  run: sweep.Run
+  status: dict
+  lines: list[dict]
+  config: dict            # the resolved config the run saved (empty if it never started)
+
+  @property
+  def finished(self) -> bool:
+    return self.status.get('state') == 'finished'
+
+  def step_count(self) -> int | None:
+    return self.lines[-1]['step'] if self.lines else None
+
+  def values(self, metric: str) -> list[tuple[int, float]]:
+    return [(l['step'], l[metric]) for l in self.lines if metric in l]
+
+  def final(self, metric: str) -> float | None:
+    values = self.values(metric)
+    return values[-1][1] if values else None
+
+  def best(self, metric: str) -> float | None:
+    values = [v for _, v in self.values(metric)]
+    if not values:
+      return None
+    return max(values) if sweep.higher_is_better(metric) else min(values)
+
+  def median(self, metric: str) -> float | None:
+    values = sorted(v for _, v in self.values(metric))
+    return values[len(values) // 2] if values else None
+
+  def mean(self, metric: str) -> float | None:
+    values = [v for _, v in self.values(metric)]
+    return sum(values) / len(values) if values else None
+
+  def train_seconds(self) -> float | None:
+    seconds = sweep.train_seconds(self.lines)
+    return seconds[-1] if seconds else None
+
+  def reach(self, metric: str, value: float) -> tuple[int | None, float | None]:
+    """(step, training seconds) of the first logged `metric` at least as good as `value`."""
+    target = sweep.Target(metric, '>=' if sweep.higher_is_better(metric) else '<=', value)
+    for line, seconds in zip(self.lines, sweep.train_seconds(self.lines)):
+      if metric in line and target.met(line[metric]):
+        return line['step'], seconds
+    return None, None
+
+
+def fmt(value: Any, spec: str = '.4g') -> str:
+  """A table cell: '-' for a missing value."""
+  if value is None:
+    return '-'
+  return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a is not None and b else None
+
+
+def speedup(baseline_seconds: float | None, seconds: float | None) -> str:
+  """'2.31x faster' (baseline time / this run's time), or why there is none."""
+  if seconds is None:
+    return 'not reached'
+  value = ratio(baseline_seconds, seconds)
+  return f'{value:.2f}x faster' if value is not None else '-'
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(fmt(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def load_target(name: str):
+  if name not in TARGETS:
+    raise UserError(f'unknown target {name!r}; known: {", ".join(TARGETS)}')
+  module = importlib.import_module(f'accel.reproduce.{name}')
+  missing = [c for c in module.CONFIGS if not os.path.exists(os.path.join(ROOT, c))]
+  if missing:
+    raise UserError(f'target {name!r} needs {", ".join(missing)}, which does not exist yet; '
+                    'nothing was run')
+  return module
+
+
+def environment() -> dict[str, str]:
+  """Device, versions, commit and date of a table (jax is imported here, after the runs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
+              if l.startswith('model name')), platform.processor()) \
+      if os.path.exists('/proc/cpuinfo') else platform.processor()
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, text=True,
+                            capture_output=True, timeout=30).stdout.strip()
+  except OSError:
+    commit = ''
+  return {
+      'device': f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}); '
+                f'host CPU {cpu}, {os.cpu_count()} cores',
+      'versions': f'python {platform.python_version()}, jax {jax.__version__}, '
+                  f'flax {flax.__version__}, optax {optax.__version__}',
+      'commit': commit or 'unknown',
+      'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+  }
+
+
+def run_stages(stages: list[list[sweep.Run]], sweep_dir: str, parallel: int,
+               retry_failed: bool) -> dict[str, RunResult]:
+  results = {}
+  for runs in stages:
+    statuses = sweep.run_sweep(runs, sweep_dir, parallel, retry_failed)
+    for run in runs:
+      run_dir = os.path.join(sweep_dir, run.name)
+      results[run.name] = RunResult(run, statuses.get(run.name) or {},
+                                    sweep.read_metrics(run_dir), _saved_config(run_dir))
+  return results
+
+
+def _saved_config(run_dir: str) -> dict:
+  try:
+    with open(os.path.join(run_dir, 'config.json')) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def other_scales(target: str, module, scale: str) -> str:
+  lines = ['## Other scales', '']
+  for other in SCALES:
+    if other == scale:
+      continue
+    where = 'runs on CPU here' if other in LOCAL_SCALES else 'needs GPUs: run it elsewhere'
+    lines += [f'- `{other}`, {where}: `python -m experiments.reproduce {target} '
+              f'--scale {other}`']
+  lines += ['', 'The paper-scale runs, one by one:', '', '```']
+  paper_dir = os.path.join('runs', 'reproduce', f'{target}_paper')
+  for runs in module.stages('paper', paper_dir):
+    lines += [train_command(r, os.path.join(paper_dir, r.name)) for r in runs]
+  return '\n'.join(lines + ['```', ''])
+
+
+def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: int = 1,
+              retry_failed: bool = False) -> tuple[str, bool]:
+  """Runs `target` at `scale` and writes its table; (path of the .md, all runs finished)."""
+  if scale not in SCALES:
+    raise UserError(f'unknown scale {scale!r}; known: {", ".join(SCALES)}')
+  module = load_target(target)
+  if scale not in LOCAL_SCALES and sweep.gpu_groups(1)[0] is None:
+    raise UserError(f'scale {scale!r} needs GPUs and none is visible; the commands to run '
+                    f'elsewhere: python -m experiments.reproduce {target} --scale {scale}')
+  sweep_dir = os.path.abspath(os.path.join(runs_dir, f'{target}_{scale}'))
+  stages = module.stages(scale, sweep_dir)
+  results = run_stages(stages, sweep_dir, parallel, retry_failed)
+  os.makedirs(out_dir, exist_ok=True)
+  prefix = os.path.join(out_dir, f'{target}_{scale}')
+  runs = [r for stage in stages for r in stage]
+  statuses = {name: result.status for name, result in results.items()}
+  rows = sweep.write_summary(runs, sweep_dir, statuses, module.TABLE_METRICS, [],
+                             module.PLOT_METRICS, prefix)
+  env = environment()
+  command = ' '.join(['python -m experiments.reproduce', target, f'--scale {scale}',
+                      f'--out {shown(os.path.abspath(out_dir))}'])
+  failed = [r for r in results.values() if not r.finished]
+  text = [f'# {module.TITLE}: accel at scale `{scale}`', '',
+          f'- command: `{command}`', f'- device: {env["device"]}',
+          f'- versions: {env["versions"]}', f'- commit: {env["commit"]}',
+          f'- date: {env["date"]}', f'- runs: `{shown(sweep_dir)}`', '']
+  if failed:
+    text += ['**Runs that did not finish** (their cells are `-`):', '']
+    text += [f'- `{r.run.name}`: {r.status.get("state", "not run")} '
+             f'{r.status.get("error", "")}' for r in failed] + ['']
+  text += [module.report(results, scale, prefix), '',
+           f'## Runs', '', f'![curves]({os.path.basename(prefix)}.png)', '',
+           sweep.markdown_table(rows), other_scales(target, module, scale)]
+  with open(prefix + '.md', 'w') as f:
+    f.write('\n'.join(text))
+  return prefix + '.md', not failed

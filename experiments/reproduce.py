@@ -1,0 +1,44 @@
+r"""Reproduces a paper's headline table with accel's runs, beside the paper's numbers.
+
+  python -m experiments.reproduce {ouroboros,pld,lowprec,stdloss,together} \
+      [--scale smoke|cpu|gpu|paper] [--out results/tables] [--runs_dir runs/reproduce] \
+      [--parallel N] [--retry_failed]
+
+Runs the target's runs through the sweep machinery (accel.sweep: one subprocess and workdir
+per run in RUNS_DIR/TARGET_SCALE/, resumable: a second call reuses finished runs) and writes
+OUT/TARGET_SCALE.md (the table, with command, device, versions and date), .csv and .png.
+smoke and cpu run on CPU here; gpu and paper need GPUs, and every table lists their commands.
+Exit status 1 if a run failed (the table is still written, its cells '-').
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from accel import reproduce
+from accel.errors import UserError
+
+_SCALE = flags.DEFINE_enum('scale', 'smoke', reproduce.SCALES, 'Size of the runs.')
+_OUT = flags.DEFINE_string('out', 'results/tables', 'Folder of the tables and plots.')
+_RUNS_DIR = flags.DEFINE_string('runs_dir', 'runs/reproduce', 'Folder of the sweeps.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained side by side.')
+_RETRY = flags.DEFINE_bool('retry_failed', False, 'Run failed runs again.')
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError(f'give one target: {", ".join(reproduce.TARGETS)}')
+  try:
+    path, ok = reproduce.reproduce(argv[1], _SCALE.value, _OUT.value, _RUNS_DIR.value,
+                                   _PARALLEL.value, _RETRY.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'table written to {path}')
+  if not ok:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,99 @@
+"""Paper tables: reductions and formulas against hand values; each existing target at smoke
+scale writes its table, CSV and plot."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from accel import reproduce, sweep
+from accel.errors import UserError
+from accel.reproduce import pld
+from tests.helpers import ROOT
+
+
+def _result(lines, config=None):
+  return reproduce.RunResult(sweep.Run('configs/lm.py', {}, 'r'), {'state': 'finished'}, lines,
+                             config or {})
+
+
+def test_run_result_reductions():
+  r = _result([{'step': 10, 'perf/step_time_s': 1.0, 'eval/loss': 3.0, 'eval/accuracy': 0.1},
+               {'step': 20, 'perf/step_time_s': 0.5, 'eval/loss': 2.0, 'eval/accuracy': 0.4},
+               {'step': 30, 'perf/step_time_s': 0.5, 'eval/loss': 2.5, 'eval/accuracy': 0.3}])
+  assert r.final('eval/loss') == 2.5 and r.best('eval/loss') == 2.0
+  assert r.best('eval/accuracy') == 0.4 and r.mean('eval/accuracy') == pytest.approx(0.8 / 3)
+  assert r.median('perf/step_time_s') == 0.5 and r.step_count() == 30
+  assert r.train_seconds() == pytest.approx(20.0)
+  assert r.reach('eval/loss', 2.6) == (20, pytest.approx(15.0))     # lower is better
+  assert r.reach('eval/accuracy', 0.35) == (20, pytest.approx(15.0))  # higher is better
+  assert r.reach('eval/loss', 1.0) == (None, None)
+  assert reproduce.speedup(30.0, 15.0) == '2.00x faster'
+  assert reproduce.speedup(30.0, None) == 'not reached'
+
+
+def test_pld_expected_layers_formula():
+  # theta_bar = 1: nothing is dropped.
+  assert pld.expected_layers(12, 1.0, 0.001, 100) == 12
+  # gamma = 0: theta stays 1.
+  assert pld.expected_layers(12, 0.5, 0.0, 100) == 12
+  # A huge gamma: theta(0) = 1, theta(t > 0) = theta_bar; mean theta = 0.5 + 0.5 / T.
+  T = 10
+  assert pld.expected_layers(12, 0.5, 1e9, T) == pytest.approx(12 - (0.5 - 0.5 / T) * 13 / 2)
+  # The paper's steady state for L = 12, theta_bar = 0.5: 8.75 layers.
+  assert pld.expected_layers(12, 0.5, 1e9, 10 ** 6) == pytest.approx(8.75, abs=1e-4)
+  # Direct sum for a small case.
+  want = sum(sum(1 - l / 4 * (1 - (0.5 * math.exp(-0.3 * t) + 0.5)) for l in range(1, 5))
+             for t in range(7)) / 7
+  assert pld.expected_layers(4, 0.5, 0.3, 7) == pytest.approx(want)
+
+
+def test_target_errors(monkeypatch):
+  with pytest.raises(UserError, match='unknown target'):
+    reproduce.load_target('nosuch')
+  monkeypatch.setattr(pld, 'CONFIGS', ('configs/not_written_yet.py',))
+  with pytest.raises(UserError, match='configs/not_written_yet.py, which does not exist yet'):
+    reproduce.load_target('pld')
+  monkeypatch.undo()
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  with pytest.raises(UserError, match="scale 'paper' needs GPUs"):
+    reproduce.reproduce('pld', 'paper', '/tmp/unused', '/tmp/unused')
+
+
+def _reproduce_cli(target, out, runs):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  return subprocess.run([sys.executable, '-m', 'experiments.reproduce', target,
+                         '--scale=smoke', f'--out={out}', f'--runs_dir={runs}'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_outputs(out, target, n_runs):
+  prefix = os.path.join(out, f'{target}_smoke')
+  with open(prefix + '.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == n_runs and all(r['state'] == 'finished' for r in rows), rows
+  assert os.path.getsize(prefix + '.png') > 1000
+  with open(prefix + '.md') as f:
+    text = f.read()
+  assert f'- command: `python -m experiments.reproduce {target} --scale smoke' in text
+  assert '- device: 1 x cpu' in text and 'jax 0.' in text and '- date: 20' in text
+  assert f'`paper`, needs GPUs: run it elsewhere: `python -m experiments.reproduce {target} ' \
+         '--scale paper`' in text
+  assert ':paper' in text.split('## Other scales')[1]   # the paper-scale train commands
+  return text
+
+
+def test_pld_smoke_table(tmp_path):
+  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
+  done = _reproduce_cli('pld', out, runs)
+  assert done.returncode == 0, done.stderr[-2000:]
+  text = _check_outputs(out, 'pld', 4)
+  flops_row = next(l for l in text.splitlines() if l.startswith('| FLOPs per step'))
+  base_flops, pld_flops, flops_ratio = (float(c) for c in flops_row.split('|')[3:6])
+  # Fewer blocks executed -> fewer FLOPs; the ratio cell is the ratio of the two cells.
+  assert pld_flops < base_flops and flops_ratio == pytest.approx(pld_flops / base_flops,
+                                                                 rel=2e-3)
+  assert 'python -m experiments.train --config=configs/pld_bert_finetune.py:paper ' \
+         '--config.finetune.pretrained_workdir=runs/reproduce/pld_paper/pld' in text
