@@ -32,7 +32,12 @@ ACC = formats.E6M9
 OPERANDS = formats.E5M2
 CHUNK = 64
 DIMS = (((1,), (0,)), ((), ()))
-KERNEL_BLOCKS = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (32, 64, 4))
+# (block_m, block_n, num_warps, num_stages, unroll) tried per mode; the first runs in --quick.
+KERNEL_CONFIGS = {
+    'exact': ((64, 64, 4, 1, 1), (64, 64, 4, 1, 8), (128, 64, 4, 1, 8), (128, 128, 8, 1, 8),
+              (64, 32, 2, 1, 8)),
+    'fast': ((64, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1), (128, 256, 8, 3, 1)),
+}
 
 
 def _operands(n: int):
@@ -54,12 +59,13 @@ def variants(interpret: bool) -> dict:
       'jax_exact': ('native_fp32', jax_dot('exact')),
       'jax_fast': ('native_bf16', jax_dot('fast')),
   }
-  blocks = KERNEL_BLOCKS[:1] if interpret else KERNEL_BLOCKS
   for mode, ref in (('exact', 'native_fp32'), ('fast', 'native_bf16')):
-    for bm, bn, warps in blocks:
-      out[f'pallas_{mode}_{bm}x{bn}w{warps}'] = (ref, functools.partial(
+    configs = KERNEL_CONFIGS[mode][:1] if interpret else KERNEL_CONFIGS[mode]
+    for bm, bn, warps, stages, unroll in configs:
+      out[f'pallas_{mode}_{bm}x{bn}w{warps}s{stages}u{unroll}'] = (ref, functools.partial(
           kernel.chunked_matmul, acc_fmt=ACC, chunk_size=CHUNK, mode=mode,
-          operand_fmt=OPERANDS, block_m=bm, block_n=bn, num_warps=warps, interpret=interpret))
+          operand_fmt=OPERANDS, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+          unroll=unroll, interpret=interpret))
   return out
 
 

@@ -21,23 +21,38 @@ def test_kernel_rounding_is_quantize(fmt):
   np.testing.assert_array_equal(got, want)
 
 
-def _e5m2(rng, shape, spread):
+def _operands(rng, shape, dtype, spread):
   x = rng.standard_normal(shape) * np.exp2(rng.uniform(-spread, spread, shape))
-  return x.astype(np.float32).astype(ml_dtypes.float8_e5m2).astype(np.float32)
+  return x.astype(np.float32).astype(dtype).astype(np.float32)
 
 
-@pytest.mark.parametrize('mode,chunk,acc,spread', [('exact', 1, F.E6M9, 6), ('exact', 8, F.E6M9, 6),
-                                                   ('exact', 64, F.FP16, 6), ('fast', 8, F.E6M9, 3),
-                                                   ('fast', 16, F.BF16, 3)])
-def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread):
+E5, E4 = ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn
+
+
+# e6m9 with these spreads: the range check passes (3-flop rounding); fp16 with spread 6
+# and the e4m3 case: it fails (general rounding). Both are compared with the JAX path.
+@pytest.mark.parametrize('mode,chunk,acc,spread,dtype,op,mul', [
+    ('exact', 1, F.E6M9, 6, E5, F.E5M2, F.FP32), ('exact', 8, F.E6M9, 6, E5, F.E5M2, F.FP32),
+    ('exact', 64, F.FP16, 6, E5, F.E5M2, F.FP32), ('exact', 4, F.FP16, 4, E4, F.E4M3, F.E5M2),
+    ('exact', 4, F.E6M9, 3, E4, F.E4M3, F.FloatFormat(5, 4)),
+    ('fast', 8, F.E6M9, 3, E5, F.E5M2, F.FP32), ('fast', 16, F.BF16, 3, E5, F.E5M2, F.FP32)])
+def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dtype, op, mul):
   rng = np.random.default_rng(chunk)
-  a, b = _e5m2(rng, (20, 40), spread), _e5m2(rng, (40, 12), spread)
-  got = Kn.chunked_matmul(a, b, acc_fmt=acc, chunk_size=chunk, mode=mode, operand_fmt=F.E5M2,
-                          block_m=8, block_n=8, interpret=True)
-  want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=F.E5M2, acc_fmt=acc,
-                               chunk_size=chunk, mode=mode)
+  a, b = _operands(rng, (20, 40), dtype, spread), _operands(rng, (40, 12), dtype, spread)
+  got = Kn.chunked_matmul(a, b, mul_fmt=mul, acc_fmt=acc, chunk_size=chunk, mode=mode,
+                          operand_fmt=op, block_m=8, block_n=8, unroll=2, interpret=True)
+  want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=op, mul_fmt=mul,
+                               acc_fmt=acc, chunk_size=chunk, mode=mode)
   assert got.shape == (20, 12)
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+def test_range_check_and_grid():
+  assert Kn._on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
+  assert not Kn._on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
+  assert not Kn._on_subnormal_grid(F.E4M3, F.E5M2, F.FP16)  # products below e5m2's grid
+  ok = lambda a, k: bool(Kn._range_ok(np.float32(a), np.float32(1.0), k, F.FP32, F.E6M9))
+  assert ok(1000.0, 4096) and not ok(1000.0, 2 ** 22) and not ok(np.inf, 1)
 
 
 def test_unsupported_settings_are_refused():

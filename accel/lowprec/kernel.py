@@ -54,20 +54,53 @@ def round_nearest(x: jax.Array, fmt: FloatFormat) -> jax.Array:
   return lax.bitcast_convert_type(r | sign, jnp.float32)
 
 
-def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt):
+def round_mantissa(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+  """x rounded to fmt's significant bits, ties to even, by Veltkamp splitting:
+  c = x * (2^s + 1); x_hi = c - (c - x)  (three float32 operations, s = 23 - man_bits).
+  Correct in fmt's normal range only: no subnormals, no overflow (`_in_range`)."""
+  if fmt.is_float32:
+    return x
+  c = x * np.float32(2.0 ** (23 - fmt.man_bits) + 1)
+  return c - (c - x)
+
+
+def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, in_range,
+                  unroll):
+  """in_range: every product and sum is known to stay within the normal range of acc_fmt
+  or on its subnormal grid, so rounding is `round_mantissa` (3 flops) instead of the
+  general `round_nearest`."""
   bm, bn = aT_ref.shape[1], b_ref.shape[1]
+  rnd = round_mantissa if in_range else round_nearest
 
   def chunk_body(c, total):
     def element(j, part):
       k = c * chunk + j
       a_M = aT_ref[k, :]
       b_N = b_ref[k, :]
-      prod = round_nearest(a_M[:, None] * b_N[None, :], mul_fmt)
-      return round_nearest(part + prod, acc_fmt)
-    part = lax.fori_loop(0, chunk, element, jnp.zeros((bm, bn), jnp.float32))
-    return round_nearest(total + part, acc_fmt)
+      prod = rnd(a_M[:, None] * b_N[None, :], mul_fmt)
+      return rnd(part + prod, acc_fmt)
+    part = lax.fori_loop(0, chunk, element, jnp.zeros((bm, bn), jnp.float32), unroll=unroll)
+    return rnd(total + part, acc_fmt)
 
   o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _on_subnormal_grid(operand_fmt: FloatFormat, mul_fmt: FloatFormat, acc_fmt: FloatFormat):
+  """Whether every product lies on mul_fmt's subnormal grid and every product and sum on
+  acc_fmt's, so that values below min_normal never need rounding."""
+  finest = operand_fmt.min_positive ** 2
+  if not mul_fmt.is_float32:
+    if not (mul_fmt.subnormals and finest >= mul_fmt.min_positive):
+      return False
+    finest = min(finest, mul_fmt.min_positive)
+  return acc_fmt.subnormals and finest >= acc_fmt.min_positive
+
+
+def _range_ok(a, b, k, mul_fmt, acc_fmt):
+  """Runtime check: |products| and every partial sum stay below half of the largest
+  finite values (sum of |a_i b_i| <= max|a| max|b| K; rounding adds less than 2x)."""
+  bound = jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(b))
+  return (bound * k <= acc_fmt.max / 2) & (bound <= mul_fmt.max / 2)
 
 
 def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, acc_fmt, precision):
@@ -94,16 +127,20 @@ def supported(operand_fmt, mul_fmt, acc_fmt, rounding: str = 'nearest') -> bool:
 
 @functools.partial(jax.jit, static_argnames=('mul_fmt', 'acc_fmt', 'chunk_size', 'mode',
                                              'operand_fmt', 'block_m', 'block_n', 'num_warps',
-                                             'interpret'))
+                                             'num_stages', 'unroll', 'interpret'))
 def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat = FP32,
                    acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64,
                    mode: str = 'exact', operand_fmt: FloatFormat = FP32, block_m: int = 64,
-                   block_n: int = 64, num_warps: int = 4, interpret: bool = False) -> jax.Array:
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 1, unroll: int = 1,
+                   interpret: bool = False) -> jax.Array:
   """C = A @ B with chunk-based accumulation (module docstring); float32 result.
 
   operand_fmt: the format A and B already hold (it bounds the products' width; 'fast'
-  feeds bf16 to the matrix units when it fits in bf16). K is zero-padded to a multiple of chunk_size, M and N to the
-  block sizes.
+  feeds bf16 to the matrix units when it fits in bf16). K is zero-padded to a multiple of
+  chunk_size, M and N to the block sizes. 'exact' picks, at run time, the 3-flop
+  rounding when the operands' magnitudes rule out overflow and their products lie on the
+  accumulator's subnormal grid (e.g. e5m2/e4m3 operands, e6m9/fp16 accumulators), else
+  the general one.
   """
   mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
   operand_fmt = get_format(operand_fmt)
@@ -118,17 +155,23 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   mp, kp = a.shape
   np_ = b.shape[1]
   grid = (mp // block_m, np_ // block_n)
-  params = dict(compiler_params=None if interpret else _triton_params(num_warps),
+  params = dict(compiler_params=None if interpret else _triton_params(num_warps, num_stages),
                 interpret=interpret)
   out_spec = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
   b_spec = pl.BlockSpec((kp, block_n), lambda i, j: (0, j))
   if mode == 'exact':
-    kernel = functools.partial(_exact_kernel, num_chunks=kp // chunk, chunk=chunk,
-                               mul_fmt=mul_fmt, acc_fmt=acc_fmt)
-    out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
-        in_specs=[pl.BlockSpec((kp, block_m), lambda i, j: (0, i)), b_spec],
-        out_specs=out_spec, **params)(a.T, b)
+    def call(in_range):
+      kernel = functools.partial(_exact_kernel, num_chunks=kp // chunk, chunk=chunk,
+                                 mul_fmt=mul_fmt, acc_fmt=acc_fmt, in_range=in_range,
+                                 unroll=unroll)
+      return pl.pallas_call(
+          kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
+          in_specs=[pl.BlockSpec((kp, block_m), lambda i, j: (0, i)), b_spec],
+          out_specs=out_spec, **params)(a.T, b)
+    if _on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
+      out = lax.cond(_range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
+    else:
+      out = call(False)
   elif mode == 'fast':
     fits_bf16 = operand_fmt.exp_bits <= 8 and operand_fmt.man_bits <= 7
     dtype = jnp.bfloat16 if fits_bf16 else jnp.float32
@@ -144,6 +187,6 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   return out[:m, :n]
 
 
-def _triton_params(num_warps: int):
+def _triton_params(num_warps: int, num_stages: int):
   from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
