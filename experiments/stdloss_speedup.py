@@ -93,6 +93,28 @@ def summarize(args, runs: dict) -> dict:
   return table
 
 
+def run_meta(t0: float, script: str) -> dict:
+  """Device, versions, date, wall time since t0 and the command line of a study."""
+  return dict(device=f'{jax.devices()[0].platform} x{jax.device_count()}',
+              jax_version=jax.__version__, wall_s=time.perf_counter() - t0,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+              command=f'python -m experiments.{script} ' + ' '.join(sys.argv[1:]))
+
+
+def provenance(meta: dict) -> str:
+  return (f"Device: {meta['device']}, jax {meta['jax_version']}, {meta['date']}, "
+          f"{meta['wall_s']:.0f} s in all. Command: `{meta['command']}`")
+
+
+def write_outputs(out: str, name: str, record: dict, md: str) -> None:
+  """<out>/<name>.json and <out>/<name>.md."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, name + '.json'), 'w') as f:
+    json.dump(record, f, indent=1)
+  with open(os.path.join(out, name + '.md'), 'w') as f:
+    f.write(md)
+
+
 def _fmt(x, spec: str) -> str:
   return '-' if x is None else format(x, spec)
 
@@ -104,8 +126,7 @@ def to_markdown(args, table: dict, meta: dict) -> str:
            f"{args.seeds} seeds (0..{args.seeds - 1}), "
            f"{meta['total_steps']} steps, validation accuracy on all 360 held-out digits "
            f"every {meta['eval_every']} steps.", '',
-           f"Device: {meta['device']}, jax {meta['jax_version']}, {meta['date']}, "
-           f"{meta['wall_s']:.0f} s in all. Command: `{meta['command']}`", '',
+           provenance(meta), '',
            'A* = the best accuracy of the no-normalization run of the same seed; steps = the '
            'first evaluation step at or above A* (mean over the seeds that reach it); '
            'speedup = the baseline\'s own step to A* / that step, mean over seeds.', '']
@@ -139,7 +160,8 @@ def main(argv=None):
   p.add_argument('--seeds', type=int, default=5)
   p.add_argument('--total_steps', type=int, default=0, help='0: the preset\'s')
   p.add_argument('--runs', default='', help='folder for the run workdirs (default: a temp)')
-  p.add_argument('--out', default='', help='folder for stdloss_mnist_<preset>.json and .md')
+  p.add_argument('--out', default='',
+                 help='folder for stdloss_mnist_<preset>_<models>.json and .md')
   args = p.parse_args(argv)
   if 'none' not in args.variants:
     args.variants.insert(0, 'none')
@@ -148,23 +170,16 @@ def main(argv=None):
   runs = run_all(args)
   table = summarize(args, runs)
   config = stdloss_mnist.get_config(args.preset)
-  meta = dict(device=f'{jax.devices()[0].platform} x{jax.device_count()}',
-              jax_version=jax.__version__, wall_s=time.perf_counter() - t0,
+  meta = dict(run_meta(t0, 'stdloss_speedup'),
               total_steps=args.total_steps or config.total_steps,
               eval_every=config.eval_every, lr=config.optimizer.lr,
               batch_size=config.batch_size, weight_decay=config.optimizer.weight_decay,
-              weight=config.stdloss.weight,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-              command='python -m experiments.stdloss_speedup ' + ' '.join(sys.argv[1:]))
+              weight=config.stdloss.weight)
   md = to_markdown(args, table, meta)
   print(md)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, f'stdloss_mnist_{args.preset}')
-    with open(name + '.json', 'w') as f:
-      json.dump(dict(meta=meta, table=table, runs=runs), f, indent=1)
-    with open(name + '.md', 'w') as f:
-      f.write(md)
+    write_outputs(args.out, f'stdloss_mnist_{args.preset}_{"_".join(args.models)}',
+                  dict(meta=meta, table=table, runs=runs), md)
 
 
 if __name__ == '__main__':

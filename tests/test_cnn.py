@@ -115,3 +115,11 @@ def test_injected_dot_general_and_conv_are_called():
   assert not np.allclose(out, plain.apply(variables, x))  # the doubled convs took effect
   cnn.MLP(dot_general=dot).init(jax.random.key(1), x)
   assert calls['dot'] == 1 + 4
+
+
+def test_group_norm_refuses_single_value_groups():
+  # 8x8 input -> the third stride-2 conv gives 1x1x8: 8 groups would each hold one value.
+  x = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match='single values'):
+    jax.eval_shape(cnn.ConvNet(norm='group', num_groups=8).init, jax.random.key(0), x)
+  jax.eval_shape(cnn.ConvNet(norm='group', num_groups=2).init, jax.random.key(0), x)

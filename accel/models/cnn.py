@@ -57,6 +57,9 @@ class _Classifier(nn.Module):
       return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)(x)
     if self.norm == 'group':
       groups = math.gcd(self.num_groups, x.shape[-1])
+      if math.prod(x.shape[1:]) == groups:
+        raise ValueError(f'group norm with {groups} groups over {x.shape[1:]} normalizes '
+                         f'single values (all outputs 0) at {name}; lower num_groups')
       return nn.GroupNorm(num_groups=groups, name=name)(x)
     if self.norm == 'layer':
       return nn.LayerNorm(reduction_axes=tuple(range(1, x.ndim)), name=name)(x)
