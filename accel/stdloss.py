@@ -11,10 +11,10 @@ training only. No normalization layer, no reparameterization: the model is uncha
 
 Numerical safety. The moments are taken in float32 (or float64) whatever the activation
 dtype; the variance is two-pass, mean((x - mu)^2), so it is never negative (E[x^2] - mu^2
-can be); and sigma_i^2 is replaced by v_i = sigma_i^2 + eps everywhere in the formula, i.e. the KL
-of N(mu_i, sigma_i^2 + eps) from N(0, 1). It stays >= 0, is 0 at sigma_i^2 = 1 - eps, and
-for a constant channel (dead unit, sigma^2 = 0) it is finite, log(1/eps)/2 + ..., with a
-gradient bounded by 1/eps instead of 1/sigma^2 -> inf.
+can be); and sigma_i^2 is replaced by v_i = sigma_i^2 + eps everywhere in the formula,
+i.e. the KL of N(mu_i, sigma_i^2 + eps) from N(0, 1). It stays >= 0, is 0 at
+sigma_i^2 = 1 - eps, and for a constant channel (dead unit, sigma^2 = 0) it is finite,
+log(1/eps)/2 + ..., with dL/dv bounded by 1/(2 eps) instead of 1/(2 sigma^2) -> inf.
 
 Which layers. `capture` runs any Flax linen apply function under `nn.intercept_methods`
 and takes the output of every `nn.Dense`/`nn.DenseGeneral`/`nn.Conv` `__call__` whose
@@ -42,8 +42,9 @@ synchronized batch norm. `num_shards=n` splits the batch axis into n contiguous 
 which under an n-way batch sharding are exactly the n devices' local batches, computes
 moments and the loss per group and averages the n losses: per-device moments, as the
 paper did per TPU core. `config.stdloss.moments`: 'global' | 'per_device'
-(num_shards = jax.device_count(), the size of accel.train's 'data' mesh). Inside `jax.shard_map`, `standardization_loss(axis_name=...)`
-gives global moments by `lax.pmean` over that mesh axis.
+(num_shards = jax.device_count(), the size of accel.train's 'data' mesh). Inside
+`jax.shard_map`, `standardization_loss(axis_name=...)` gives global moments by
+`lax.pmean` over that mesh axis.
 """
 from __future__ import annotations
 

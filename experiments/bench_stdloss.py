@@ -4,9 +4,10 @@ Three variants of one jitted SGD training step, side by side in one process, on 
 synthetic batch: the un-normalized model ('none'), the same model with batch norm
 ('batch'), and the un-normalized model plus the standardization loss on every hidden
 conv ('stdloss', lambda = 1). GPU default: CIFAR ResNet-32, batch 256 of 32x32x3;
---quick (CPU): the paper's MNIST CNN, batch 128 of 28x28x1. Timing: each variant is compiled and warmed up, then the
-variants are run in interleaved rounds of `--steps` steps (so drift hits all alike); the
-reported time per step is the median over `--rounds` rounds. The goal (issue 5) is
+--quick (CPU): the paper's MNIST CNN, batch 128 of 28x28x1.
+Timing: each variant is compiled and warmed up, then the variants are run in interleaved
+rounds of `--steps` steps (so drift hits all alike); the reported time per step is the
+median over `--rounds` rounds. The goal (issue 5) is
 stdloss <= 1.05 x none on GPU at ResNet size.
 
   python -m experiments.bench_stdloss --quick --out results   # CPU, seconds

@@ -81,7 +81,8 @@ def test_batch_stats_updated_only_in_train():
   x = 3.0 + 2.0 * x
   eval_logits = model.apply(variables, x, train=False)  # no mutable: must not need to write
   _, eval_updates = model.apply(variables, x, train=False, mutable=['batch_stats'])
-  jax.tree.map(np.testing.assert_array_equal, eval_updates, {'batch_stats': variables['batch_stats']})
+  jax.tree.map(np.testing.assert_array_equal, eval_updates,
+               {'batch_stats': variables['batch_stats']})
   logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
   old = variables['batch_stats']['stem_norm']
   new = updates['batch_stats']['stem_norm']
