@@ -238,3 +238,18 @@ def test_classification_task_wiring():
   e_off, e_on = (jax.jit(t.evaluate)(params, variables, batch) for t in (off, on))
   assert set(e_on) == set(e_off) == {'loss', 'accuracy'}
   jax.tree.map(np.testing.assert_array_equal, e_on, e_off)
+
+
+def test_configs_choose_the_variant_by_one_argument():
+  from configs import stdloss_mnist, stdloss_resnet
+  c = stdloss_mnist.get_config('smoke,mlp,stdloss')
+  assert (c.model.name, c.model.norm, c.stdloss.enabled) == ('mlp', 'none', True)
+  c = stdloss_mnist.get_config('cpu,batch')
+  assert (c.model.name, c.model.norm, c.stdloss.enabled) == ('cnn', 'batch', False)
+  assert (c.total_steps, c.batch_size, c.optimizer.lr, c.optimizer.weight_decay,
+          c.optimizer.momentum, c.stdloss.weight) == (1000, 128, 1e-3, 4e-5, 0.0, 1.0)
+  c = stdloss_resnet.get_config('smoke,group')
+  assert (c.model.name, c.model.norm, c.model.depth) == ('resnet', 'group', 8)
+  for bad in ('cpu,cnn,mlp,batch', 'cpu,foo', 'gpu'):
+    with pytest.raises(ValueError, match='bad config argument'):
+      stdloss_mnist.get_config(bad)
