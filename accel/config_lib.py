@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ''               # data.name=text: a UTF-8 file or a folder of them
   c.data.dir = ''                # prepared datasets; '' -> $ACCEL_DATA_DIR or ~/.cache/accel
   c.data.seq_len = 256
+  c.data.order = 'shuffled'      # 'shuffled' windows | 'contiguous' streams (row b of step t+1
+                                 # continues row b of step t; segment-recurrent models)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer_lm'
@@ -82,6 +84,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.stdloss.layers = ''          # regex on module paths; '' = every Dense/Conv
   c.stdloss.exclude = 'logits$'  # regex; '' = none
   c.stdloss.moments = 'global'   # 'global' | 'per_device'
+
+  c.lowprec = ml_collections.ConfigDict()   # accel/lowprec/hooks.py
+  c.lowprec.enabled = False
+  for gemm in ('fwd', 'bwd_data', 'bwd_weight'):   # the three GEMMs of every Dense/Conv
+    c.lowprec[gemm] = ml_collections.ConfigDict(dict(
+        operand_fmt='e5m2', acc_fmt='e6m9', mul_fmt='fp32', chunk_size=64,
+        mode='fast',               # 'exact' (every addition rounded) | 'fast' (per chunk)
+        rounding='nearest'))
+  c.lowprec.exempt_first_last = True
+  c.lowprec.update_fmt = 'e6m9'  # weights, gradients, optimizer state; 'fp32': plain update
+  c.lowprec.update_rounding = 'stochastic'
+  c.lowprec.loss_scale = 1.0
+  c.lowprec.seed = 0
   return c
 
 
