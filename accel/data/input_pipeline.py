@@ -4,6 +4,9 @@ A training batch is a pure function of (seed, step): `TrainBatches(step)` reads 
 indices `step * B + i` of a grain `MapDataset` that is shuffled afresh every epoch. The loader
 state is therefore the step alone — a resumed run sees exactly the batches an uninterrupted run
 would — and each process reads only its own rows of the global batch.
+With `data.order = 'contiguous'` (segment-recurrent LMs) `ContiguousBatches` reads
+consecutive windows of B fixed rows of the stream instead: row b of step t+1 continues row b of
+step t.
 
 Batches: LM {'inputs': int32 BxL, 'targets': int32 BxL} (targets = inputs shifted by one);
 images {'image': float32 BxHxWxC, 'label': int32 B}; text classification {'inputs': int32 BxL,
@@ -51,9 +54,36 @@ class TrainBatches:
 
 
 @dataclasses.dataclass
+class ContiguousBatches:
+  """LM batches that continue each other (`data.order = 'contiguous'`).
+
+  The stream is cut into B equal rows (as the Transformer-XL data iterator does); step t
+  reads window t mod W of every row, W = (row length - 1) // L windows per row, so row b of
+  step t+1 continues row b of step t. A pure function of the step; no shuffling.
+  """
+  stream: np.ndarray
+  global_batch: int
+  seq_len: int
+
+  def __post_init__(self):
+    self.row_len = len(self.stream) // self.global_batch
+    self.windows = (self.row_len - 1) // self.seq_len
+    if self.windows < 1:
+      raise UserError(f'the text has {len(self.stream)} tokens, fewer than batch_size '
+                      f'{self.global_batch} rows of data.seq_len + 1 = {self.seq_len + 1}')
+
+  def __call__(self, step: int) -> dict:
+    per_process = self.global_batch // jax.process_count()
+    start = (step % self.windows) * self.seq_len
+    rows = [(jax.process_index() * per_process + b) * self.row_len + start
+            for b in range(per_process)]
+    return _collate_lm([self.stream[r: r + self.seq_len + 1] for r in rows])
+
+
+@dataclasses.dataclass
 class Data:
   info: DatasetInfo
-  train: TrainBatches
+  train: TrainBatches | ContiguousBatches
   eval_batches: Callable[[], Sequence[dict]]   # the same batches on every call
 
 
@@ -129,8 +159,14 @@ def build(config) -> Data:
   builder = _builder(name, data_cfg)
   train_src = builder.as_data_source('train')
   val_src = builder.as_data_source('validation')
+  order = data_cfg.get('order', 'shuffled')
+  if order not in ('shuffled', 'contiguous') or (order == 'contiguous' and
+                                                 name not in TEXT_DATASETS):
+    raise UserError(f'data.order {order!r} is not available for data.name {name!r} '
+                    f"(shuffled: any data; contiguous: {', '.join(TEXT_DATASETS)})")
   if name in TEXT_DATASETS:
-    train = _lm_windows(byte_stream(train_src), data_cfg.seq_len)
+    train_stream = byte_stream(train_src)
+    train = _lm_windows(train_stream, data_cfg.seq_len)
     val = _lm_windows(byte_stream(val_src), data_cfg.seq_len)
     info = DatasetInfo('lm', vocab_size=BYTE_VOCAB, num_train_examples=len(train))
     collate = _collate_lm
@@ -148,6 +184,9 @@ def build(config) -> Data:
                        image_shape=tuple(feature['image'].shape),
                        num_train_examples=len(train))
     collate = _collate_images
-  examples = train.shuffle(seed=config.seed).repeat()
-  return Data(info=info, train=TrainBatches(examples, batch, collate),
+  if order == 'contiguous':
+    train_batches = ContiguousBatches(train_stream, batch, data_cfg.seq_len)
+  else:
+    train_batches = TrainBatches(train.shuffle(seed=config.seed).repeat(), batch, collate)
+  return Data(info=info, train=train_batches,
               eval_batches=_eval_batches(val, eval_batch, config.eval_steps, collate))
