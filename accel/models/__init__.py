@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from accel import mlm
 from accel.errors import UserError
-from accel.models import cnn
+from accel.models import cnn, transformer_xl
 from accel.models.encoder import MaskedLM, SequenceClassifier
 from accel.models.transformer import TransformerConfig, TransformerLM
 
@@ -66,8 +66,21 @@ def _bert(config, info, **overrides):
   return MaskedLM(cfg)
 
 
+def _transformer_xl(config, info, **overrides):
+  """Transformer-XL (accel/models/transformer_xl.py); memory length `model.mem_len`."""
+  m = config.model
+  if m.d_model % m.num_heads:
+    raise UserError(f'model.d_model {m.d_model} is not divisible by model.num_heads '
+                    f'{m.num_heads}')
+  return transformer_xl.TransformerXL(transformer_xl.TransformerXLConfig(
+      vocab_size=info.vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+      num_heads=m.num_heads, d_ff=m.d_ff, mem_len=m.mem_len, dropout_rate=m.dropout_rate,
+      pre_ln=m.pre_ln, dtype=dtype(m.dtype), **overrides))
+
+
 # name -> builder(config, dataset_info, **overrides) -> nn.Module
-MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm, 'bert': _bert}
+MODEL_BUILDERS: dict[str, Callable] = {'transformer_lm': _transformer_lm, 'bert': _bert,
+                                       'transformer_xl': _transformer_xl}
 MODEL_BUILDERS.update(dict.fromkeys(cnn.MODELS, _image_classifier))
 
 
