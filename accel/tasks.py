@@ -103,6 +103,9 @@ def model_overrides(config) -> dict:
 
 def build_task(config, info) -> Task:
   model = models.build_model(config, info, **model_overrides(config))
+  if config.model.name == 'transformer_xl':
+    from accel import segment_lm  # pylint: disable=g-import-not-at-top (it imports Task)
+    return segment_lm.build_task(config, model)
   if config.model.name == 'bert':
     from accel import encoder_tasks  # pylint: disable=g-import-not-at-top (it imports Task)
     return encoder_tasks.build_task(config, info, model)
