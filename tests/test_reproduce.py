@@ -10,7 +10,7 @@ import pytest
 
 from accel import reproduce, sweep
 from accel.errors import UserError
-from accel.reproduce import pld
+from accel.reproduce import pld, stdloss
 from tests.helpers import ROOT
 
 
@@ -79,9 +79,13 @@ def _check_outputs(out, target, n_runs):
     text = f.read()
   assert f'- command: `python -m experiments.reproduce {target} --scale smoke' in text
   assert '- device: 1 x cpu' in text and 'jax 0.' in text and '- date: 20' in text
-  assert f'`paper`, needs GPUs: run it elsewhere: `python -m experiments.reproduce {target} ' \
-         '--scale paper`' in text
-  assert ':paper' in text.split('## Other scales')[1]   # the paper-scale train commands
+  scales = reproduce.scales_of(reproduce.load_target(target))
+  if 'paper' in scales:
+    assert f'`paper`, needs GPUs: run it elsewhere: `python -m experiments.reproduce {target} ' \
+           '--scale paper`' in text
+  # The largest scale's train commands, one by one.
+  assert f'--config=configs/' in text.split('## Other scales')[1]
+  assert f':{scales[-1]}' in text.split('## Other scales')[1]
   return text
 
 
@@ -97,3 +101,26 @@ def test_pld_smoke_table(tmp_path):
                                                                  rel=2e-3)
   assert 'python -m experiments.train --config=configs/pld_bert_finetune.py:paper ' \
          '--config.finetune.pretrained_workdir=runs/reproduce/pld_paper/pld' in text
+
+
+def test_stdloss_steps_to_baseline_best():
+  none = _result([{'step': 25, 'eval/accuracy': 0.2}, {'step': 50, 'eval/accuracy': 0.5},
+                  {'step': 75, 'eval/accuracy': 0.4}])
+  fast = _result([{'step': 25, 'eval/accuracy': 0.6}, {'step': 50, 'eval/accuracy': 0.7}])
+  slow = _result([{'step': 25, 'eval/accuracy': 0.3}, {'step': 50, 'eval/accuracy': 0.45}])
+  assert stdloss.steps_to_baseline_best(none, fast) == (50, 25)
+  assert stdloss.steps_to_baseline_best(none, slow) == (50, None)
+  assert stdloss.steps_to_baseline_best(none, none) == (50, 50)
+
+
+def test_stdloss_smoke_table(tmp_path):
+  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
+  done = _reproduce_cli('stdloss', out, runs)
+  assert done.returncode == 0, done.stderr[-2000:]
+  text = _check_outputs(out, 'stdloss', 6)
+  assert os.path.getsize(os.path.join(out, 'stdloss_smoke_batch.png')) > 1000
+  # The un-normalized run reaches its own best at its own step: speedup 1 by definition.
+  assert next(l for l in text.splitlines() if l.startswith('| none |')).split('|')[6].strip() \
+      == '1.00x'
+  with pytest.raises(UserError, match="has no scale 'paper'"):
+    reproduce.reproduce('stdloss', 'paper', out, runs)

@@ -182,18 +182,25 @@ def _saved_config(run_dir: str) -> dict:
     return {}
 
 
+def scales_of(module) -> tuple[str, ...]:
+  """The scales a target has: all of SCALES unless its module lists fewer."""
+  return getattr(module, 'SCALES', SCALES)
+
+
 def other_scales(target: str, module, scale: str) -> str:
+  """The commands of the target's other scales, and its largest scale's runs one by one."""
   lines = ['## Other scales', '']
-  for other in SCALES:
+  for other in scales_of(module):
     if other == scale:
       continue
     where = 'runs on CPU here' if other in LOCAL_SCALES else 'needs GPUs: run it elsewhere'
     lines += [f'- `{other}`, {where}: `python -m experiments.reproduce {target} '
               f'--scale {other}`']
-  lines += ['', 'The paper-scale runs, one by one:', '', '```']
-  paper_dir = os.path.join('runs', 'reproduce', f'{target}_paper')
-  for runs in module.stages('paper', paper_dir):
-    lines += [train_command(r, os.path.join(paper_dir, r.name)) for r in runs]
+  largest = scales_of(module)[-1]
+  largest_dir = os.path.join('runs', 'reproduce', f'{target}_{largest}')
+  lines += ['', f'The {largest}-scale runs, one by one:', '', '```']
+  for runs in module.stages(largest, largest_dir):
+    lines += [train_command(r, os.path.join(largest_dir, r.name)) for r in runs]
   return '\n'.join(lines + ['```', ''])
 
 
@@ -203,6 +210,9 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   if scale not in SCALES:
     raise UserError(f'unknown scale {scale!r}; known: {", ".join(SCALES)}')
   module = load_target(target)
+  if scale not in scales_of(module):
+    raise UserError(f'target {target!r} has no scale {scale!r}; it has '
+                    f'{", ".join(scales_of(module))} ({module.__doc__.strip().splitlines()[-1]})')
   if scale not in LOCAL_SCALES and sweep.gpu_groups(1)[0] is None:
     raise UserError(f'scale {scale!r} needs GPUs and none is visible; the commands to run '
                     f'elsewhere: python -m experiments.reproduce {target} --scale {scale}')
