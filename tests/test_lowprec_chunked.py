@@ -18,21 +18,24 @@ def _operands(rng, shape, dtype, spread):
   return x.astype(np.float32).astype(dtype).astype(np.float32)
 
 
-@pytest.mark.parametrize('dtype,mul,acc,chunk,spread', [
-    (ml_dtypes.float8_e5m2, F.FP32, F.E6M9, 1, 6),
-    (ml_dtypes.float8_e5m2, F.FP32, F.E6M9, 4, 6),
-    (ml_dtypes.float8_e5m2, F.FP32, F.E6M9, 16, 6),
-    (ml_dtypes.float8_e4m3fn, F.FP32, F.BF16, 8, 4),
-    (ml_dtypes.float8_e4m3fn, F.E5M2, F.FP16, 5, 3),            # products rounded
-    (ml_dtypes.bfloat16, F.FP32, F.E6M9, 6, 4),                 # sticky (round-to-odd) sums
-    (ml_dtypes.bfloat16, F.FP32, F.FloatFormat(8, 14), 64, 4),  # one chunk, 15-bit acc
+# operand_fmt given: 3-flop rounding when in range (e5m2/e6m9 cases), else quantize;
+# operand_fmt fp32: the sticky (round-to-odd) sums.
+@pytest.mark.parametrize('dtype,op,mul,acc,chunk,spread', [
+    (ml_dtypes.float8_e5m2, F.E5M2, F.FP32, F.E6M9, 1, 6),
+    (ml_dtypes.float8_e5m2, F.E5M2, F.FP32, F.E6M9, 4, 6),
+    (ml_dtypes.float8_e5m2, F.FP32, F.FP32, F.E6M9, 16, 6),
+    (ml_dtypes.float8_e4m3fn, F.E4M3, F.FP32, F.BF16, 8, 4),
+    (ml_dtypes.float8_e4m3fn, F.E4M3, F.E5M2, F.FP16, 5, 3),    # products rounded
+    (ml_dtypes.float8_e4m3fn, F.E4M3, F.FloatFormat(5, 4), F.E6M9, 5, 3),
+    (ml_dtypes.bfloat16, F.FP32, F.FP32, F.E6M9, 6, 4),
+    (ml_dtypes.bfloat16, F.BF16, F.FP32, F.FloatFormat(8, 14), 64, 4),  # one chunk, 15-bit acc
 ])
-def test_exact_mode_matches_loop_reference(dtype, mul, acc, chunk, spread):
+def test_exact_mode_matches_loop_reference(dtype, op, mul, acc, chunk, spread):
   rng = np.random.default_rng(chunk)
   a = _operands(rng, (3, 37), dtype, spread)
   b = _operands(rng, (37, 4), dtype, spread)
   dot = functools.partial(C.chunked_dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
-                          mul_fmt=mul, acc_fmt=acc, chunk_size=chunk)
+                          operand_fmt=op, mul_fmt=mul, acc_fmt=acc, chunk_size=chunk)
   got = jax.jit(dot)(a, b)
   np.testing.assert_array_equal(np.asarray(got), ref.chunked_dot(a, b, mul, acc, chunk))
 

@@ -48,10 +48,10 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
 
 
 def test_range_check_and_grid():
-  assert Kn._on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
-  assert not Kn._on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
-  assert not Kn._on_subnormal_grid(F.E4M3, F.E5M2, F.FP16)  # products below e5m2's grid
-  ok = lambda a, k: bool(Kn._range_ok(np.float32(a), np.float32(1.0), k, F.FP32, F.E6M9))
+  assert C.on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
+  assert not C.on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
+  assert not C.on_subnormal_grid(F.E4M3, F.E5M2, F.FP16)  # products below e5m2's grid
+  ok = lambda a, k: bool(C.range_ok(np.float32(a), np.float32(1.0), k, F.FP32, F.E6M9))
   assert ok(1000.0, 4096) and not ok(1000.0, 2 ** 22) and not ok(np.inf, 1)
 
 

@@ -105,29 +105,73 @@ def _keys(key, rounding, *shape):
   return jnp.zeros(shape, jnp.uint32)   # unused placeholder carried through the scans
 
 
-def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt, addend_bits, rounding, key):
+def round_mantissa(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+  """x rounded to fmt's significant bits, ties to even, by Veltkamp splitting:
+  c = x * (2^s + 1); x_hi = c - (c - x)  (three float32 operations, s = 23 - man_bits).
+  Correct in fmt's normal range only: no subnormals, no overflow (see `range_ok`)."""
+  if fmt.is_float32:
+    return x
+  c = x * np.float32(2.0 ** (23 - fmt.man_bits) + 1)
+  return c - (c - x)
+
+
+def on_subnormal_grid(operand_fmt: FloatFormat, mul_fmt: FloatFormat, acc_fmt: FloatFormat):
+  """Whether every product lies on mul_fmt's subnormal grid and every product and sum on
+  acc_fmt's, so that values below min_normal never need rounding."""
+  finest = operand_fmt.min_positive ** 2
+  if not mul_fmt.is_float32:
+    if not (mul_fmt.subnormals and finest >= mul_fmt.min_positive):
+      return False
+    finest = min(finest, mul_fmt.min_positive)
+  return acc_fmt.subnormals and finest >= acc_fmt.min_positive
+
+
+def range_ok(a, b, k, mul_fmt, acc_fmt):
+  """Runtime check: |products| and every partial sum stay below half of the largest
+  finite values (sum of |a_i b_i| <= max|a| max|b| K; rounding adds less than 2x)."""
+  bound = jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(b))
+  return (bound * k <= acc_fmt.max / 2) & (bound <= mul_fmt.max / 2)
+
+
+def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, operand_fmt, mul_fmt, acc_fmt, rounding, key):
+  """Sequential rounded accumulation. With nearest rounding, operands whose products stay
+  on the accumulator's subnormal grid, and magnitudes that rule out overflow (checked at
+  run time), the rounding is `round_mantissa` (3 flops) instead of `quantize`."""
   b, m, c, size = lhs_BxMxCxL.shape
   n = rhs_BxCxLxN.shape[3]
   lhs_CxLxBxM = jnp.transpose(lhs_BxMxCxL, (2, 3, 0, 1))
   rhs_CxLxBxN = jnp.transpose(rhs_BxCxLxN, (1, 2, 0, 3))
   keys = _keys(key, rounding, c, size + 1)
   stoch = rounding == 'stochastic'
+  addend_bits = product_bits(operand_fmt, mul_fmt)
 
-  def element(chunk, xs):
-    a_BxM, b_BxN, k = xs
-    prod_BxMxN = quantize(a_BxM[:, :, None] * b_BxN[:, None, :], mul_fmt)
-    return add_rounded(chunk, prod_BxMxN, acc_fmt, addend_bits, rounding,
-                       k if stoch else None), None
+  def run(in_range):
+    def rnd_add(acc, x, bits, k):
+      if in_range:
+        return round_mantissa(acc + x, acc_fmt)
+      return add_rounded(acc, x, acc_fmt, bits, rounding, k if stoch else None)
 
-  def one_chunk(total, xs):
-    a_LxBxM, b_LxBxN, k_L1 = xs
-    chunk, _ = lax.scan(element, jnp.zeros((b, m, n), jnp.float32), (a_LxBxM, b_LxBxN, k_L1[:-1]))
-    return add_rounded(total, chunk, acc_fmt, acc_fmt.significant_bits, rounding,
-                       k_L1[-1] if stoch else None), None
+    def element(chunk, xs):
+      a_BxM, b_BxN, k = xs
+      prod_BxMxN = a_BxM[:, :, None] * b_BxN[:, None, :]
+      prod_BxMxN = round_mantissa(prod_BxMxN, mul_fmt) if in_range else quantize(prod_BxMxN, mul_fmt)
+      return rnd_add(chunk, prod_BxMxN, addend_bits, k), None
 
-  total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
-                      (lhs_CxLxBxM, rhs_CxLxBxN, keys))
-  return total
+    def one_chunk(total, xs):
+      a_LxBxM, b_LxBxN, k_L1 = xs
+      chunk, _ = lax.scan(element, jnp.zeros((b, m, n), jnp.float32),
+                          (a_LxBxM, b_LxBxN, k_L1[:-1]))
+      return rnd_add(total, chunk, acc_fmt.significant_bits, k_L1[-1]), None
+
+    total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
+                        (lhs_CxLxBxM, rhs_CxLxBxN, keys))
+    return total
+
+  if (rounding == 'nearest' and not needs_sticky(acc_fmt, addend_bits)
+      and on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt)):
+    ok = range_ok(lhs_BxMxCxL, rhs_BxCxLxN, c * size, mul_fmt, acc_fmt)
+    return lax.cond(ok, lambda: run(True), lambda: run(False))
+  return run(False)
 
 
 def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
@@ -182,8 +226,8 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
   if mode == 'exact' or lhs_BxMxCxL.shape[3] == 1:  # fast with chunks of 1 is exact
     if mode == 'fast':
       mul_fmt = FP32
-    out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, mul_fmt, acc_fmt,
-                             product_bits(operand_fmt, mul_fmt), rounding, key)
+    out_BxMxN = _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, operand_fmt, mul_fmt, acc_fmt,
+                             rounding, key)
   else:
     out_BxMxN = _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key)
   return out_BxMxN.reshape(out_shape).astype(out_dtype)

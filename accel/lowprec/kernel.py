@@ -26,7 +26,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from accel.lowprec.chunked import needs_sticky, product_bits
+from accel.lowprec.chunked import (needs_sticky, on_subnormal_grid, product_bits, range_ok,
+                                    round_mantissa)
 from accel.lowprec.formats import FP32, FloatFormat, get_format
 
 
@@ -54,16 +55,6 @@ def round_nearest(x: jax.Array, fmt: FloatFormat) -> jax.Array:
   return lax.bitcast_convert_type(r | sign, jnp.float32)
 
 
-def round_mantissa(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-  """x rounded to fmt's significant bits, ties to even, by Veltkamp splitting:
-  c = x * (2^s + 1); x_hi = c - (c - x)  (three float32 operations, s = 23 - man_bits).
-  Correct in fmt's normal range only: no subnormals, no overflow (`_in_range`)."""
-  if fmt.is_float32:
-    return x
-  c = x * np.float32(2.0 ** (23 - fmt.man_bits) + 1)
-  return c - (c - x)
-
-
 def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, in_range,
                   unroll):
   """in_range: every product and sum is known to stay within the normal range of acc_fmt
@@ -83,24 +74,6 @@ def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, 
     return rnd(total + part, acc_fmt)
 
   o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
-
-
-def _on_subnormal_grid(operand_fmt: FloatFormat, mul_fmt: FloatFormat, acc_fmt: FloatFormat):
-  """Whether every product lies on mul_fmt's subnormal grid and every product and sum on
-  acc_fmt's, so that values below min_normal never need rounding."""
-  finest = operand_fmt.min_positive ** 2
-  if not mul_fmt.is_float32:
-    if not (mul_fmt.subnormals and finest >= mul_fmt.min_positive):
-      return False
-    finest = min(finest, mul_fmt.min_positive)
-  return acc_fmt.subnormals and finest >= acc_fmt.min_positive
-
-
-def _range_ok(a, b, k, mul_fmt, acc_fmt):
-  """Runtime check: |products| and every partial sum stay below half of the largest
-  finite values (sum of |a_i b_i| <= max|a| max|b| K; rounding adds less than 2x)."""
-  bound = jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(b))
-  return (bound * k <= acc_fmt.max / 2) & (bound <= mul_fmt.max / 2)
 
 
 def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, acc_fmt, precision):
@@ -168,8 +141,8 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
           kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
           in_specs=[pl.BlockSpec((kp, block_m), lambda i, j: (0, i)), b_spec],
           out_specs=out_spec, **params)(a.T, b)
-    if _on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
-      out = lax.cond(_range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
+    if on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
+      out = lax.cond(range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
     else:
       out = call(False)
   elif mode == 'fast':
