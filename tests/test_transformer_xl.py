@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from accel.errors import UserError
 from accel.models import transformer_xl as txl
 
 V, N, D, H, F, M, L, B = 11, 2, 8, 2, 16, 3, 4, 2
@@ -222,3 +223,33 @@ def test_call_keeps_memory_in_mutable_collection():
   # without 'mems' mutable the stored memory is read, not written
   ref2, _ = segment(params, tokens[:, L:], ref_mems)
   np.testing.assert_allclose(logits2, ref2, rtol=1e-6, atol=1e-6)
+
+
+def test_task_carries_memory_in_training_and_across_eval_rows():
+  """The task's train loss returns the next memory; evaluation scores the rows of a batch as
+  consecutive segments (row r sees row r-1's memory), memory zero before row 0."""
+  from accel import config_lib, segment_lm
+  cfg, model, params, tokens, _, segment = _setup(pre_ln=False)
+  config = config_lib.base_config()
+  config.model.name, config.data.order, config.data.seq_len = 'transformer_xl', 'contiguous', L
+  task = segment_lm.build_task(config, model)
+  batch = {'inputs': tokens[:, :L], 'targets': tokens[:, 1:L + 1]}
+  mutable = {'mems': {'memory': {'hidden': txl.zero_memory(cfg, B)}}}
+
+  @jax.jit
+  def run(p, mutable, batch):
+    _, (_, new_mutable) = task.loss(p, mutable, batch, jax.random.key(0), 0, True)
+    return new_mutable, task.evaluate(p, mutable, batch)
+  new_mutable, metrics = run(params, mutable, batch)
+  _, expected_mems = segment(params, tokens[:, :L], txl.zero_memory(cfg, B))
+  np.testing.assert_allclose(new_mutable['mems']['memory']['hidden'], expected_mems,
+                             rtol=1e-6, atol=1e-6)
+  mems, losses = txl.zero_memory(cfg, 1), []
+  for r in range(B):
+    logits, mems = segment(params, tokens[r:r + 1, :L], mems)
+    logp = jax.nn.log_softmax(logits[0])
+    losses.append(-logp[np.arange(L), tokens[r, 1:L + 1]])
+  np.testing.assert_allclose(metrics['loss'], np.mean(losses), rtol=1e-5)
+  config.data.order = 'shuffled'
+  with pytest.raises(UserError, match='contiguous'):
+    segment_lm.build_task(config, model)
