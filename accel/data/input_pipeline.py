@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from accel.data import builders, genre
+from accel.data import builders, corpora, genre
 from accel.errors import UserError
 
-TEXT_DATASETS = ('shakespeare', 'text')
+TEXT_DATASETS = ('shakespeare', 'text') + corpora.NAMES   # enwik8, text8, wikitext103
 TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',)
 IMAGE_DATASETS = ('digits',)
 BYTE_VOCAB = 256
@@ -96,6 +96,8 @@ def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
     return builders.prepare(builders.UserText(path=data_cfg.path, **kwargs))
   if name == 'digits':
     return builders.prepare(builders.Digits(**kwargs))
+  if name in corpora.NAMES:
+    return builders.prepare(corpora.BUILDERS[name](**kwargs))
   raise UserError(f'unknown data.name {name!r}; known: '
                   f'{", ".join(TEXT_DATASETS + TEXT_CLASSIFICATION_DATASETS + IMAGE_DATASETS)}')
 
@@ -165,10 +167,12 @@ def build(config) -> Data:
     raise UserError(f'data.order {order!r} is not available for data.name {name!r} '
                     f"(shuffled: any data; contiguous: {', '.join(TEXT_DATASETS)})")
   if name in TEXT_DATASETS:
-    train_stream = byte_stream(train_src)
+    stream = corpora.stream if name in corpora.NAMES else byte_stream
+    train_stream = stream(train_src)
     train = _lm_windows(train_stream, data_cfg.seq_len)
-    val = _lm_windows(byte_stream(val_src), data_cfg.seq_len)
-    info = DatasetInfo('lm', vocab_size=BYTE_VOCAB, num_train_examples=len(train))
+    val = _lm_windows(stream(val_src), data_cfg.seq_len)
+    vocab = corpora.vocab_size(builder) if name in corpora.NAMES else BYTE_VOCAB
+    info = DatasetInfo('lm', vocab_size=vocab, num_train_examples=len(train))
     collate = _collate_lm
   elif name in TEXT_CLASSIFICATION_DATASETS:
     train, val = genre.passage_datasets(train_src, val_src,
