@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import traceback
@@ -75,6 +76,8 @@ def bench_variant(config, vocab: int, iters: int, profile_dir: str = '') -> dict
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       jax.block_until_ready(benchmarking.time_calls(run, lambda: (batch,), 3, warmup=0))
+    with open(os.path.join(profile_dir, 'train_step.hlo.txt'), 'w') as f:
+      f.write(step.as_text())   # to look up what the profile's fusion names compute
   tokens_per_step = config.batch_size * config.data.seq_len
   flops_token = model_flops_per_token(state.params, config)
   xla_flops = step.cost_analysis()

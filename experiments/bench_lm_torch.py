@@ -45,6 +45,9 @@ class GPT(nn.Module):
     self.ln_f = nn.LayerNorm(d)
     self.head = nn.Linear(d, vocab, bias=False)
     self.head.weight = self.wte.weight
+    for module in self.modules():   # GPT-2's initialisation (PyTorch's N(0, 1) embedding
+      if isinstance(module, (nn.Linear, nn.Embedding)):   # would give huge initial logits)
+        nn.init.normal_(module.weight, std=0.02)
 
   def forward(self, idx, targets):
     x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))

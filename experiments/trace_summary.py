@@ -11,6 +11,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 
 
 def kernel_times(path: str) -> tuple[collections.Counter, dict]:
@@ -34,13 +35,21 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('path')
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--hlo', default='', help="the compiled program's text: print the "
+                      'instruction behind each of the top fusions')
   args = parser.parse_args()
   totals, names = kernel_times(args.path)
   total = sum(totals.values()) or 1
   print(f'processes: {sorted(set(names.values()))}')
   print(f'device time in trace: {total / 1e3:.1f} ms')
+  hlo = open(args.hlo).read().splitlines() if args.hlo else []
   for name, us in totals.most_common(args.top):
     print(f'{us / 1e3:9.2f} ms {us / total:6.1%}  {name[:120]}')
+    names = {name, re.sub(r'_(\d+)$', r'.\1', name)}
+    for line in hlo:
+      stripped = line.strip().removeprefix('ROOT ').lstrip('%')
+      if stripped.split(' ', 1)[0] in names:
+        print(f'             {stripped[:300]}')
 
 
 if __name__ == '__main__':
