@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from accel.models.transformer import Block, TransformerConfig
+from accel.models.transformer import SWITCHABLE_REMAT_POLICY, Block, TransformerConfig
 
 # Separates the gate stream from every other use of `seed` (init, dropout, data).
 _GATE_STREAM = 0x5D1D
@@ -93,7 +93,7 @@ def expected_layers(num_layers: int, theta_value) -> jax.Array:
 
 
 def block_train_flops(cfg: TransformerConfig, batch_size: int, seq_len: int) -> float:
-  """FLOPs of one block's forward + backward (w.r.t. its params and input), per XLA.
+  """FLOPs of one switchable block's forward + backward (params and input), per XLA.
 
   The output is returned with the gradients, as inside a stack where the next block
   reads it (otherwise XLA drops the last projection of the forward as dead code).
@@ -103,7 +103,9 @@ def block_train_flops(cfg: TransformerConfig, batch_size: int, seq_len: int) -> 
   params = jax.eval_shape(block.init, jax.random.key(0), x_BxLxD)
 
   def forward_backward(params, x_BxLxD, scale, cotangent_BxLxD):
-    out_BxLxD, vjp = jax.vjp(lambda p, x: block.apply(p, x, scale, True), params, x_BxLxD)
+    apply = jax.checkpoint(lambda p, x: block.apply(p, x, scale, True),
+                           policy=SWITCHABLE_REMAT_POLICY)   # as in the switchable stack
+    out_BxLxD, vjp = jax.vjp(apply, params, x_BxLxD)
     return out_BxLxD, vjp(cotangent_BxLxD)
 
   compiled = jax.jit(forward_backward).lower(

@@ -212,11 +212,11 @@ def test_executed_flops_discount_the_dropped_blocks():
   full = step_flops(L, switchable=False)
   switchable = step_flops(L, switchable=True)
   block = layerdrop.block_train_flops(TransformerConfig(**TINY), *tokens.shape)
-  # XLA counts a cond's costliest branch: the switchable step costs the full model.
-  # (Fusion makes the elementwise counts differ by < 1% at this tiny width.)
-  np.testing.assert_allclose(switchable, full, rtol=1e-2)
-  # One more block adds one block's forward + backward.
-  np.testing.assert_allclose(full - step_flops(L - 1, switchable=False), block, rtol=1e-2)
+  # XLA counts a cond's costliest branch: one more switchable block adds one block's
+  # forward + backward (with the recomputation of SWITCHABLE_REMAT_POLICY).
+  np.testing.assert_allclose(switchable - step_flops(L - 1, switchable=True), block, rtol=1e-2)
+  # That recomputation is elementwise work only: a few % at this tiny width.
+  assert full < switchable < 1.1 * full
   assert layerdrop.executed_flops(switchable, block, L, 1) == pytest.approx(switchable - 2 * block)
 
 
