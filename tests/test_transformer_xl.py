@@ -98,7 +98,7 @@ def _reference(params, tokens_BxS, mems_NxBxMxD, visible_SxE, pre_ln):
     x = _ref_layer(layer, np.concatenate([mems[n], x], axis=1), M, visible_SxE, pre_ln)
   if pre_ln:
     x = _ln(x, params['final_ln'])
-  return x @ table.T + params['out_bias'], np.stack(inputs)
+  return x @ table.T + params['out_bias']['bias'], np.stack(inputs)
 
 
 def _visible(s, segment):
@@ -189,20 +189,25 @@ def test_no_gradient_flows_into_memory():
   assert np.abs(g_missing['token_embed']['embedding']).max() > 1e-2
 
 
-def test_layer_ranges_compose_to_the_stack():
+def test_embed_layer_ranges_and_head_compose_to_the_model():
   cfg, model, params, tokens, mems, segment = _setup(pre_ln=True)
   layers = params['stack']['layers']
   piece = lambda a, b: jax.tree_util.tree_map(lambda t: t[a:b], layers)  # noqa: E731
 
+  head = {k: params[k] for k in ('token_embed', 'out_bias', 'final_ln')}
+
   @jax.jit
-  def whole_and_ranges(p, tokens_BxL, mems):
-    x = model.apply({'params': p}, tokens_BxL, method='embed')
+  def whole_and_pieces(p, tokens_BxL, mems):
+    # each piece gets only its own parameters, as a pipeline stage would
+    x = model.apply({'params': {'token_embed': p['token_embed']}}, tokens_BxL, method='embed')
     h1, new1 = txl.run_layers(cfg, piece(0, 1), x, mems[0:1])
     h2, new2 = txl.run_layers(cfg, piece(1, N), h1, mems[1:N])
-    return model.apply({'params': p}, x, mems, method='layers'), (h2, jnp.concatenate([new1, new2]))
-  (h, new), (h2, new12) = whole_and_ranges(params, tokens[:, :L], mems)
+    logits = model.apply({'params': head}, h2, method='logits')
+    return (model.apply({'params': p}, tokens_BxL, mems, method='segment'),
+            (logits, jnp.concatenate([new1, new2])))
+  (whole, new), (logits, new12) = whole_and_pieces(params, tokens[:, :L], mems)
   # equal up to float32 rounding (XLA fuses a length-1 scan differently)
-  np.testing.assert_allclose(h2, h, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(new12, new, rtol=1e-6, atol=1e-6)
 
 

@@ -200,6 +200,15 @@ def run_layers(cfg: TransformerXLConfig, layers, x_BxLxD, mems_NxBxMxD,
                                     deterministic, rngs=rngs)
 
 
+class _OutputBias(nn.Module):
+  """logits + b_V (a submodule, so that apply of `embed` or `layers` does not need b)."""
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, logits_BxLxV):
+    return logits_BxLxV + self.param('bias', nn.initializers.zeros, (self.vocab_size,))
+
+
 class _Memory(nn.Module):
   """The 'mems' collection's variable 'hidden' [N, B, M, D]; returns it, storing `new` first."""
   cfg: TransformerXLConfig
@@ -215,6 +224,8 @@ class _Memory(nn.Module):
 class TransformerXL(nn.Module):
   """Transformer-XL LM with tied embeddings.
 
+  `embed`, `layers` and `logits` each need only their own parameters (token_embed;
+  stack; token_embed, out_bias and final_ln), so pipeline stages apply them on their pieces.
   `segment(tokens, mems)` is pure: (logits_BxLxV, new_mems_NxBxMxD). `__call__` keeps the
   memory in the 'mems' collection (mems/memory/hidden, [N, B, M, D]): it attends to the stored
   memory and, when 'mems' is mutable, stores the next one, so a training loop carries it
@@ -226,7 +237,7 @@ class TransformerXL(nn.Module):
     cfg = self.cfg
     self.token_embed = nn.Embed(cfg.vocab_size, cfg.d_model,
                                 embedding_init=nn.initializers.normal(0.02))
-    self.out_bias = self.param('out_bias', nn.initializers.zeros, (cfg.vocab_size,))
+    self.out_bias = _OutputBias(cfg.vocab_size)
     self.stack = XLBlockStack(cfg, cfg.num_layers)
     self.final_ln = nn.LayerNorm(dtype=cfg.dtype) if cfg.pre_ln else None
     self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -247,7 +258,7 @@ class TransformerXL(nn.Module):
       h_BxLxD = self.final_ln(h_BxLxD)
     table_VxD = self.token_embed.embedding.astype(self.cfg.dtype)
     logits_BxLxV = self.cfg.head_dot_general(h_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
-    return logits_BxLxV.astype(jnp.float32) + self.out_bias
+    return self.out_bias(logits_BxLxV.astype(jnp.float32))
 
   def segment(self, tokens_BxL, mems_NxBxMxD, deterministic: bool = True):
     x_BxLxD = self.embed(tokens_BxL, deterministic)
