@@ -1,0 +1,330 @@
+"""The Ouroboros pipeline as one jitted SPMD program over a ('data', 'stage') mesh.
+
+One call of `Pipeline.step` is one iteration t of the algorithm in `accel.pipeline`'s
+docstring, for every stage at once, inside `jax.shard_map`:
+
+  1. every stage runs its own modules (`lax.switch` on its stage index: tied-ring stage 0
+     runs module 0 and module K-1, other stages one module): the forward of the newest
+     batch that reached it, and a local jax.vjp for the backward of an older batch;
+  2. `lax.ppermute` sends the forward outputs to the next stage and the input-gradients
+     to the previous one (ring S-1 -> 0 in the tied layout); they arrive as next
+     iteration's inboxes;
+  3. gradients are averaged over 'data' (`pmean`) and each module applies its own Adam,
+     only where it has a gradient (warm-up; `jnp.where` keeps the old state otherwise).
+
+State, every array with a leading stage axis S (sharded over 'stage'; the batch axes over
+'data'):
+  params   layers [S, n, ...] (stage-major stack, `Layout`), E [S, V, D], pos [S, M, D],
+           final_ln [S, D]; E / pos / final_ln are zeros on stages that do not own them.
+  opt      optimizer state per layer (vmap over n: each layer counts its own updates,
+           which equals per-module Adam since Adam is elementwise) and per owned tensor.
+  act_in, grad_in   [S, B, L, D]: the messages received at the end of the last iteration.
+  x_hist   [S, R, B, L, D], R = 2(K-1): ring of the delayed module's block inputs, slot
+           b mod R for batch b (stage 0: the embedding output of module 0); module j
+           writes batch t-j and reads batch t-2(K-1)+j, d_j = 2(K-1-j) <= R apart.
+  w_hist   [S, R, n, ...] ('stored' only): ring of the stage's block weights as they ran
+           (weight stashing); the backward re-runs the forward with them.
+  tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
+           t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
+Memory beyond the weights, per stage: 2 B L D inboxes + R B L D history ('recompute');
+plus R stashed copies of the stage's block weights ('stored').
+
+All of this is plain static-shape state: checkpointing it checkpoints the pipeline.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from accel.pipeline import pieces
+from accel.pipeline.layout import Layout
+
+_tmap = jax.tree_util.tree_map
+
+
+def make_mesh(data: int, stage: int, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'stage') mesh with Auto axes."""
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((data, stage), ('data', 'stage'), (auto, auto), devices=devices)
+
+
+class Pipeline:
+  """Ouroboros over `mesh` (mesh.shape['stage'] must equal layout.num_stages)."""
+
+  def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
+               backward_weights: str, mesh: jax.sharding.Mesh):
+    if backward_weights not in ('stored', 'recompute'):
+      raise ValueError(f'backward_weights={backward_weights!r}')
+    if mesh.shape['stage'] != layout.num_stages:
+      raise ValueError(f"mesh has {mesh.shape['stage']} stages, layout needs "
+                       f'{layout.num_stages}')
+    self.cfg = pieces.scan_config(cfg)
+    self.layout, self.tx, self.mesh = layout, tx, mesh
+    self.stored = backward_weights == 'stored'
+    k, s, n = layout.num_modules, layout.num_stages, layout.layers_per_stage
+    self._R = 2 * (k - 1)
+    # Static per-stage tables: module of each local layer; owners of E / pos / final_ln.
+    if layout.tied_ring:
+      mods = [[k - 1] * layout.n_last + [0] * layout.n_first] + [[j] * n for j in range(1, s)]
+    else:
+      mods = [[j] * n for j in range(s)]
+    self._layer_module = np.asarray(mods, np.int32)                      # [S, n]
+    last = layout.stage_of(k - 1)
+    self._owns_pos = np.arange(s) == 0
+    self._owns_fln = np.arange(s) == last
+    self._owns_E = self._owns_pos | self._owns_fln
+    # The module each stage back-propagates with a delay (-1: none, untied last stage).
+    self._delayed = np.asarray([j if j != k - 1 else -1 for j in range(s)]
+                               if not layout.tied_ring else list(range(s)), np.int32)
+    self._step = jax.jit(self._build_step(), donate_argnums=0)
+
+  # ----------------------------------------------------------------------------- layout
+  def _stack(self, params):
+    """Model params (scan layout) -> stage-stacked params (zeros where not owned)."""
+    lay, s = self.layout, self.layout.num_stages
+    own = lambda mask, a: jnp.stack([a if m else jnp.zeros_like(a) for m in mask])
+    layers = _tmap(lambda a: jnp.roll(a, lay.roll, axis=0).reshape(s, lay.layers_per_stage,
+                                                                   *a.shape[1:]),
+                   params['stack']['layers'])
+    return {'layers': layers,
+            'E': own(self._owns_E, params['token_embed']['embedding']),
+            'pos': own(self._owns_pos, params['pos_embed']),
+            'fln': _tmap(lambda a: own(self._owns_fln, a), params.get('final_ln', {}))}
+
+  def model_params(self, state):
+    """Stage-stacked params -> TransformerLM params (scan layout)."""
+    p, lay = state['params'], self.layout
+    layers = _tmap(lambda a: jnp.roll(a.reshape(lay.num_layers, *a.shape[2:]), -lay.roll, 0),
+                   p['layers'])
+    last = lay.stage_of(lay.num_modules - 1)
+    out = {'token_embed': {'embedding': p['E'][0]}, 'pos_embed': p['pos'][0],
+           'stack': {'layers': layers}}
+    if self.cfg.pre_ln:
+      out['final_ln'] = _tmap(lambda a: a[last], p['fln'])
+    return out
+
+  def _specs(self):
+    st, dt = P('stage'), P('stage', 'data')
+    specs = {'step': P(), 'params': st, 'opt': st, 'act_in': dt, 'grad_in': dt,
+             'x_hist': P('stage', None, 'data'), 'tokens': P(None, 'data')}
+    if self.stored:
+      specs['w_hist'] = st
+    return specs
+
+  def init(self, params, batch_size: int, seq_len: int):
+    """Pipeline state for TransformerLM `params`; batch_size is the global batch."""
+    cfg, s, r = self.cfg, self.layout.num_stages, self._R
+    stacked = self._stack(params)
+    init_layers = jax.vmap(jax.vmap(self.tx.init))
+    init_owned = jax.vmap(self.tx.init)
+    x = lambda: jnp.zeros((s, batch_size, seq_len, cfg.d_model), cfg.dtype)
+    tok = lambda: jnp.zeros((2 * self.layout.num_modules - 1, batch_size, seq_len), jnp.int32)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': stacked,
+             'opt': {'layers': init_layers(stacked['layers']), 'E': init_owned(stacked['E']),
+                     'pos': init_owned(stacked['pos']), 'fln': init_owned(stacked['fln'])},
+             'act_in': x(), 'grad_in': x(),
+             'x_hist': jnp.zeros((s, r, batch_size, seq_len, cfg.d_model), cfg.dtype),
+             'tokens': {'inputs': tok(), 'targets': tok()}}
+    if self.stored:
+      state['w_hist'] = _tmap(lambda a: jnp.zeros((s, r) + a.shape[1:], a.dtype),
+                              stacked['layers'])
+    return jax.device_put(state, self.shardings(state))
+
+  def shardings(self, state):
+    specs = self._specs()
+    return {key: _tmap(lambda _: NamedSharding(self.mesh, specs[key]), v)
+            for key, v in state.items()}
+
+  def step(self, state, batch):
+    """One iteration; batch = dict(inputs, targets) [B, L] int32, sharded over 'data'.
+
+    Returns (state, metrics): metrics['loss'] is the loss of batch t-(K-1) and
+    metrics['loss_valid'] whether that batch exists (false while the pipeline fills).
+    """
+    batch = jax.device_put(batch, NamedSharding(self.mesh, P('data')))
+    return self._step(state, batch)
+
+  # ------------------------------------------------------------------------- the step
+  def _build_step(self):
+    cfg, lay, tx = self.cfg, self.layout, self.tx
+    k, s, r = lay.num_modules, lay.num_stages, self._R
+    n_last = lay.n_last
+    stored = self.stored
+    rt = 2 * k - 1   # token ring: batches t-2(K-1) .. t
+
+    def blocks_vjp(layers, x, g):
+      _, vjp = jax.vjp(functools.partial(pieces.blocks, cfg), layers, x)
+      return vjp(g)
+
+    def embed_vjp(E, pos, tok, g):
+      _, vjp = jax.vjp(lambda e, p: pieces.embed(cfg, e, p, tok), E, pos)
+      return vjp(g)
+
+    def first_fwd(p, layers0, io):
+      """Module 0 forward of batch t: (block input x0 to store, output y to send)."""
+      x0 = pieces.embed(cfg, p['E'], p['pos'], io['tok_now'])
+      return x0, pieces.blocks(cfg, layers0, x0)
+
+    def first_bwd(p, layers0_bw, io):
+      """Module 0 backward of batch t-2(K-1): grads of its blocks, E (input side), pos."""
+      x0_b = io['x_b'] if stored else pieces.embed(cfg, p['E'], p['pos'], io['tok_b'])
+      g_layers, g_x0 = blocks_vjp(layers0_bw, x0_b, io['grad_in'])
+      g_E, g_pos = embed_vjp(p['E'], p['pos'], io['tok_b'], g_x0)
+      # The input-side part of E joins the output-side one: drop it while batch < 0.
+      g_E = jnp.where(io['t'] >= 2 * (k - 1), g_E, 0.0)
+      return g_layers, g_E, g_pos
+
+    def last(p, layers_last, io):
+      """Module K-1: forward, loss and backward of batch t-(K-1)."""
+      def loss_fn(l, e, f, x):
+        return pieces.head_loss(cfg, e, f, pieces.blocks(cfg, l, x), io['targets'])
+      return jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
+          layers_last, p['E'], p['fln'], io['act_in'])
+
+    zeros_like = lambda t: _tmap(jnp.zeros_like, t)
+
+    def varying(tree):
+      """Marks every leaf as varying over both mesh axes, so switch branches agree."""
+      def cast(a):
+        have = jax.typeof(a).manual_axis_type.varying
+        missing = tuple(ax for ax in ('data', 'stage') if ax not in have)
+        return lax.pcast(a, missing, to='varying') if missing else a
+      return _tmap(cast, tree)
+
+    def bwd_out(p, send_grad, loss, layers=None, E=None, pos=None, fln=None):
+      g = {'layers': layers if layers is not None else zeros_like(p['layers']),
+           'E': E if E is not None else jnp.zeros_like(p['E']),
+           'pos': pos if pos is not None else jnp.zeros_like(p['pos']),
+           'fln': fln if fln is not None else zeros_like(p['fln'])}
+      return varying((send_grad, loss, g))
+
+    no_loss = lambda: jnp.zeros((), jnp.float32)
+    n = lay.layers_per_stage
+    mod0 = lambda t: pieces.slice_layers(t, n_last, n) if lay.tied_ring else t
+    modl = lambda t: pieces.slice_layers(t, 0, n_last) if lay.tied_ring else t
+
+    # Backward branches (they read only the inboxes and the history): (send_grad, loss, g).
+    def ring0_bwd(p, w_bw, io):   # tied ring stage 0: module K-1 = layers[:n_last], module 0
+      g0, gE_in, g_pos = first_bwd(p, mod0(w_bw), io)
+      loss, (g_last, gE_out, g_fln, dx) = last(p, modl(p['layers']), io)
+      g_layers = pieces.concat_layers([g_last, g0])
+      return bwd_out(p, dx, loss, g_layers, gE_out + gE_in, g_pos, g_fln)
+
+    def first_only_bwd(p, w_bw, io):
+      g0, gE_in, g_pos = first_bwd(p, w_bw, io)
+      return bwd_out(p, jnp.zeros_like(io['grad_in']), no_loss(), g0, gE_in, g_pos)
+
+    def middle_bwd(p, w_bw, io):
+      g_layers, dx = blocks_vjp(w_bw, io['x_b'], io['grad_in'])
+      return bwd_out(p, dx, no_loss(), g_layers)
+
+    def last_only_bwd(p, w_bw, io):
+      loss, (g_l, gE_out, g_fln, dx) = last(p, p['layers'], io)
+      return bwd_out(p, dx, loss, g_l, gE_out, None, g_fln)
+
+    # Forward branches: (send_act, store_x).
+    def first_fwd_branch(p, io):
+      x0, y = first_fwd(p, mod0(p['layers']), io)
+      return varying((y, x0))
+
+    def middle_fwd(p, io):
+      x = io['act_in']
+      return varying((pieces.blocks(cfg, p['layers'], x), x))
+
+    def last_only_fwd(p, io):     # its forward runs inside its backward branch
+      return varying((jnp.zeros_like(io['act_in']), io['act_in']))
+
+    if lay.tied_ring:
+      bwd_branches, fwd_branches = [ring0_bwd, middle_bwd], [first_fwd_branch, middle_fwd]
+      roles = [0] + [1] * (s - 1)
+    else:
+      bwd_branches = [first_only_bwd, middle_bwd, last_only_bwd]
+      fwd_branches = [first_fwd_branch, middle_fwd, last_only_fwd]
+      roles = [0] + [1] * (k - 2) + [2]
+    roles = np.asarray(roles, np.int32)
+    fwd_perm = [(i, (i + 1) % s) for i in range(s)] if lay.tied_ring else \
+        [(i, i + 1) for i in range(s - 1)]
+    bwd_perm = [(i, (i - 1) % s) for i in range(s)] if lay.tied_ring else \
+        [(i, i - 1) for i in range(1, s)]
+    layer_module = jnp.asarray(self._layer_module)
+    owns = {name: jnp.asarray(v) for name, v in
+            (('E', self._owns_E), ('pos', self._owns_pos), ('fln', self._owns_fln))}
+    delayed = jnp.asarray(self._delayed)
+
+    def local(state, batch):
+      t = state['step']
+      me = lax.axis_index('stage')
+      sq = lambda tree: _tmap(lambda a: a[0], tree)
+      p, opt = sq(state['params']), sq(state['opt'])
+      # Per-shard weights (varying over 'data'): each vjp below is then local to its data
+      # shard (no implicit psum inside the branches); the one pmean over 'data' follows.
+      p_local = _tmap(lambda a: lax.pcast(a, 'data', to='varying'), p)
+      x_hist = state['x_hist'][0]
+      # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
+      tokens = _tmap(lambda ring, new: lax.dynamic_update_index_in_dim(ring, new, t % rt, 0),
+                     state['tokens'], batch)
+      b_del = t - 2 * (k - 1) + delayed[me]        # batch of this stage's delayed backward
+      slot_b = b_del % r
+      slot_now = (t - delayed[me]) % r              # slot of the batch it forwards now
+      w_bw = _tmap(lambda h: lax.pcast(lax.dynamic_index_in_dim(h[0], slot_b, 0, False),
+                                       'data', to='varying'),
+                   state['w_hist']) if stored else p_local['layers']
+      io = {'t': t, 'tok_now': batch['inputs'],
+            'tok_b': lax.dynamic_index_in_dim(tokens['inputs'], (t + 1) % rt, 0, False),
+            'targets': lax.dynamic_index_in_dim(tokens['targets'], (t + k) % rt, 0, False),
+            'x_b': lax.dynamic_index_in_dim(x_hist, slot_b, 0, False),
+            'act_in': state['act_in'][0], 'grad_in': state['grad_in'][0]}
+      role = jnp.asarray(roles)[me]
+      # Backward first, then forward: each ppermute can overlap the other half's compute.
+      send_grad, loss, g = lax.switch(role, bwd_branches, p_local, w_bw, io)
+      new_grad = lax.ppermute(send_grad, 'stage', bwd_perm)
+      send_act, store_x = lax.switch(role, fwd_branches, p_local, io)
+      new_act = lax.ppermute(send_act, 'stage', fwd_perm)
+      if not lay.tied_ring:   # the two copies of E add each other's part
+        g['E'] = g['E'] + lax.ppermute(g['E'], 'stage', [(0, k - 1), (k - 1, 0)])
+      g = lax.pmean(g, 'data')
+      # Which parts have a gradient at iteration t (module j: batch t-2(K-1)+j >= 0).
+      layer_valid = t - 2 * (k - 1) + layer_module[me] >= 0               # [n]
+      loss_valid = t >= k - 1
+      valid = {'E': owns['E'][me] & loss_valid, 'pos': owns['pos'][me] & (t >= 2 * (k - 1)),
+               'fln': owns['fln'][me] & loss_valid}
+
+      def adam(grads, o, params):
+        updates, o = tx.update(grads, o, params)
+        return optax.apply_updates(params, updates), o
+
+      def keep(mask, new, old):
+        return _tmap(lambda a, b: jnp.where(
+            mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)), a, b), new, old)
+
+      new_p, new_opt = {}, {}
+      lp, lo = jax.vmap(adam)(g['layers'], opt['layers'], p['layers'])
+      new_p['layers'] = keep(layer_valid, lp, p['layers'])
+      new_opt['layers'] = keep(layer_valid, lo, opt['layers'])
+      for name in ('E', 'pos', 'fln'):
+        np_, no = adam(g[name], opt[name], p[name])
+        new_p[name] = keep(valid[name], np_, p[name])
+        new_opt[name] = keep(valid[name], no, opt[name])
+      ex = lambda tree: _tmap(lambda a: a[None], tree)
+      new_state = {'step': t + 1, 'params': ex(new_p), 'opt': ex(new_opt),
+                   'act_in': new_act[None], 'grad_in': new_grad[None],
+                   'x_hist': lax.dynamic_update_index_in_dim(x_hist, store_x, slot_now, 0)[None],
+                   'tokens': tokens}
+      if stored:
+        new_state['w_hist'] = _tmap(
+            lambda h, w: lax.dynamic_update_index_in_dim(h[0], w, slot_now, 0)[None],
+            state['w_hist'], p['layers'])
+      is_loss_stage = me == lay.stage_of(k - 1)
+      loss = lax.pmean(lax.psum(jnp.where(is_loss_stage, loss, 0.0), 'stage'), 'data')
+      return new_state, {'loss': loss, 'loss_valid': loss_valid}
+
+    specs = self._specs()
+    in_specs = ({key: specs[key] for key in specs}, P('data'))
+    out_specs = ({key: specs[key] for key in specs}, P())
+    return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
