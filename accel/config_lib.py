@@ -97,6 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.lowprec.update_rounding = 'stochastic'
   c.lowprec.loss_scale = 1.0
   c.lowprec.seed = 0
+
+  c.pipeline = ml_collections.ConfigDict()   # accel/pipeline (Ouroboros)
+  c.pipeline.enabled = False
+  c.pipeline.num_modules = 2                 # K
+  c.pipeline.tied_ring = True                # K modules on K-1 stages; False: K on K
+  c.pipeline.backward_weights = 'recompute'  # 'recompute' (Features Replay) | 'stored' (DDG)
   return c
 
 
