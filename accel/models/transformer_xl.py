@@ -101,9 +101,8 @@ class RelativeAttention(nn.Module):
     t = m + l
     cat_BxTxD = jnp.concatenate([mem_BxMxD.astype(x_BxLxD.dtype), x_BxLxD], axis=1)
     q_BxLxHxK = _dense(cfg, cfg.d_model, 'q', False)(x_BxLxD).reshape(b, l, h, k)
-    kv_BxTx2D = _dense(cfg, 2 * cfg.d_model, 'kv', False)(cat_BxTxD)
-    key_BxTxHxK, val_BxTxHxK = jnp.split(kv_BxTx2D.reshape(b, t, 2, h, k), 2, axis=2)
-    key_BxTxHxK, val_BxTxHxK = key_BxTxHxK[:, :, 0], val_BxTxHxK[:, :, 0]
+    kv_BxTx2xHxK = _dense(cfg, 2 * cfg.d_model, 'kv', False)(cat_BxTxD).reshape(b, t, 2, h, k)
+    key_BxTxHxK, val_BxTxHxK = kv_BxTx2xHxK[:, :, 0], kv_BxTx2xHxK[:, :, 1]
     r_TxD = sinusoid(jnp.arange(t - 1, -1, -1), cfg.d_model).astype(cfg.dtype)
     rk_TxHxK = _dense(cfg, cfg.d_model, 'r', False)(r_TxD).reshape(t, h, k)
     u_HxK = self.param('u', nn.initializers.normal(0.02), (h, k)).astype(cfg.dtype)
