@@ -82,7 +82,9 @@ class Pipeline:
     # The module each stage back-propagates with a delay (-1: none, untied last stage).
     self._delayed = np.asarray([j if j != k - 1 else -1 for j in range(s)]
                                if not layout.tied_ring else list(range(s)), np.int32)
-    self._step = jax.jit(self._build_step(), donate_argnums=0)
+    # The shard_mapped iteration, to be jitted here or inside a caller's jit.
+    self.step_fn = self._build_step()
+    self._step = jax.jit(self.step_fn, donate_argnums=0)
 
   # ----------------------------------------------------------------------------- layout
   def _stack(self, params):
