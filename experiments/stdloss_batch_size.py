@@ -78,7 +78,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch_sizes', default='2,4,16,128',
                  type=lambda s: [int(x) for x in s.split(',')])
-  p.add_argument('--variants', default='batch,group,stdloss', type=lambda s: s.split(','))
+  p.add_argument('--variants', default='none,batch,group,stdloss', type=lambda s: s.split(','))
   p.add_argument('--epochs', type=int, default=8)
   p.add_argument('--lr', type=float, default=0.01, help='at b = 128')
   p.add_argument('--weight', type=float, default=1.0, help='lambda')

@@ -31,11 +31,27 @@ from configs import stdloss_mnist
 PAPER_ACCURACY = {'none': (24.6, 6.5), 'batch': (85.6, 1.1), 'stdloss': (75.2, 2.6)}
 
 
+def _rows(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
   """[(step, eval/accuracy)] from a run's metrics.jsonl."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return [(r['step'], r['eval/accuracy']) for r in rows if 'eval/accuracy' in r]
+  return [(r['step'], r['eval/accuracy']) for r in _rows(workdir) if 'eval/accuracy' in r]
+
+
+def train_once(config, workdir: str) -> float:
+  """Trains `config` in `workdir` unless it already holds the finished run; wall seconds."""
+  curve = eval_curve(workdir)
+  if curve and curve[-1][0] == config.total_steps:
+    return 0.0
+  t0 = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  return time.perf_counter() - t0
 
 
 def first_step_reaching(curve, target: float) -> int | None:
@@ -43,6 +59,7 @@ def first_step_reaching(curve, target: float) -> int | None:
 
 
 def run_all(args) -> dict:
+  """Every (model, seed, variant) run; finished runs already in `args.runs` are reused."""
   runs = {}
   for model in args.models:
     for seed in range(args.seeds):
@@ -53,12 +70,14 @@ def run_all(args) -> dict:
         if args.total_steps:
           config.total_steps = args.total_steps
         workdir = os.path.join(args.runs, f'{model}-{variant}-seed{seed}')
-        t0 = time.perf_counter()
-        train.train_and_evaluate(config, workdir)
+        wall_s = train_once(config, workdir)
         curve = eval_curve(workdir)
-        runs[f'{model}/{variant}/{seed}'] = dict(curve=curve, wall_s=time.perf_counter() - t0)
+        last = _rows(workdir)[-1]
+        runs[f'{model}/{variant}/{seed}'] = dict(
+            curve=curve, wall_s=wall_s, final_train_loss=last['train/loss'],
+            final_stdloss=last.get('train/stdloss/loss'))
         print(f'{model} {variant} seed {seed}: final accuracy {curve[-1][1]:.4f} '
-              f'({time.perf_counter() - t0:.0f} s)', flush=True)
+              f'({wall_s:.0f} s)', flush=True)
   return runs
 
 
@@ -71,16 +90,16 @@ def summarize(args, runs: dict) -> dict:
   for model in args.models:
     rows = {}
     for variant in args.variants:
-      finals, steps, speedups = [], [], []
+      finals, steps, base_steps, speedups, stdl = [], [], [], [], []
       for seed in range(args.seeds):
         base = runs[f'{model}/none/{seed}']['curve']
         best = max(a for _, a in base)
-        s_none = first_step_reaching(base, best)
-        curve = runs[f'{model}/{variant}/{seed}']['curve']
-        finals.append(100 * curve[-1][1])
-        s = first_step_reaching(curve, best)
-        steps.append(s)
-        speedups.append(s_none / s if s else None)
+        base_steps.append(first_step_reaching(base, best))
+        run = runs[f'{model}/{variant}/{seed}']
+        finals.append(100 * run['curve'][-1][1])
+        stdl.append(run['final_stdloss'])
+        steps.append(first_step_reaching(run['curve'], best))
+        speedups.append(base_steps[-1] / steps[-1] if steps[-1] else None)
       reached = [s for s in steps if s is not None]
       rows[variant] = dict(
           final_accuracy=_mean_std(finals), steps_to_baseline_best=steps,
@@ -88,7 +107,10 @@ def summarize(args, runs: dict) -> dict:
           mean_steps=statistics.mean(reached) if reached else None,
           speedups=speedups,
           mean_speedup=(statistics.mean([x for x in speedups if x is not None])
-                        if reached else None))
+                        if reached else None),
+          speedup_of_means=(statistics.mean(base_steps) / statistics.mean(steps)
+                            if len(reached) == args.seeds else None),
+          final_stdloss=_mean_std(stdl) if None not in stdl else None)
     table[model] = rows
   return table
 
@@ -103,7 +125,7 @@ def run_meta(t0: float, script: str) -> dict:
 
 def provenance(meta: dict) -> str:
   return (f"Device: {meta['device']}, jax {meta['jax_version']}, {meta['date']}, "
-          f"{meta['wall_s']:.0f} s in all. Command: `{meta['command']}`")
+          f"{meta['wall_s']:.0f} s in this invocation. Command: `{meta['command']}`")
 
 
 def write_outputs(out: str, name: str, record: dict, md: str) -> None:
@@ -129,12 +151,16 @@ def to_markdown(args, table: dict, meta: dict) -> str:
            provenance(meta), '',
            'A* = the best accuracy of the no-normalization run of the same seed; steps = the '
            'first evaluation step at or above A* (mean over the seeds that reach it); '
-           'speedup = the baseline\'s own step to A* / that step, mean over seeds.', '']
+           'speedup = the baseline\'s own step to A* / that step, as the mean of the per-seed '
+           'ratios (seeds that reach A*) and as the ratio of the mean steps (all seeds reach '
+           'A*). The std-loss term is the unweighted sum over layers, logged at the last '
+           'step.', '']
   for model, rows in table.items():
     lines += [f'## {model}', '',
               '| variant | accuracy after last step (%) | paper, MNIST 1000 steps (%) | '
-              'seeds reaching A* | steps to A* (mean) | per seed | speedup, x (mean) |',
-              '|---|---|---|---|---|---|---|']
+              'seeds reaching A* | steps to A* (mean) | per seed | speedup, x (mean of seeds) | '
+              'speedup, x (of mean steps) | std-loss term, last step |',
+              '|---|---|---|---|---|---|---|---|---|']
     for variant, r in rows.items():
       paper = PAPER_ACCURACY.get(variant)
       lines.append(
@@ -142,7 +168,8 @@ def to_markdown(args, table: dict, meta: dict) -> str:
           f"{f'{paper[0]} +- {paper[1]}' if paper else '-'} | {r['reached']}/{args.seeds} | "
           f"{_fmt(r['mean_steps'], '.0f')} | "
           f"{', '.join(_fmt(s, 'd') for s in r['steps_to_baseline_best'])} | "
-          f"{_fmt(r['mean_speedup'], '.2f')} |")
+          f"{_fmt(r['mean_speedup'], '.2f')} | {_fmt(r['speedup_of_means'], '.2f')} | "
+          f"{'-' if r['final_stdloss'] is None else '%.2f +- %.2f' % r['final_stdloss']} |")
     lines.append('')
   lines += ['Paper, steps to the baseline\'s best accuracy (speedup): PointNet 26.6K / BN 6.1K '
             '(4.4x) / std loss 12.1K (2.2x); Inception-v2 1972K / 534K (3.7x) / 700K (2.8x); '
