@@ -60,11 +60,15 @@ def load_pretrained_encoder(workdir: str) -> dict:
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise UserError(f'finetune.pretrained_workdir {workdir!r} has no checkpoints/ folder')
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
     step = manager.latest_step()
     if step is None:
       raise UserError(f'finetune.pretrained_workdir {workdir!r} has no checkpoint')
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    # Onto this host's first device: the pretraining run may have had other devices.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          manager.item_metadata(step))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   params = restored['params']
   if 'encoder' not in params:
     raise UserError(f'the checkpoint in {directory} is not of a model.name=bert encoder '
