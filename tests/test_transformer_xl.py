@@ -5,6 +5,7 @@ score = ((q_i + u) . k_j + (q_i + v) . W_r R[d]) / sqrt(K) with d the query-key 
 R[d] = [sin(d w), cos(d w)] built from that distance alone, over an arbitrary visibility
 mask; so it needs neither the rel-shift nor the memory bookkeeping of the model.
 """
+import dataclasses
 import functools
 import math
 
@@ -258,3 +259,10 @@ def test_task_carries_memory_in_training_and_across_eval_rows():
   config.data.order = 'shuffled'
   with pytest.raises(UserError, match='contiguous'):
     segment_lm.build_task(config, model)
+
+
+def test_no_memory_state_when_mem_len_is_zero():
+  """M = 0 keeps no 'mems' collection (an empty array cannot be checkpointed)."""
+  model = txl.TransformerXL(dataclasses.replace(_cfg(False), mem_len=0))
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((B, L), jnp.int32))
+  assert set(variables) == {'params'}

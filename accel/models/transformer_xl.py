@@ -266,6 +266,8 @@ class TransformerXL(nn.Module):
 
   def __call__(self, tokens_BxL, *, train: bool = False):
     batch = tokens_BxL.shape[0]
+    if self.cfg.mem_len == 0:      # nothing to carry (and no empty array in the state)
+      return self.segment(tokens_BxL, zero_memory(self.cfg, batch), not train)[0]
     logits_BxLxV, new_mems_NxBxMxD = self.segment(tokens_BxL, self.memory(batch), not train)
     if self.is_mutable_collection('mems') and not self.is_initializing():
       self.memory(batch, new_mems_NxBxMxD)
