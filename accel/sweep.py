@@ -33,6 +33,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -286,6 +287,13 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
     else:
       log(f'skip {run.name}: {plan}' + (f' ({status.get("error")})' if plan == 'failed' else ''))
       statuses[run.name] = status
+  lock = threading.Lock()
+  say = log
+
+  def log(message: str) -> None:   # one line at a time from the parallel workers
+    with lock:
+      say(message)
+
   slots = queue.Queue()
   for devices in gpu_groups(min(parallel, max(len(todo), 1))):
     slots.put(devices)
