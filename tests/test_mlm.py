@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accel import mlm, models, train
-from accel.data import input_pipeline
+from accel.data import builders, genre, input_pipeline
 from configs import pld_bert, pld_bert_finetune
 
 
@@ -94,3 +94,28 @@ def test_finetuning_run_restores_the_pretrained_encoder(tmp_path):
       jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
   assert not np.array_equal(fresh['encoder']['token_embed']['embedding'],
                             tuned['encoder']['token_embed']['embedding'])
+
+
+def test_genre_passages_come_from_held_out_plays_of_their_genre(data_dir):
+  config = _bert_config(pld_bert_finetune)
+  data = input_pipeline.build(config)
+  assert data.info.kind == 'text_classification' and data.info.num_classes == 3
+  plays = {play: (folder, path.read_bytes()) for folder, play, path in builders.shakespeare_plays()
+           if folder in genre.FOLIO_GENRE}
+  held_out = genre.held_out_plays({p: genre.FOLIO_GENRE[f] for p, (f, _) in plays.items()})
+  assert sorted(held_out) == ['henry-v', 'henry-viii', 'julius-caesar',
+                              'much-ado-about-nothing', 'romeo-and-juliet',
+                              'two-gentlemen-of-verona']
+
+  def source_plays(batch):
+    found = []
+    for row, label in zip(batch['inputs'], batch['label']):
+      passage = bytes(row.astype(np.uint8).tolist())
+      (play,) = [p for p, (_, text) in plays.items() if passage in text]
+      assert genre.FOLIO_GENRE[plays[play][0]] == label
+      found.append(play)
+    return found
+  val_plays = source_plays(data.eval_batches()[0])
+  train_plays = source_plays(data.train(0))
+  assert set(val_plays) <= held_out and not set(train_plays) & held_out
+  assert len(set(data.eval_batches()[0]['label'].tolist())) > 1   # validation order mixes genres

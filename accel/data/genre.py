@@ -56,13 +56,19 @@ def _dataset(inputs_NxL, labels_N) -> grain.MapDataset:
       lambda i: {'inputs': inputs_NxL[i], 'label': labels_N[i]})
 
 
+def held_out_plays(labels: dict[str, int]) -> set[str]:
+  """Every 4th play of each genre, plays in sorted order: the validation plays."""
+  held_out = set()
+  for label in range(len(GENRES)):
+    plays = sorted(p for p, g in labels.items() if g == label)
+    held_out.update(plays[HELD_OUT_EVERY - 1::HELD_OUT_EVERY])
+  return held_out
+
+
 def passage_datasets(train_source, val_source, genre_names, seq_len: int):
   """(train, validation) grain MapDatasets of {'inputs': uint8 [seq_len], 'label': int32}."""
   streams = _play_streams((train_source, val_source), genre_names)
-  held_out = set()
-  for label in range(len(GENRES)):
-    plays = sorted(p for p, (g, _) in streams.items() if g == label)
-    held_out.update(plays[HELD_OUT_EVERY - 1::HELD_OUT_EVERY])
+  held_out = held_out_plays({play: label for play, (label, _) in streams.items()})
   train = _passages(streams, sorted(set(streams) - held_out), seq_len)
   val_inputs, val_labels = _passages(streams, sorted(held_out), seq_len)
   order = np.random.default_rng(VAL_ORDER_SEED).permutation(len(val_labels))
