@@ -14,11 +14,13 @@ Training (accel/segment_lm.py): contiguous streams (data.order='contiguous'), th
 carried across steps in the train state; evaluation carries the memory across the rows of
 each validation batch (consecutive segments).
 
-paper: the Transformer-XL base enwik8 settings of papers.md section 1 and the public TF
-scripts: 12 layers, d_model 512, 8 heads, d_inner 2048, segment = memory = 512, batch 22,
+paper: the Transformer-XL base enwik8 settings of papers.md section 1 and the public code
+(tf/scripts/enwik8_base_gpu.sh, tf/train_gpu.py defaults): 12 layers, d_model 512, 8 heads,
+d_inner 2048, segment = memory = 512, batch 22 (the PyTorch script; the TF one uses 24),
 400k steps, dropout 0.1, Adam (0.9, 0.999, 1e-8) lr 2.5e-4, no warm-up, cosine decay to
-0.004 lr (TF min_lr_ratio), gradient clip 0.25. Reference result: 1.06 bpc (base, test); 0.99
-is the 24-layer model.
+0.004 lr (min_lr_ratio), gradient clip 0.25. Not modelled: the public evaluation with a
+longer memory (2100), clamp_len and same_length. Reference: 1.06 bpc test for the 12-layer
+model (paper Table 2); papers.md's 0.99 is the 24-layer model.
 gpu: the same model for 20k steps (a one-GPU check of the recipe, not a result).
 
 Expected (cpu preset, 2 shared CPU cores): see results/txl_cpu.md.

@@ -13,7 +13,9 @@ Relative positional attention (section 3.3), per head, query i (key position M +
   score[i, j] = (q_i + u) . k_j  +  (q_i + v) . W_r R[M + i - j],       all / sqrt(K)
 with R[d] = [sin(d w), cos(d w)], w_c = 10000^(-2c/D), and keys j > M + i masked. The second
 term is computed for all T distances at once and aligned by `rel_shift` (the pad-and-reshape
-trick of the public code). u, v and W_r are per layer (`untie_r`, as the public TF scripts).
+trick of the public code). u, v and W_r are per layer (the public code's `untie_r=True`; its
+base GPU scripts share u, v across layers): every parameter of a layer stays in the layer's
+pipeline stage.
 
 Blocks: PostLN (the original)  h = LN1(x + Attn(x, mem));   out = LN2(h + FF(h))
         PreLN                  h = x + Attn(LN1(x), LN1(mem)); out = h + FF(LN2(h)), and LN_f
