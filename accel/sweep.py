@@ -120,14 +120,20 @@ def run_name(overrides: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run: a config ('path.py:preset'), its overrides and its folder's name."""
+  """One training run: a config ('path.py:preset'), its overrides and its folder's name.
+
+  `devices`: how many devices the run uses (0: all it is given). On GPU the first `devices`
+  GPUs of its slot; without GPUs that many simulated CPU devices (JAX_NUM_CPU_DEVICES).
+  """
   config: str
   overrides: dict
   name: str = ''
+  devices: int = 0
 
   def __post_init__(self):
     if not self.name:
-      object.__setattr__(self, 'name', run_name(self.overrides))
+      named = {**self.overrides, **({'devices': self.devices} if self.devices else {})}
+      object.__setattr__(self, 'name', run_name(named))
 
   def command(self, workdir: str) -> list[str]:
     path, sep, preset = self.config.partition(':')
@@ -212,17 +218,28 @@ def gpu_groups(parallel: int) -> list[str | None]:
   return [','.join(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
 
 
-def execute(run: Run, run_dir: str, devices: str | None = None) -> dict:
+def device_env(run: Run, gpus: str | None) -> dict[str, str]:
+  """The environment that gives `run` its devices out of its slot's GPUs (None: no GPUs)."""
+  if gpus is None:
+    return {'JAX_NUM_CPU_DEVICES': str(run.devices)} if run.devices else {}
+  listed = gpus.split(',')
+  if run.devices > len(listed):
+    raise UserError(f'{run.name} needs {run.devices} GPUs, its slot has {len(listed)} '
+                    f'({gpus}); use a smaller --parallel')
+  return {'CUDA_VISIBLE_DEVICES': ','.join(listed[:run.devices or len(listed)])}
+
+
+def execute(run: Run, run_dir: str, gpus: str | None = None) -> dict:
   """Trains `run` in a subprocess, logging to RUN_DIR/train.log; returns its final status."""
   os.makedirs(run_dir, exist_ok=True)
   previous = read_status(run_dir) or {}
   command = run.command(run_dir)
+  devices = device_env(run, gpus)
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)}
-  if devices is not None:
-    env['CUDA_VISIBLE_DEVICES'] = devices
+      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p), **devices}
   status = {'name': run.name, 'config': run.config, 'overrides': run.overrides,
-            'command': command, 'devices': devices, 'host': socket.gethostname(),
+            'devices': run.devices, 'command': command, 'env': devices,
+            'host': socket.gethostname(),
             'attempts': previous.get('attempts', 0) + 1,
             'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
             'wall_s': previous.get('wall_s', 0.0)}
@@ -257,9 +274,11 @@ def _plan(run: Run, status: dict | None, retry_failed: bool) -> str:
   """'run' or why not: 'finished', 'failed', 'running elsewhere'."""
   if status is None:
     return 'run'
-  if (status.get('config'), status.get('overrides')) != (run.config, _jsonable(run.overrides)):
-    raise UserError(f'{run.name}: the folder holds another run ({status.get("config")} '
-                    f'{status.get("overrides")}); use a new sweep folder')
+  recorded = status.get('config'), status.get('overrides'), status.get('devices', 0)
+  if recorded != (run.config, _jsonable(run.overrides), run.devices):
+    raise UserError(f'{run.name}: the folder holds another run ({recorded[0]} {recorded[1]}'
+                    f'{f" on {recorded[2]} devices" if recorded[2] else ""}); use a new '
+                    'sweep folder')
   state = status.get('state')
   if state == 'finished':
     return 'finished'
@@ -294,20 +313,23 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
     with lock:
       say(message)
 
+  groups = gpu_groups(min(parallel, max(len(todo), 1)))
+  for run in todo:
+    device_env(run, groups[0])     # every slot has as many GPUs: refuse before starting
   slots = queue.Queue()
-  for devices in gpu_groups(min(parallel, max(len(todo), 1))):
-    slots.put(devices)
+  for gpus in groups:
+    slots.put(gpus)
 
   def one(run: Run) -> dict:
-    devices = slots.get()
+    gpus = slots.get()
     try:
-      log(f'start {run.name}' + (f' on GPUs {devices}' if devices is not None else ''))
-      status = execute(run, os.path.join(sweep_dir, run.name), devices)
+      log(f'start {run.name}' + (f' on GPUs {gpus}' if gpus is not None else ''))
+      status = execute(run, os.path.join(sweep_dir, run.name), gpus)
       log(f'{status["state"]} {run.name} in {status["wall_s"]:.1f}s'
           + (f': {status["error"]}' if status['state'] == 'failed' else ''))
       return status
     finally:
-      slots.put(devices)
+      slots.put(gpus)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, min(parallel, len(todo)))) as pool:
     for run, status in builtins.zip(todo, pool.map(one, todo)):

@@ -175,3 +175,21 @@ def test_plan_of_recorded_states():
   assert sweep._plan(run, {**alive, 'pid': 2 ** 22 + 1}, False) == 'run'
   with pytest.raises(UserError, match='holds another run'):
     sweep._plan(run, {**record, 'overrides': {'seed': 2}, 'state': 'finished'}, False)
+
+
+def test_devices_per_run(monkeypatch, tmp_path):
+  run = sweep.Run('configs/lm.py', {'seed': 0}, devices=2)
+  assert run.name == 'seed=0,devices=2'
+  assert sweep.Run('configs/lm.py', {}, devices=3).name == 'devices=3'
+  assert sweep.device_env(run, None) == {'JAX_NUM_CPU_DEVICES': '2'}
+  assert sweep.device_env(run, '4,5,6') == {'CUDA_VISIBLE_DEVICES': '4,5'}
+  assert sweep.device_env(sweep.Run('configs/lm.py', {}), '4,5') == {'CUDA_VISIBLE_DEVICES': '4,5'}
+  assert sweep.device_env(sweep.Run('configs/lm.py', {}), None) == {}
+  with pytest.raises(UserError, match='needs 2 GPUs, its slot has 1'):
+    sweep.device_env(run, '7')
+  # Two runs side by side on two GPUs: one GPU each, too few; refused before anything runs.
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1')
+  other = sweep.Run('configs/lm.py', {'seed': 1}, devices=2)
+  with pytest.raises(UserError, match='needs 2 GPUs, its slot has 1'):
+    sweep.run_sweep([run, other], str(tmp_path), parallel=2, log=lambda m: None)
+  assert not os.path.exists(tmp_path / run.name)

@@ -45,12 +45,17 @@ def shown(path: str) -> str:
   return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
-def train_command(run: sweep.Run, workdir: str) -> str:
+def train_command(run: sweep.Run, workdir: str, gpus: bool) -> str:
+  """The shell command of one run, with the device variable that gives it its devices."""
   path, _, arg = run.config.partition(':')
   overrides = [f'--config.{k}={sweep.flag_value(v)}' for k, v in run.overrides.items()]
-  return ' '.join(shlex.quote(a) for a in ['python', '-m', 'experiments.train',
-                                          f'--config={shown(path)}:{arg}', *overrides,
-                                          f'--workdir={shown(workdir)}'])
+  env = []
+  if run.devices:
+    env = [f'CUDA_VISIBLE_DEVICES={",".join(map(str, range(run.devices)))}' if gpus
+           else f'JAX_NUM_CPU_DEVICES={run.devices}']
+  return ' '.join([*env, *(shlex.quote(a) for a in [
+      'python', '-m', 'experiments.train', f'--config={shown(path)}:{arg}', *overrides,
+      f'--workdir={shown(workdir)}'])])
 
 
 @dataclasses.dataclass
@@ -200,7 +205,8 @@ def other_scales(target: str, module, scale: str) -> str:
   largest_dir = os.path.join('runs', 'reproduce', f'{target}_{largest}')
   lines += ['', f'The {largest}-scale runs, one by one:', '', '```']
   for runs in module.stages(largest, largest_dir):
-    lines += [train_command(r, os.path.join(largest_dir, r.name)) for r in runs]
+    lines += [train_command(r, os.path.join(largest_dir, r.name), largest not in LOCAL_SCALES)
+              for r in runs]
   return '\n'.join(lines + ['```', ''])
 
 
