@@ -274,7 +274,7 @@ def _plan(run: Run, status: dict | None, retry_failed: bool) -> str:
   """'run' or why not: 'finished', 'failed', 'running elsewhere'."""
   if status is None:
     return 'run'
-  recorded = status.get('config'), status.get('overrides'), status.get('devices', 0)
+  recorded = status.get('config'), status.get('overrides'), status.get('devices') or 0
   if recorded != (run.config, _jsonable(run.overrides), run.devices):
     raise UserError(f'{run.name}: the folder holds another run ({recorded[0]} {recorded[1]}'
                     f'{f" on {recorded[2]} devices" if recorded[2] else ""}); use a new '

@@ -12,6 +12,7 @@ Exit status 1 if a run failed (the table is still written, its cells '-').
 """
 from __future__ import annotations
 
+import shlex
 import sys
 
 from absl import app, flags
@@ -30,8 +31,9 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f'give one target: {", ".join(reproduce.TARGETS)}')
   try:
-    path, ok = reproduce.reproduce(argv[1], _SCALE.value, _OUT.value, _RUNS_DIR.value,
-                                   _PARALLEL.value, _RETRY.value)
+    path, ok = reproduce.reproduce(
+        argv[1], _SCALE.value, _OUT.value, _RUNS_DIR.value, _PARALLEL.value, _RETRY.value,
+        command=shlex.join(['python', '-m', 'experiments.reproduce', *sys.argv[1:]]))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -79,7 +79,8 @@ def _check_outputs(out, target, n_runs, may_fail=()):
   assert os.path.getsize(prefix + '.png') > 1000
   with open(prefix + '.md') as f:
     text = f.read()
-  assert f'- command: `python -m experiments.reproduce {target} --scale smoke' in text
+  assert f'- command: `python -m experiments.reproduce {target} --scale=smoke --out={out}' \
+         in text
   assert '- device: 1 x cpu' in text and 'jax 0.' in text and '- date: 20' in text
   scales = reproduce.scales_of(reproduce.load_target(target))
   if 'paper' in scales:

@@ -211,8 +211,11 @@ def other_scales(target: str, module, scale: str) -> str:
 
 
 def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: int = 1,
-              retry_failed: bool = False) -> tuple[str, bool]:
-  """Runs `target` at `scale` and writes its table; (path of the .md, all runs finished)."""
+              retry_failed: bool = False, command: str = '') -> tuple[str, bool]:
+  """Runs `target` at `scale` and writes its table; (path of the .md, all runs finished).
+
+  `command`: the command line to print in the table (default: the equivalent one).
+  """
   if scale not in SCALES:
     raise UserError(f'unknown scale {scale!r}; known: {", ".join(SCALES)}')
   module = load_target(target)
@@ -232,8 +235,8 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   rows = sweep.write_summary(runs, sweep_dir, statuses, module.TABLE_METRICS, [],
                              module.PLOT_METRICS, prefix)
   env = environment()
-  command = ' '.join(['python -m experiments.reproduce', target, f'--scale {scale}',
-                      f'--out {shown(os.path.abspath(out_dir))}'])
+  command = command or ' '.join(['python -m experiments.reproduce', target,
+                                 f'--scale {scale}', f'--out {shown(os.path.abspath(out_dir))}'])
   failed = [r for r in results.values() if not r.finished]
   text = [f'# {module.TITLE}: accel at scale `{scale}`', '',
           f'- command: `{command}`', f'- device: {env["device"]}',
