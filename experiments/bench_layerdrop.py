@@ -4,8 +4,9 @@ r"""Progressive Layer Dropping vs the PreLN baseline, side by side in one proces
   python -m experiments.bench_layerdrop --out results           # CPU, configs/pld_bert.py:cpu
   python -m experiments.bench_layerdrop --gpu --out results     # GPU, BERT-base, seq 128
 
-Both variants are configs/pld_bert.py at one preset — same data order, seed and learning
-rate — the baseline with layerdrop.enabled=False. They train in interleaved chunks of
+The variants are configs/pld_bert.py at one preset — same data order, seed and learning
+rate: the baseline with layerdrop.enabled=False, PLD, and `no_drop` (the PLD code path with
+gamma = 0, so nothing is ever dropped: the cost of the mechanism alone). They train in interleaved chunks of
 `--chunk` steps (queued, one synchronization per chunk; the order alternates each chunk, so
 drift in the machine's load hits both alike) and are evaluated at the same steps (not timed).
 
@@ -37,10 +38,12 @@ from accel import benchmarking, layerdrop, tasks, train
 from accel.data import input_pipeline
 from configs import pld_bert
 
-VARIANTS = ('baseline', 'pld')
+# no_drop: the PLD code path (blocks under cond, their remat policy) with gamma = 0, so
+# theta = 1 and no block is ever dropped: what the mechanism itself costs or saves.
+VARIANTS = ('baseline', 'pld', 'no_drop')
 
 
-def make_config(mode: str, steps: int, pld: bool):
+def make_config(mode: str, steps: int, variant: str):
   preset = {'quick': 'smoke', 'cpu': 'cpu', 'gpu': 'gpu'}[mode]
   c = pld_bert.get_config(preset)
   c.progress_bar = False
@@ -52,7 +55,9 @@ def make_config(mode: str, steps: int, pld: bool):
   if mode != 'cpu':   # theta within 0.01 of theta_bar after a quarter of the run
     c.layerdrop.gamma = math.log((1 - c.layerdrop.theta_bar) / 0.01) / (c.total_steps / 4)
     c.optimizer.warmup_steps = max(1, c.total_steps // 50)
-  c.layerdrop.enabled = pld
+  c.layerdrop.enabled = variant != 'baseline'
+  if variant == 'no_drop':
+    c.layerdrop.gamma = 0.0
   return c
 
 
@@ -107,7 +112,7 @@ class Variant:
 
 
 def run(mode: str, steps: int, chunk: int, eval_every: int, extra: float) -> dict:
-  configs = {v: make_config(mode, steps, v == 'pld') for v in VARIANTS}
+  configs = {v: make_config(mode, steps, v) for v in VARIANTS}
   total = configs['baseline'].total_steps
   data = input_pipeline.build(configs['baseline'])   # identical batches for both
   variants = {v: Variant(c, data) for v, c in configs.items()}
@@ -144,10 +149,13 @@ def run(mode: str, steps: int, chunk: int, eval_every: int, extra: float) -> dic
         'seconds_to_target': reached[1] if reached else None,
         'evals': var.evals,
     }
-  base, pld = rows['baseline'], rows['pld']
+  base, pld, no_drop = rows['baseline'], rows['pld'], rows['no_drop']
   ratios = {
       'flops_per_step pld/baseline': pld['flops_per_step'] / base['flops_per_step'],
       'seconds_per_step pld/baseline': pld['seconds_per_step'] / base['seconds_per_step'],
+      'flops_per_step no_drop/baseline': no_drop['flops_per_step'] / base['flops_per_step'],
+      'seconds_per_step no_drop/baseline': (no_drop['seconds_per_step']
+                                            / base['seconds_per_step']),
       'speedup to baseline final eval loss': (
           base['seconds_to_target'] / pld['seconds_to_target']
           if pld['seconds_to_target'] else None),
@@ -201,7 +209,13 @@ def to_markdown(r: dict) -> str:
             f'| FLOPs/step pld/baseline | {ratios["flops_per_step pld/baseline"]:.3f} | <= 0.75 |',
             f'| s/step pld/baseline | {ratios["seconds_per_step pld/baseline"]:.3f} | <= 0.76 |',
             f'| speedup to baseline final val loss | '
-            f'{_fmt(ratios["speedup to baseline final eval loss"], ".2f")} | >= 1.3 |', '',
+            f'{_fmt(ratios["speedup to baseline final eval loss"], ".2f")} | >= 1.3 |',
+            f'| FLOPs/step no_drop/baseline | '
+            f'{ratios["flops_per_step no_drop/baseline"]:.3f} | (mechanism, nothing dropped) |',
+            f'| s/step no_drop/baseline | {ratios["seconds_per_step no_drop/baseline"]:.3f} | '
+            '(mechanism, nothing dropped) |', '',
+            'no_drop = the PLD code path (blocks under cond with their remat policy) with '
+            'gamma = 0: theta stays 1 and no block is dropped.', '',
             'Validation MLM loss by step (training seconds so far):', '',
             '| step | ' + ' | '.join(rows) + ' |', '|---' * (len(rows) + 1) + '|']
   for i, (step, _, _) in enumerate(rows['pld']['evals']):
@@ -216,7 +230,7 @@ def main():
   group = parser.add_mutually_exclusive_group()
   group.add_argument('--quick', action='store_true', help='tiny CPU run, seconds')
   group.add_argument('--gpu', action='store_true', help='BERT-base at seq 128, ~3 min on an H200')
-  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 1200 gpu')
+  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 1000 gpu')
   parser.add_argument('--chunk', type=int, default=0, help='0: 5 quick, 20 cpu/gpu')
   parser.add_argument('--eval_every', type=int, default=0, help='0: 20 quick, 100 cpu/gpu')
   parser.add_argument('--extra', type=float, default=0.5,
@@ -224,7 +238,7 @@ def main():
   parser.add_argument('--out', default='', help='folder for layerdrop_<mode>.json and .md')
   args = parser.parse_args()
   mode = 'quick' if args.quick else 'gpu' if args.gpu else 'cpu'
-  steps = args.steps or {'quick': 60, 'cpu': 0, 'gpu': 1200}[mode]
+  steps = args.steps or {'quick': 60, 'cpu': 0, 'gpu': 1000}[mode]
   chunk = args.chunk or (5 if mode == 'quick' else 20)
   eval_every = args.eval_every or (20 if mode == 'quick' else 100)
   r = run(mode, steps, chunk, eval_every, args.extra)
