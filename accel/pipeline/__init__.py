@@ -38,13 +38,13 @@ Which weights the delayed backward uses (`backward_weights`):
               Huo et al. 2018). Exact gradient of that forward.
   'recompute' re-run module j's forward on its stored input with the current w_j^t, then
               back-propagate (Features Replay, Huo et al. 2018).
-Memory per module j (B x L x D activations, |w_j| its weights, R_j = d_j):
+Memory per module j (B x L x D activations, R_j = d_j):
   'recompute' R_j inputs (B L D each) and one extra forward per backward;
-  'stored'    the reference keeps R_j vjp residual sets (every intermediate activation of
-              the module); the SPMD program keeps R_j inputs plus R_j copies of the module
-              weights (weight stashing) and re-runs the forward with the stashed weights,
-              which gives the same forward values as the stored one, at the compute cost of
-              'recompute'.
+  'stored'    R_j sets of vjp residuals (every intermediate of the module's forward that
+              its backward needs, the weights as they were included): several B L D
+              tensors and the B H L L attention probabilities per block, no recompute.
+  The SPMD program (`spmd`) keeps one ring of R = 2(K-1) slots per stage (the largest
+  d_j); the reference keeps exactly what each module needs.
 
 Everything else (schedule of the loss, no gradient clipping) is plain training;
 `synchronous=True` in the reference forces f_j(t) = g_j(t) = t (all delays 0), which is

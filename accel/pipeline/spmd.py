@@ -19,15 +19,20 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
   opt      optimizer state per layer (vmap over n: each layer counts its own updates,
            which equals per-module Adam since Adam is elementwise) and per owned tensor.
   act_in, grad_in   [S, B, L, D]: the messages received at the end of the last iteration.
-  x_hist   [S, R, B, L, D], R = 2(K-1): ring of the delayed module's block inputs, slot
-           b mod R for batch b (stage 0: the embedding output of module 0); module j
-           writes batch t-j and reads batch t-2(K-1)+j, d_j = 2(K-1-j) <= R apart.
-  w_hist   [S, R, n, ...] ('stored' only): ring of the stage's block weights as they ran
-           (weight stashing); the backward re-runs the forward with them.
+  hist     [S, R, ...], R = 2(K-1): ring over the batches of the stage's delayed module,
+           slot b mod R for batch b; module j writes batch t-j and reads batch t-2(K-1)+j,
+           d_j = 2(K-1-j) <= R iterations apart. What a slot holds:
+           'recompute': the module's block input [B, L, D] (module 0: none needed, it
+             re-embeds its tokens);
+           'stored': the residuals of the module's jax.vjp as its forward ran (every
+             intermediate the backward needs, the weights included), packed into one
+             float32 vector of the largest role's size (`_residual_size`). The backward
+             rebuilds the vjp from them: no second forward.
   tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
            t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
-Memory beyond the weights, per stage: 2 B L D inboxes + R B L D history ('recompute');
-plus R stashed copies of the stage's block weights ('stored').
+Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('recompute',
+and one extra forward per backward) or R residual sets ('stored': for each of the n
+blocks several B L D tensors, the B H L L attention probabilities and the weights).
 
 All of this is plain static-shape state: checkpointing it checkpoints the pipeline.
 """
@@ -52,6 +57,31 @@ def make_mesh(data: int, stage: int, devices=None) -> jax.sharding.Mesh:
   """A ('data', 'stage') mesh with Auto axes."""
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((data, stage), ('data', 'stage'), (auto, auto), devices=devices)
+
+
+def _block_vjp(cfg, layers, x):
+  return jax.vjp(functools.partial(pieces.blocks, cfg), layers, x)
+
+
+def _pack(vjp, size: int):
+  """The residual leaves of a jax.vjp, as one float32 vector padded to `size`."""
+  leaves = [a.astype(jnp.float32).ravel() for a in jax.tree_util.tree_leaves(vjp)]
+  flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+  return jnp.pad(flat, (0, size - flat.shape[0]))
+
+
+def _unpack(flat, template):
+  """A vjp with `template`'s structure whose residuals are read back from `flat`.
+
+  The template is a fresh jax.vjp of the same function on arrays of the same shapes; only
+  its structure is used, so XLA drops the forward it traced.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  out, offset = [], 0
+  for a in leaves:
+    out.append(flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
+    offset += a.size
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class Pipeline:
@@ -113,11 +143,8 @@ class Pipeline:
 
   def _specs(self):
     st, dt = P('stage'), P('stage', 'data')
-    specs = {'step': P(), 'params': st, 'opt': st, 'act_in': dt, 'grad_in': dt,
-             'x_hist': P('stage', None, 'data'), 'tokens': P(None, 'data')}
-    if self.stored:
-      specs['w_hist'] = st
-    return specs
+    return {'step': P(), 'params': st, 'opt': st, 'act_in': dt, 'grad_in': dt,
+            'hist': P('stage', None, 'data'), 'tokens': P(None, 'data')}
 
   def init(self, params, batch_size: int, seq_len: int):
     """Pipeline state for TransformerLM `params`; batch_size is the global batch."""
@@ -130,13 +157,35 @@ class Pipeline:
     state = {'step': jnp.zeros((), jnp.int32), 'params': stacked,
              'opt': {'layers': init_layers(stacked['layers']), 'E': init_owned(stacked['E']),
                      'pos': init_owned(stacked['pos']), 'fln': init_owned(stacked['fln'])},
-             'act_in': x(), 'grad_in': x(),
-             'x_hist': jnp.zeros((s, r, batch_size, seq_len, cfg.d_model), cfg.dtype),
-             'tokens': {'inputs': tok(), 'targets': tok()}}
+             'act_in': x(), 'grad_in': x(), 'tokens': {'inputs': tok(), 'targets': tok()}}
     if self.stored:
-      state['w_hist'] = _tmap(lambda a: jnp.zeros((s, r) + a.shape[1:], a.dtype),
-                              stacked['layers'])
+      data = self.mesh.shape['data']
+      size = self._residual_size(stacked['layers'], batch_size // data, seq_len)
+      state['hist'] = jnp.zeros((s, r, data * size), jnp.float32)
+    else:
+      state['hist'] = jnp.zeros((s, r, batch_size, seq_len, cfg.d_model), cfg.dtype)
     return jax.device_put(state, self.shardings(state))
+
+  def _residual_size(self, layers_SxN, local_batch: int, seq_len: int) -> int:
+    """Floats in the largest packed vjp residual set of any stage's delayed module.
+
+    Traced under the same shard_map as the step (weights varying over 'data'), because the
+    residual list depends on it (a few scalar residuals appear there).
+    """
+    lay, cfg, sizes = self.layout, self.cfg, [0]
+
+    def probe(layers, x):
+      layers = _tmap(lambda a: lax.pcast(a[0], 'data', to='varying'), layers)
+      for count in {lay.n_first, lay.layers_per_stage}:
+        vjp = _block_vjp(cfg, pieces.slice_layers(layers, 0, count), x[0])[1]
+        sizes.append(sum(a.size for a in jax.tree_util.tree_leaves(vjp)))
+      return x
+
+    data, s = self.mesh.shape['data'], lay.num_stages
+    x = jax.ShapeDtypeStruct((s, data * local_batch, seq_len, cfg.d_model), cfg.dtype)
+    jax.eval_shape(jax.shard_map(probe, mesh=self.mesh, in_specs=(P('stage'), P('stage', 'data')),
+                                 out_specs=P('stage', 'data')), layers_SxN, x)
+    return max(sizes)
 
   def shardings(self, state):
     specs = self._specs()
@@ -161,22 +210,39 @@ class Pipeline:
     rt = 2 * k - 1   # token ring: batches t-2(K-1) .. t
 
     def blocks_vjp(layers, x, g):
-      _, vjp = jax.vjp(functools.partial(pieces.blocks, cfg), layers, x)
-      return vjp(g)
+      return _block_vjp(cfg, layers, x)[1](g)
 
     def embed_vjp(E, pos, tok, g):
       _, vjp = jax.vjp(lambda e, p: pieces.embed(cfg, e, p, tok), E, pos)
       return vjp(g)
 
-    def first_fwd(p, layers0, io):
-      """Module 0 forward of batch t: (block input x0 to store, output y to send)."""
-      x0 = pieces.embed(cfg, p['E'], p['pos'], io['tok_now'])
-      return x0, pieces.blocks(cfg, layers0, x0)
+    def module_fwd(layers, x, size):
+      """Forward of a delayed module's blocks: (output, what its history slot keeps)."""
+      if stored:
+        y, vjp = _block_vjp(cfg, layers, x)
+        return y, _pack(vjp, size)
+      return pieces.blocks(cfg, layers, x), x
 
-    def first_bwd(p, layers0_bw, io):
+    def module_bwd(layers, x_shape_like, hist_b, g):
+      """Delayed backward through the stored forward, or a forward re-run on w^t."""
+      if stored:
+        template = _block_vjp(cfg, layers, jnp.zeros_like(x_shape_like))[1]
+        return _unpack(hist_b, template)(g)
+      return blocks_vjp(layers, hist_b, g)
+
+    def first_fwd(p, layers0, io):
+      """Module 0 forward of batch t: (output y to send, history entry)."""
+      x0 = pieces.embed(cfg, p['E'], p['pos'], io['tok_now'])
+      return module_fwd(layers0, x0, io['hist_b'].shape[0] if stored else None)
+
+    def first_bwd(p, layers0, io):
       """Module 0 backward of batch t-2(K-1): grads of its blocks, E (input side), pos."""
-      x0_b = io['x_b'] if stored else pieces.embed(cfg, p['E'], p['pos'], io['tok_b'])
-      g_layers, g_x0 = blocks_vjp(layers0_bw, x0_b, io['grad_in'])
+      g = io['grad_in']
+      if stored:
+        g_layers, g_x0 = module_bwd(layers0, g, io['hist_b'], g)
+      else:   # Features Replay: re-embed the stored tokens with the current weights
+        x0_b = pieces.embed(cfg, p['E'], p['pos'], io['tok_b'])
+        g_layers, g_x0 = blocks_vjp(layers0, x0_b, g)
       g_E, g_pos = embed_vjp(p['E'], p['pos'], io['tok_b'], g_x0)
       # The input-side part of E joins the output-side one: drop it while batch < 0.
       g_E = jnp.where(io['t'] >= 2 * (k - 1), g_E, 0.0)
@@ -212,35 +278,34 @@ class Pipeline:
     modl = lambda t: pieces.slice_layers(t, 0, n_last) if lay.tied_ring else t
 
     # Backward branches (they read only the inboxes and the history): (send_grad, loss, g).
-    def ring0_bwd(p, w_bw, io):   # tied ring stage 0: module K-1 = layers[:n_last], module 0
-      g0, gE_in, g_pos = first_bwd(p, mod0(w_bw), io)
+    def ring0_bwd(p, io):   # tied ring stage 0: module K-1 = layers[:n_last], module 0
+      g0, gE_in, g_pos = first_bwd(p, mod0(p['layers']), io)
       loss, (g_last, gE_out, g_fln, dx) = last(p, modl(p['layers']), io)
       g_layers = pieces.concat_layers([g_last, g0])
       return bwd_out(p, dx, loss, g_layers, gE_out + gE_in, g_pos, g_fln)
 
-    def first_only_bwd(p, w_bw, io):
-      g0, gE_in, g_pos = first_bwd(p, w_bw, io)
+    def first_only_bwd(p, io):
+      g0, gE_in, g_pos = first_bwd(p, p['layers'], io)
       return bwd_out(p, jnp.zeros_like(io['grad_in']), no_loss(), g0, gE_in, g_pos)
 
-    def middle_bwd(p, w_bw, io):
-      g_layers, dx = blocks_vjp(w_bw, io['x_b'], io['grad_in'])
+    def middle_bwd(p, io):
+      g_layers, dx = module_bwd(p['layers'], io['grad_in'], io['hist_b'], io['grad_in'])
       return bwd_out(p, dx, no_loss(), g_layers)
 
-    def last_only_bwd(p, w_bw, io):
+    def last_only_bwd(p, io):
       loss, (g_l, gE_out, g_fln, dx) = last(p, p['layers'], io)
       return bwd_out(p, dx, loss, g_l, gE_out, None, g_fln)
 
-    # Forward branches: (send_act, store_x).
+    # Forward branches: (send_act, history entry).
     def first_fwd_branch(p, io):
-      x0, y = first_fwd(p, mod0(p['layers']), io)
-      return varying((y, x0))
+      return varying(first_fwd(p, mod0(p['layers']), io))
 
     def middle_fwd(p, io):
-      x = io['act_in']
-      return varying((pieces.blocks(cfg, p['layers'], x), x))
+      return varying(module_fwd(p['layers'], io['act_in'],
+                                io['hist_b'].shape[0] if stored else None))
 
-    def last_only_fwd(p, io):     # its forward runs inside its backward branch
-      return varying((jnp.zeros_like(io['act_in']), io['act_in']))
+    def last_only_fwd(p, io):     # no delayed module: its forward runs in its backward
+      return varying((jnp.zeros_like(io['act_in']), jnp.zeros_like(io['hist_b'])))
 
     if lay.tied_ring:
       bwd_branches, fwd_branches = [ring0_bwd, middle_bwd], [first_fwd_branch, middle_fwd]
@@ -267,26 +332,23 @@ class Pipeline:
       # Per-shard weights (varying over 'data'): each vjp below is then local to its data
       # shard (no implicit psum inside the branches); the one pmean over 'data' follows.
       p_local = _tmap(lambda a: lax.pcast(a, 'data', to='varying'), p)
-      x_hist = state['x_hist'][0]
+      hist = state['hist'][0]
       # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
       tokens = _tmap(lambda ring, new: lax.dynamic_update_index_in_dim(ring, new, t % rt, 0),
                      state['tokens'], batch)
       b_del = t - 2 * (k - 1) + delayed[me]        # batch of this stage's delayed backward
       slot_b = b_del % r
       slot_now = (t - delayed[me]) % r              # slot of the batch it forwards now
-      w_bw = _tmap(lambda h: lax.pcast(lax.dynamic_index_in_dim(h[0], slot_b, 0, False),
-                                       'data', to='varying'),
-                   state['w_hist']) if stored else p_local['layers']
       io = {'t': t, 'tok_now': batch['inputs'],
             'tok_b': lax.dynamic_index_in_dim(tokens['inputs'], (t + 1) % rt, 0, False),
             'targets': lax.dynamic_index_in_dim(tokens['targets'], (t + k) % rt, 0, False),
-            'x_b': lax.dynamic_index_in_dim(x_hist, slot_b, 0, False),
+            'hist_b': lax.dynamic_index_in_dim(hist, slot_b, 0, False),
             'act_in': state['act_in'][0], 'grad_in': state['grad_in'][0]}
       role = jnp.asarray(roles)[me]
       # Backward first, then forward: each ppermute can overlap the other half's compute.
-      send_grad, loss, g = lax.switch(role, bwd_branches, p_local, w_bw, io)
+      send_grad, loss, g = lax.switch(role, bwd_branches, p_local, io)
       new_grad = lax.ppermute(send_grad, 'stage', bwd_perm)
-      send_act, store_x = lax.switch(role, fwd_branches, p_local, io)
+      send_act, entry = lax.switch(role, fwd_branches, p_local, io)
       new_act = lax.ppermute(send_act, 'stage', fwd_perm)
       if not lay.tied_ring:   # the two copies of E add each other's part
         g['E'] = g['E'] + lax.ppermute(g['E'], 'stage', [(0, k - 1), (k - 1, 0)])
@@ -316,12 +378,8 @@ class Pipeline:
       ex = lambda tree: _tmap(lambda a: a[None], tree)
       new_state = {'step': t + 1, 'params': ex(new_p), 'opt': ex(new_opt),
                    'act_in': new_act[None], 'grad_in': new_grad[None],
-                   'x_hist': lax.dynamic_update_index_in_dim(x_hist, store_x, slot_now, 0)[None],
+                   'hist': lax.dynamic_update_index_in_dim(hist, entry, slot_now, 0)[None],
                    'tokens': tokens}
-      if stored:
-        new_state['w_hist'] = _tmap(
-            lambda h, w: lax.dynamic_update_index_in_dim(h[0], w, slot_now, 0)[None],
-            state['w_hist'], p['layers'])
       is_loss_stage = me == lay.stage_of(k - 1)
       loss = lax.pmean(lax.psum(jnp.where(is_loss_stage, loss, 0.0), 'stage'), 'data')
       return new_state, {'loss': loss, 'loss_valid': loss_valid}

@@ -1,0 +1,93 @@
+"""The Ouroboros pipeline as a `accel.train.Trainer` (config: pipeline.enabled=True).
+
+The spine's loop stays as it is; this supplies the state init, the train step (one
+pipeline iteration, `spmd.Pipeline`) and the eval step (the reassembled TransformerLM).
+The devices of the loop's mesh are regrouped as ('data', 'stage') with
+stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
+
+The state is a `TrainState`: params and opt_state stage-stacked, `mutable` the pipeline's
+history (inboxes, the ring of inputs or vjp residuals, the token ring), so checkpoints hold it
+and a resumed run continues the very same iterations.
+
+Metrics: 'loss' is the loss of batch t-(K-1), the batch the loss-side module trained on
+at this iteration; during the K-1 warm-up iterations no batch has reached it yet and the
+metric reads 0 with 'pipeline_filled' = 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from accel import tasks
+from accel.errors import UserError
+from accel.models.transformer import TransformerLM
+from accel.pipeline import pieces
+from accel.pipeline.layout import Layout
+from accel.pipeline.spmd import Pipeline, make_mesh
+from accel.train import Trainer, TrainState
+
+_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens')
+
+
+def _check(config, task):
+  if type(task) is not tasks.LanguageModelTask or not isinstance(task.model, TransformerLM):
+    raise UserError('pipeline.enabled needs model.name=transformer_lm on language-model data')
+  for block in ('layerdrop', 'stdloss', 'lowprec'):
+    if config[block].enabled:
+      raise UserError(f'pipeline.enabled does not compose with {block}.enabled yet')
+  if config.optimizer.clip_norm:
+    raise UserError('pipeline.enabled: each module has its own optimizer, so a global-norm '
+                    'clip is not defined; set optimizer.clip_norm=0')
+  if config.model.dropout_rate:
+    raise UserError('pipeline.enabled runs the blocks without dropout; set '
+                    'model.dropout_rate=0')
+
+
+def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
+  _check(config, task)
+  pc = config.pipeline
+  cfg = pieces.scan_config(task.model.cfg)
+  layout = Layout(cfg.num_layers, pc.num_modules, pc.tied_ring)
+  devices = mesh.devices.flatten()
+  stages = layout.num_stages
+  if len(devices) % stages:
+    raise UserError(f'{len(devices)} devices cannot hold {stages} pipeline stages')
+  data_size = len(devices) // stages
+  if config.batch_size % data_size:
+    raise UserError(f'batch_size {config.batch_size} not divisible by the data axis '
+                    f'{data_size}')
+  pmesh = make_mesh(data_size, stages, devices)
+  pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh)
+  eval_task = dataclasses.replace(task, model=TransformerLM(cfg))
+  batch_sharding = NamedSharding(pmesh, P('data'))
+
+  def to_train_state(st):
+    return TrainState(step=st['step'], params=st['params'], opt_state=st['opt'],
+                      mutable={key: st[key] for key in _BUFFERS if key in st})
+
+  def to_pipeline_state(ts):
+    return {'step': ts.step, 'params': ts.params, 'opt': ts.opt_state, **ts.mutable}
+
+  def init(rng, batch):
+    params = TransformerLM(cfg).init(rng, batch['inputs'][:1])['params']
+    b, l = batch['inputs'].shape
+    return to_train_state(pipe.init(params, b, l))
+
+  def train_step(ts, batch):
+    st, metrics = pipe.step_fn(to_pipeline_state(ts), batch)
+    filled = metrics['loss_valid']
+    return to_train_state(st), {'loss': jnp.where(filled, metrics['loss'], 0.0),
+                                'pipeline_filled': filled.astype(jnp.float32),
+                                # the loss-side module's: its count is t-(K-1)
+                                'lr': schedule(jnp.maximum(ts.step - (pc.num_modules - 1),
+                                                           0))}
+
+  def eval_step(ts, batch):
+    params = pipe.model_params(to_pipeline_state(ts))
+    return eval_task.evaluate(params, {}, batch)
+
+  return Trainer(init=init, train_step=jax.jit(train_step, donate_argnums=0),
+                 eval_step=jax.jit(eval_step), batch_sharding=batch_sharding)
