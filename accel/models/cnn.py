@@ -41,11 +41,17 @@ class _Classifier(nn.Module):
   num_groups: int = 8
   dot_general: Callable[..., jax.Array] = lax.dot_general
   conv_general_dilated: Callable[..., jax.Array] = lax.conv_general_dilated
+  # The first conv's and the classifier's own hooks (None: the ones above), so a method
+  # can keep them at higher precision (accel.lowprec exempts the first and last layers).
+  first_conv_general_dilated: Callable[..., jax.Array] | None = None
+  logits_dot_general: Callable[..., jax.Array] | None = None
 
-  def _conv(self, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  def _conv(self, features: int, kernel: int, stride: int, name: str,
+            first: bool = False) -> nn.Conv:
+    conv = self.first_conv_general_dilated if first else None
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
                    use_bias=self.norm == 'none',
-                   conv_general_dilated=self.conv_general_dilated, name=name)
+                   conv_general_dilated=conv or self.conv_general_dilated, name=name)
 
   def _dense(self, features: int, name: str, use_bias: bool) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dot_general=self.dot_general, name=name)
@@ -66,7 +72,9 @@ class _Classifier(nn.Module):
     raise ValueError(f'norm must be one of {NORMS}, got {self.norm!r}')
 
   def _logits(self, x_BxF: jax.Array) -> jax.Array:
-    return self._dense(self.num_classes, 'logits', use_bias=True)(x_BxF).astype(jnp.float32)
+    dense = nn.Dense(self.num_classes, dot_general=self.logits_dot_general or self.dot_general,
+                     name='logits')
+    return dense(x_BxF).astype(jnp.float32)
 
 
 class ConvNet(_Classifier):
@@ -82,7 +90,7 @@ class ConvNet(_Classifier):
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
     x = x_BxHxWxC
     for i, f in enumerate(self.features):
-      x = self._conv(f, self.kernel_size, 2, f'conv_{i}')(x)
+      x = self._conv(f, self.kernel_size, 2, f'conv_{i}', first=i == 0)(x)
       x = nn.relu(self._normalize(x, train, f'norm_{i}'))
     return self._logits(x.reshape(x.shape[0], -1))
 
@@ -121,7 +129,7 @@ class ResNet(_Classifier):
     if (self.depth - 2) % 6:
       raise ValueError(f'CIFAR ResNet depth must be 6n+2, got {self.depth}')
     blocks_per_stage = (self.depth - 2) // 6
-    x = self._conv(16 * self.width, 3, 1, 'stem_conv')(x_BxHxWxC)
+    x = self._conv(16 * self.width, 3, 1, 'stem_conv', first=True)(x_BxHxWxC)
     x = nn.relu(self._normalize(x, train, 'stem_norm'))
     for stage in range(3):
       channels = 16 * self.width * 2 ** stage
