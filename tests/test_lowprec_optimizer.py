@@ -29,7 +29,7 @@ def test_params_and_adam_state_stay_representable():
   grad_fn = jax.grad(lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p))
   for fmt in (F.E6M9, F.BF16):
     tx = O.lowprec_updates(optax.adam(1e-2), fmt, seed=1)
-    out, state = _run(tx, params, grad_fn, 5)
+    out, state = _run(tx, O.round_to_format(params, fmt), grad_fn, 5)
     for leaf in jax.tree.leaves(out) + jax.tree.leaves(state.inner):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert bool(jnp.all(F.is_representable(leaf, fmt))), fmt

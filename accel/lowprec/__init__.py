@@ -9,4 +9,3 @@ from accel.lowprec.chunked import add_rounded, chunked_dot_general, make_chunked
 from accel.lowprec.gemm import (GemmSettings, LayerSettings, LowPrecConv, LowPrecDotGeneral,
                                 accumulation_lengths)
 from accel.lowprec.optimizer import lowprec_updates, scale_gradient
-from accel.lowprec import kernel

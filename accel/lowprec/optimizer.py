@@ -8,10 +8,12 @@
 An update much smaller than the spacing of `fmt` around w is lost by round-to-nearest
 (training stalls); stochastic rounding keeps it on average.
 
-As an optax transformation placed last, it returns w' - w, and `optax.apply_updates` adds
-it back in float32. That sum is exactly w' unless the update cancels w to below
-2^(p-25)|w| (p = significant bits of fmt), which the float32 difference cannot hold.
-Parameters enter `fmt` with the first update.
+As an optax transformation placed last, it returns d = w' - w for `optax.apply_updates`
+to add back in float32. Both w and w' in fmt (p significant bits), d is exact, and
+w + d == w', unless their exponents lie more than 24 - p apart (an update cancelling w
+to below ~2^(p-24)|w|, or one ~2^(24-p) times larger than w): start from parameters
+already in fmt (`round_to_format`), or the float32 leftovers of the initial values
+keep d inexact.
 """
 from __future__ import annotations
 
@@ -69,6 +71,14 @@ def lowprec_updates(inner: optax.GradientTransformation, fmt: str | FloatFormat 
     return deltas, LowPrecState(inner_state, state.count + 1)
 
   return optax.GradientTransformation(init, update)
+
+
+def round_to_format(params, fmt: str | FloatFormat = 'e6m9'):
+  """Floating leaves of `params` rounded to fmt (nearest): the starting point of
+  `lowprec_updates`."""
+  fmt = get_format(fmt)
+  return jax.tree.map(lambda x: quantize(x, fmt).astype(x.dtype)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 @jax.custom_vjp
