@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from accel import layerdrop, models, stdloss
+from accel.lowprec import hooks as lowprec_hooks
 from accel.errors import UserError
 from accel.losses import cross_entropy
 
@@ -32,7 +33,8 @@ class Task:
   mutable_collections: tuple = ()
 
   def init(self, rng, batch) -> dict:
-    return self.model.init({'params': rng, 'dropout': rng}, self.inputs(batch), train=False)
+    variables = self.model.init({'params': rng, 'dropout': rng}, self.inputs(batch), train=False)
+    return lowprec_hooks.round_params(self.config, variables)
 
   def inputs(self, batch):
     raise NotImplementedError
@@ -55,6 +57,7 @@ class Task:
 
   def loss(self, params, mutable, batch, rng, step, train: bool = True):
     outputs, new_mutable, metrics, aux_loss = self.apply(params, mutable, batch, rng, step, train)
+    outputs = lowprec_hooks.scale_outputs(self.config, outputs, train)
     task_loss, task_metrics = self.objective(outputs, batch)
     return task_loss + aux_loss, ({**task_metrics, **metrics}, new_mutable)
 
@@ -98,7 +101,7 @@ class ClassificationTask(Task):
 
 def model_overrides(config) -> dict:
   """Constructor hooks the enabled methods inject into the model (numerics)."""
-  return {}
+  return lowprec_hooks.model_overrides(config)
 
 
 def build_task(config, info) -> Task:

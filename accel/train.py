@@ -26,6 +26,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from accel import config_lib, layerdrop, optim, tasks
+from accel.lowprec import hooks as lowprec_hooks
 from accel.checkpoint import Checkpoints
 from accel.data import input_pipeline
 from accel.errors import UserError
@@ -138,6 +139,7 @@ def evaluate(trainer: Trainer, state, data) -> dict:
 
 def build_trainer(config, task, mesh) -> Trainer:
   tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
+  tx = lowprec_hooks.wrap_optimizer(config, tx)
   return data_parallel_trainer(config, task, tx, schedule, mesh)
 
 
