@@ -13,11 +13,13 @@ in one run cannot take the others down, jax and XLA state never leaks between ru
 CUDA_VISIBLE_DEVICES can give each run its own GPUs (it must be set before jax starts).
 NAME is made from the overrides (`optimizer.lr=0.0003,seed=1`), filesystem-safe.
 
-Resuming. Each run folder holds `sweep_status.json`: state (running | finished | failed), the
-command, the error line of a failure, wall-clock seconds, the attempt count. Running the same
-sweep again skips finished runs, resumes interrupted ones (the training loop restarts from the
-run's last checkpoint), leaves failed ones failed unless asked to retry them, and leaves alone
-a run whose recorded process is still alive.
+Resuming. Each run folder holds `sweep_status.json`: state (running | finished | failed |
+interrupted), the command, the error line of a failure, wall-clock seconds, the attempt count.
+Running the same sweep again skips finished runs, resumes interrupted ones (stopped by
+SIGINT/SIGTERM/SIGHUP, or whose sweep died while they ran: the training loop restarts from
+the run's last checkpoint), leaves failed ones failed unless asked to retry them, and leaves
+alone a run whose recorded process is still alive. A finished run is not compared with the
+config file again: after editing a config, use a new sweep folder.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +45,7 @@ from accel.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUS_FILE = 'sweep_status.json'
 LOG_FILE = 'train.log'
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # a stop, not a failure
 MAX_NAME_CHARS = 120
 
 
@@ -258,9 +262,12 @@ def execute(run: Run, run_dir: str, gpus: str | None = None) -> dict:
   status['finished'] = time.strftime('%Y-%m-%dT%H:%M:%S%z')
   if returncode == 0:
     status['state'] = 'finished'
+  elif -returncode in INTERRUPTS:
+    status['state'] = 'interrupted'   # stopped from outside: the next sweep resumes it
   else:
     with open(log_path) as f:
-      status['error'] = error_line(f.read().rsplit('\n=== attempt', 1)[-1])
+      status['error'] = (f'killed by {signal.Signals(-returncode).name}' if returncode < 0
+                         else error_line(f.read().rsplit('\n=== attempt', 1)[-1]))
     status['state'] = 'failed'
   write_status(run_dir, status)
   return status
@@ -307,11 +314,10 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
       log(f'skip {run.name}: {plan}' + (f' ({status.get("error")})' if plan == 'failed' else ''))
       statuses[run.name] = status
   lock = threading.Lock()
-  say = log
 
-  def log(message: str) -> None:   # one line at a time from the parallel workers
+  def log_line(message: str) -> None:   # one line at a time from the parallel workers
     with lock:
-      say(message)
+      log(message)
 
   groups = gpu_groups(min(parallel, max(len(todo), 1)))
   for run in todo:
@@ -323,10 +329,10 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
   def one(run: Run) -> dict:
     gpus = slots.get()
     try:
-      log(f'start {run.name}' + (f' on GPUs {gpus}' if gpus is not None else ''))
+      log_line(f'start {run.name}' + (f' on GPUs {gpus}' if gpus is not None else ''))
       status = execute(run, os.path.join(sweep_dir, run.name), gpus)
-      log(f'{status["state"]} {run.name} in {status["wall_s"]:.1f}s'
-          + (f': {status["error"]}' if status['state'] == 'failed' else ''))
+      log_line(f'{status["state"]} {run.name} in {status["wall_s"]:.1f}s'
+               + (f': {status["error"]}' if status['state'] == 'failed' else ''))
       return status
     finally:
       slots.put(gpus)

@@ -193,3 +193,18 @@ def test_devices_per_run(monkeypatch, tmp_path):
   with pytest.raises(UserError, match='needs 2 GPUs, its slot has 1'):
     sweep.run_sweep([run, other], str(tmp_path), parallel=2, log=lambda m: None)
   assert not os.path.exists(tmp_path / run.name)
+
+
+@pytest.mark.parametrize('sig, state, error', [('SIGTERM', 'interrupted', None),
+                                                ('SIGKILL', 'failed', 'killed by SIGKILL')])
+def test_signalled_run_is_interrupted_or_failed(tmp_path, sig, state, error):
+  """A run stopped by SIGTERM is resumed by the next sweep; one killed (e.g. out of memory)
+  is a failure."""
+  config = tmp_path / 'signal_config.py'
+  config.write_text(f'import os, signal\n\ndef get_config():\n'
+                    f'  os.kill(os.getpid(), signal.{sig})\n')
+  run = sweep.Run(str(config), {})
+  status = sweep.run_sweep([run], str(tmp_path / 'sweep'), log=lambda m: None)[run.name]
+  assert (status['state'], status.get('error')) == (state, error)
+  plan = sweep._plan(run, status, retry_failed=False)
+  assert plan == ('run' if state == 'interrupted' else 'failed')
