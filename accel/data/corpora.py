@@ -142,8 +142,8 @@ class Wikitext103(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, path, inner: str, ids: dict):
     unk = ids[UNK]
     with zipfile.ZipFile(path) as archive:
-      tokens = np.asarray([ids.get(w, unk) for line in _lines(archive, inner)
-                           for w in _words(line)], np.int32)
+      tokens = np.fromiter((ids.get(w, unk) for line in _lines(archive, inner)
+                            for w in _words(line)), np.int32)   # no list of 10^8 ints
     yield from _records('tokens', inner.rsplit('/', 1)[1], tokens)
 
 
