@@ -208,3 +208,22 @@ def test_signalled_run_is_interrupted_or_failed(tmp_path, sig, state, error):
   assert (status['state'], status.get('error')) == (state, error)
   plan = sweep._plan(run, status, retry_failed=False)
   assert plan == ('run' if state == 'interrupted' else 'failed')
+
+
+def test_get_sweep_in_the_config_file_declares_the_runs(tmp_path):
+  """Without --sweep the config file's get_sweep(preset) gives the runs (here two that fail
+  fast on a bad optimizer name, so nothing trains)."""
+  config = tmp_path / 'swept.py'
+  config.write_text(
+      'from accel import sweep\nfrom configs import lm\n\n'
+      'def get_config(arg):\n  return lm.get_config(arg)\n\n'
+      'def get_sweep(arg):\n  assert arg == "smoke"\n'
+      '  return sweep.product({"optimizer.name": ["bad1", "bad2"]}, {"seed": [7]})\n')
+  sweep_dir = tmp_path / 'sweep'
+  done = _sweep_cli(f'--config={config}:smoke', f'--sweep_dir={sweep_dir}')
+  assert done.returncode == 1
+  for bad in ('bad1', 'bad2'):
+    status = sweep.read_status(str(sweep_dir / f'optimizer.name={bad},seed=7'))
+    assert status['state'] == 'failed' and f"unknown optimizer.name '{bad}'" in status['error']
+  with open(sweep_dir / 'summary.md') as f:
+    assert f.read().count('| failed |') == 2
