@@ -140,6 +140,9 @@ def evaluate(trainer: Trainer, state, data) -> dict:
 def build_trainer(config, task, mesh) -> Trainer:
   tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
   tx = lowprec_hooks.wrap_optimizer(config, tx)
+  if config.pipeline.enabled:
+    from accel.pipeline.trainer import pipeline_trainer  # it imports this module
+    return pipeline_trainer(config, task, tx, schedule, mesh)
   return data_parallel_trainer(config, task, tx, schedule, mesh)
 
 
