@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import time
 import traceback
 
@@ -34,8 +36,7 @@ CHUNK = 64
 DIMS = (((1,), (0,)), ((), ()))
 # (block_m, block_n, num_warps, num_stages, unroll) tried per mode; the first runs in --quick.
 KERNEL_CONFIGS = {
-    'exact': ((64, 64, 4, 1, 1), (64, 64, 4, 1, 8), (128, 64, 4, 1, 8), (128, 128, 8, 1, 8),
-              (64, 32, 2, 1, 8)),
+    'exact': ((64, 64, 4, 1, 1), (64, 64, 4, 1, 8), (128, 64, 4, 1, 8), (128, 128, 8, 1, 8)),
     'fast': ((64, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1), (128, 256, 8, 3, 1)),
 }
 
@@ -81,7 +82,9 @@ def _identical(x, y) -> bool:
   return bool(np.array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32)))
 
 
-def run(sizes, iters: int, interpret: bool, slow_iters: int) -> list[dict]:
+def run(sizes, iters: int, interpret: bool, slow_iters: int, report=lambda rows: None) -> list[dict]:
+  """Times every variant at every size; `report(rows)` after each (partial results survive
+  a crash of a later variant)."""
   rows = []
   for n in sizes:
     a, b = _operands(n)
@@ -89,7 +92,7 @@ def run(sizes, iters: int, interpret: bool, slow_iters: int) -> list[dict]:
     for name, (ref, fn) in variants(interpret).items():
       row = {'n': n, 'variant': name, 'reference': ref}
       try:
-        slow = name.startswith('jax_exact') or interpret and name.startswith('pallas')
+        slow = 'exact' in name or interpret and name.startswith('pallas')
         first, seconds = _time(fn, a, b, slow_iters if slow else iters)
         row.update(first_call_s=first, seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12)
         out = fn(a, b)
@@ -101,6 +104,7 @@ def run(sizes, iters: int, interpret: bool, slow_iters: int) -> list[dict]:
       results[name] = row
       rows.append(row)
       print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+      report(rows)
     for row in results.values():
       ref = results.get(row['reference'] or '')
       if ref and 'seconds' in row and 'seconds' in ref:
@@ -109,6 +113,7 @@ def run(sizes, iters: int, interpret: bool, slow_iters: int) -> list[dict]:
         mode = 'exact' if 'exact' in row['variant'] else 'fast'
         if f'jax_{mode}' in outputs:
           row['bit_identical_to_jax'] = _identical(outputs[row['variant']], outputs[f'jax_{mode}'])
+    report(rows)
   return rows
 
 
@@ -155,10 +160,23 @@ def main(argv=None):
   sizes = [int(s) for s in args.sizes.split(',')] if args.sizes else (
       [64, 128] if args.quick else [2048, 4096, 8192])
   meta = benchmarking.provenance()
-  rows = run(sizes, 2 if args.quick else args.iters, interpret, slow_iters=1 if args.quick else 2)
   name = 'bench_lowprec_cpu' if meta['platform'] == 'cpu' else 'bench_lowprec'
-  benchmarking.write_results(args.out, name, {'meta': meta, 'rows': rows},
-                             markdown(rows, meta, goals=not interpret))
+
+  def report(rows, final=False):
+    payload = {'meta': meta, 'rows': rows, 'complete': final}
+    text = markdown(rows, meta, goals=not interpret)
+    if final:
+      benchmarking.write_results(args.out, name, payload, text)
+    else:   # quietly, so that a crash later leaves what was measured
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
+        json.dump(payload, f, indent=2, default=str)
+      with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
+        f.write(text)
+
+  rows = run(sizes, 2 if args.quick else args.iters, interpret,
+             slow_iters=1 if args.quick else 3, report=report)
+  report(rows, final=True)
 
 
 if __name__ == '__main__':

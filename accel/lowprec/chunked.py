@@ -107,11 +107,13 @@ def _keys(key, rounding, *shape):
 
 def round_mantissa(x: jax.Array, fmt: FloatFormat) -> jax.Array:
   """x rounded to fmt's significant bits, ties to even, by Veltkamp splitting:
-  c = x * (2^s + 1); x_hi = c - (c - x)  (three float32 operations, s = 23 - man_bits).
-  Correct in fmt's normal range only: no subnormals, no overflow (see `range_ok`)."""
+  c = x * (2^s + 1); x_hi = c - (c - x)  (s = 23 - man_bits). c is formed as x * 2^s + x
+  (the product is exact), so a compiler that contracts multiply-adds into FMAs (GPU
+  backends do) cannot change it. Correct in fmt's normal range only: no subnormals, no
+  overflow (see `range_ok`)."""
   if fmt.is_float32:
     return x
-  c = x * np.float32(2.0 ** (23 - fmt.man_bits) + 1)
+  c = x * np.float32(2.0 ** (23 - fmt.man_bits)) + x
   return c - (c - x)
 
 
