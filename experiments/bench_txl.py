@@ -8,6 +8,8 @@ H, F. What it answers: the cost of relative positions and of attending to M more
 the per-step cost the Ouroboros pipeline starts from. GPU default: the Transformer-XL base
 enwik8 model (12 layers, d 512, 8 heads, d_inner 2048, L = M = 512, batch 22);
 --quick: CPU scale, seconds.
+Also reported: the compiled step's temporary memory (XLA memory_analysis: activations kept
+for the backward, workspace), for the memory a pipeline stage will need.
 Timing: each variant is compiled and warmed up, then the variants run in interleaved rounds
 of `--steps` steps (so drift hits all alike); time per step is the median over `--rounds`.
 
@@ -77,12 +79,15 @@ def make_step(variant: str, args):
 def run(args) -> dict:
   data = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len + 1), 0, 256)
   tokens, targets = data[:, :-1], data[:, 1:]
-  steps, states, compile_s = {}, {}, {}
+  steps, states, compile_s, temp_mib = {}, {}, {}, {}
   for v in VARIANTS:
     init, step = make_step(v, args)
     t0 = time.perf_counter()
     state = init(tokens)
-    for _ in range(3):  # compile + warm-up
+    step = step.lower(state, tokens, targets).compile()
+    memory = step.memory_analysis()
+    temp_mib[v] = getattr(memory, 'temp_size_in_bytes', float('nan')) / 2**20
+    for _ in range(3):  # warm-up
       state, loss = step(state, tokens, targets)
     jax.block_until_ready(loss)
     compile_s[v] = time.perf_counter() - t0
@@ -103,7 +108,7 @@ def run(args) -> dict:
       ms_per_step=ms,
       ms_range={v: 1e3 * (max(t) - min(t)) for v, t in times.items()},
       tokens_per_s={v: tokens_per_step / (m / 1e3) for v, m in ms.items()},
-      compile_and_warmup_s=compile_s,
+      compile_and_warmup_s=compile_s, temp_mib=temp_mib,
       ratios={'txl/transformer': ms['txl'] / ms['transformer'],
               'txl_mem0/transformer': ms['txl_mem0'] / ms['transformer'],
               'txl/txl_mem0': ms['txl'] / ms['txl_mem0']},
@@ -128,11 +133,12 @@ def to_markdown(r: dict) -> str:
       f"Device: {r['device']} (x{r['device_count']}), jax {r['jax_version']}, "
       f"{r['date']}. Command: `{r['command']}`", '',
       '| variant | ms/step (median) | max-min over rounds (ms) | tokens/s | '
-      'compile+warm-up (s) |',
-      '|---|---|---|---|---|']
+      'step temp memory (MiB) | compile+warm-up (s) |',
+      '|---|---|---|---|---|---|']
   for v in VARIANTS:
     lines.append(f"| {v} | {r['ms_per_step'][v]:.3f} | {r['ms_range'][v]:.3f} | "
-                 f"{r['tokens_per_s'][v]:.0f} | {r['compile_and_warmup_s'][v]:.1f} |")
+                 f"{r['tokens_per_s'][v]:.0f} | {r['temp_mib'][v]:.1f} | "
+                 f"{r['compile_and_warmup_s'][v]:.1f} |")
   lines += ['', '| ratio | value |', '|---|---|']
   lines += [f'| {k} | {v:.3f} |' for k, v in r['ratios'].items()]
   return '\n'.join(lines) + '\n'
