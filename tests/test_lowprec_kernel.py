@@ -63,3 +63,21 @@ def test_unsupported_settings_are_refused():
   with pytest.raises(ValueError):
     Kn.chunked_matmul(np.ones((4, 4), np.float32), np.ones((4, 4), np.float32),
                       acc_fmt=F.FloatFormat(8, 14), interpret=True)
+
+
+def test_pallas_impl_through_the_three_gemms_matches_jax():
+  from accel.lowprec import gemm as G
+  import jax.numpy as jnp
+  rng = np.random.default_rng(5)
+  a = rng.standard_normal((6, 40)).astype(np.float32)
+  w = rng.standard_normal((40, 5)).astype(np.float32)
+  c = rng.standard_normal((6, 5)).astype(np.float32)
+
+  def grads(impl):
+    s = lambda ch, mode: G.GemmSettings('e5m2', 'e6m9', chunk_size=ch, mode=mode, impl=impl)
+    dot = G.LowPrecDotGeneral(G.LayerSettings(s(8, 'exact'), s(1, 'fast'), s(16, 'fast')))
+    f = lambda a, w: jnp.sum(dot(a, w, (((1,), (0,)), ((), ()))) * c)
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(a, w)
+
+  for x, y in zip(grads('pallas'), grads('jax')):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))

@@ -207,14 +207,16 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
                         operand_fmt: str | FloatFormat = FP32, mul_fmt: str | FloatFormat = FP32,
                         acc_fmt: str | FloatFormat = 'e6m9',
                         chunk_size: int = 64, mode: str = 'exact', rounding: str = 'nearest',
-                        key: jax.Array | None = None) -> jax.Array:
+                        key: jax.Array | None = None, impl: str = 'jax') -> jax.Array:
   """`lax.dot_general` with chunk-based low-precision accumulation (module docstring).
 
   The operands are first rounded to operand_fmt (nearest; a no-op for operands already
   in it). The contracted dimensions are flattened in the order given (row-major) and
   summed in that order. `precision` is ignored: the arithmetic is set by the formats. mul_fmt only
   applies in 'exact' mode ('fast' products are float32). The result is float32 (values of
-  acc_fmt) unless preferred_element_type says otherwise.
+  acc_fmt) unless preferred_element_type says otherwise. impl: 'jax' (every backend) or
+  'pallas' (kernel.py: nearest rounding and the settings `kernel.supported` lists;
+  interpreted off GPU), bit-identical.
   """
   del precision
   operand_fmt, mul_fmt, acc_fmt = get_format(operand_fmt), get_format(mul_fmt), get_format(acc_fmt)
@@ -224,6 +226,13 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
   lhs_BxMxK, rhs_BxKxN, out_shape = canonical_operands(
       quantize(lhs.astype(jnp.float32), operand_fmt),
       quantize(rhs.astype(jnp.float32), operand_fmt), dimension_numbers)
+  if impl == 'pallas':
+    out_BxMxN = _pallas_BxMxN(lhs_BxMxK, rhs_BxKxN, operand_fmt, mul_fmt, acc_fmt, chunk_size,
+                              mode, rounding)
+    if out_BxMxN is not None:
+      return out_BxMxN.reshape(out_shape).astype(out_dtype)
+  elif impl != 'jax':
+    raise ValueError(f'impl must be jax or pallas, got {impl!r}')
   lhs_BxMxCxL, rhs_BxCxLxN = _chunks(lhs_BxMxK, rhs_BxKxN, chunk_size)
   if mode == 'exact' or lhs_BxMxCxL.shape[3] == 1:  # fast with chunks of 1 is exact
     if mode == 'fast':
@@ -233,6 +242,27 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
   else:
     out_BxMxN = _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key)
   return out_BxMxN.reshape(out_shape).astype(out_dtype)
+
+
+def _pallas_BxMxN(lhs_BxMxK, rhs_BxKxN, operand_fmt, mul_fmt, acc_fmt, chunk_size, mode,
+                  rounding):
+  """The kernels' result, or None where 'fast' chunks do not fit the matrix units (a
+  power of two >= 16): the JAX path then computes the same thing."""
+  from accel.lowprec import kernel  # pylint: disable=g-import-not-at-top (kernel imports this)
+  chunk = min(chunk_size, lhs_BxMxK.shape[2])
+  if mode == 'fast' and chunk == 1:
+    mode, mul_fmt = 'exact', FP32            # as in the JAX path
+  elif mode == 'fast' and not kernel.matrix_unit_chunk(chunk):
+    return None
+  if not kernel.supported(operand_fmt, mul_fmt, acc_fmt, rounding):
+    raise ValueError(f'impl=pallas does not support operands {operand_fmt}, mul {mul_fmt}, '
+                     f'acc {acc_fmt}, rounding {rounding}; use impl=jax')
+  matmul = functools.partial(kernel.chunked_matmul, mul_fmt=mul_fmt, acc_fmt=acc_fmt,
+                             chunk_size=chunk_size, mode=mode, operand_fmt=operand_fmt,
+                             interpret=jax.default_backend() != 'gpu')
+  if lhs_BxMxK.shape[0] == 1:
+    return matmul(lhs_BxMxK[0], rhs_BxKxN[0])[None]
+  return jax.vmap(matmul)(lhs_BxMxK, rhs_BxKxN)
 
 
 def make_chunked_dot_general(**settings):

@@ -37,6 +37,7 @@ class GemmSettings:
   chunk_size: int = 64
   mode: str = 'exact'            # 'exact' | 'fast' (chunked.py)
   rounding: str = 'nearest'      # of the operands and of every addition
+  impl: str = 'jax'              # 'jax' | 'pallas' (GPU kernel, chunked.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _gemm(a, b, dims, s: GemmSettings, seed: int, role: int):
   qb = quantize(b, fmt, s.rounding, kb)
   return chunked_dot_general(qa, qb, dims, operand_fmt=fmt, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
                              chunk_size=s.chunk_size, mode=s.mode, rounding=s.rounding,
-                             key=kacc)
+                             key=kacc, impl=s.impl)
 
 
 def _make_matmul(settings: LayerSettings):

@@ -88,6 +88,11 @@ def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, acc_fmt, precision):
   o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
 
 
+def matrix_unit_chunk(chunk: int) -> bool:
+  """Whether 'fast' can give a chunk to the matrix units (a power of two >= 16)."""
+  return chunk >= 16 and chunk & (chunk - 1) == 0
+
+
 def _pad_to(x, multiples):
   return jnp.pad(x, [(0, -d % m) for d, m in zip(x.shape, multiples)])
 
