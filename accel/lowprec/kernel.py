@@ -3,10 +3,13 @@
 'exact': each program owns a (block_m, block_n) tile of C and walks K in order, keeping
 the chunk sum and the running total in registers; every product is rounded to mul_fmt and
 every addition to acc_fmt, as `chunked_dot_general(mode='exact')` with nearest rounding,
-bit for bit. The rounding (`round_nearest`) uses int32 bit operations for the normal
-range and float32's own rounding for the fixed-spacing range below min_normal: the
-float32 sum |x| + 2^(q+23) is |x| rounded to a multiple of 2^q (ties to even) plus
-2^(q+23), and its bit pattern minus that of 2^(q+23) counts the multiples.
+bit for bit. Where the operands' products lie on the accumulator's subnormal grid and a
+run-time bound on their magnitudes rules out overflow (FP8 operands into e6m9 or fp16),
+each rounding is the 3-flop Veltkamp split `chunked.round_mantissa`, so a multiply-add
+costs 5 float32 operations; otherwise it is `round_nearest`: int32 bit operations for the
+normal range and float32's own rounding for the fixed-spacing range below min_normal (the
+float32 sum |x| + 2^(q+23) is |x| rounded to a multiple of 2^q, ties to even, plus
+2^(q+23); its bit pattern minus that of 2^(q+23) counts the multiples).
 'fast': each chunk is one matrix-unit dot (bf16 operands where the operand format fits in
 bf16, which makes every product exact, float32 accumulation), rounded to acc_fmt and
 added to the running total in acc_fmt.
