@@ -60,7 +60,12 @@ def _archive(dl_manager, name: str):
     local = None
   if local is not None and local.exists():
     return local
-  return dl_manager.download(URLS[name])
+  try:
+    return dl_manager.download(URLS[name])
+  except Exception as e:  # pylint: disable=broad-except (network errors come in many types)
+    raise UserError(f'could not download {URLS[name]} ({type(e).__name__}); without a '
+                    f'network put {filename} into the tfds manual dir (default '
+                    f'{dl_manager.download_dir / "manual"})') from e
 
 
 def _records(field: str, doc: str, array: np.ndarray):
