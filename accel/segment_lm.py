@@ -30,6 +30,9 @@ class SegmentLMTask(tasks.LanguageModelTask):
       raise UserError(f'model.name={self.config.model.name} carries memory from one batch to '
                       "the next and needs data.order='contiguous' "
                       f'(got {self.config.data.order!r})')
+    if self.config.layerdrop.enabled:
+      raise UserError(f'layerdrop is not available for model.name={self.config.model.name} '
+                      '(its blocks take no gates)')
 
   def evaluate(self, params, mutable, batch):
     del mutable                                   # the training streams' memory

@@ -259,6 +259,9 @@ def test_task_carries_memory_in_training_and_across_eval_rows():
   config.data.order = 'shuffled'
   with pytest.raises(UserError, match='contiguous'):
     segment_lm.build_task(config, model)
+  config.data.order, config.layerdrop.enabled = 'contiguous', True
+  with pytest.raises(UserError, match='layerdrop'):
+    segment_lm.build_task(config, model)
 
 
 def test_no_memory_state_when_mem_len_is_zero():
