@@ -23,6 +23,14 @@ K-1 for the first module and 0 for the last. Counted in module j's own iteration
 batch was forwarded d_j = 2(K-1-j) iterations before its backward (`Layout.delay`), so
 module j keeps its last d_j forwards in a static ring buffer.
 
+Relation to DDG's formula w_j^{t+1} = w_j^t - lr * grad_j(w^{t-(K-1-j)}): there the forward
+of a batch passes all modules within one step (forward-locked), so the weight staleness is
+K-1-j steps. Here the forward is pipelined as well (one module per iteration, no device
+waits for another's forward), so with 'stored' the gradient module j applies at t was
+computed with its weights w_j^{t-d_j}, d_j = 2(K-1-j) updates old (the last module: 0),
+and with 'recompute' with its current weights but on an input that earlier modules
+produced d_j iterations ago.
+
 Warm-up: the loss module has its first batch at iteration K-1 and module j its first
 gradient at iteration 2(K-1)-j; until then a module does not update (its Adam count
 does not advance). During warm-up forwards run on zero activations whose results are
