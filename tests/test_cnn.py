@@ -48,7 +48,7 @@ def test_resnet_depth_counts_convs():
 def test_norm_choice_changes_parameter_tree():
   trees = {}
   for norm in cnn.NORMS:
-    _, variables = _init(cnn.ConvNet(norm=norm), (2, 8, 8, 1))
+    _, variables = _init(cnn.ConvNet(norm=norm, num_groups=2), (2, 8, 8, 1))
     trees[norm] = variables
   assert 'norm_0' not in trees['none']['params']
   assert 'bias' in trees['none']['params']['conv_0']
