@@ -17,7 +17,9 @@ Commands:
   python -m experiments.train --config configs/stdloss_resnet.py:cpu,stdloss
   python -m experiments.train --config configs/stdloss_resnet.py:cpu,batch \
       --config.model.depth=32 --config.stdloss.weight=1e-4
-Expected: not measured yet (2026-11-28).
+Measured (cpu, seed 0, 2026-11-28, results/stdloss_resnet_cpu.md): validation accuracy
+after 1500 steps none 98.3 %, batch 98.1 %, stdloss 99.7 %; all three saturate within 200
+steps, so this stand-in shows the plumbing, not a speedup.
 """
 from accel import config_lib
 from configs import stdloss_mnist
