@@ -18,7 +18,9 @@ Commands:
   python -m experiments.train --config configs/fp8_lm.py:cpu,fp8 --workdir runs/fp8_lm
   python -m experiments.sweep --config configs/fp8_lm.py:cpu --sweep_dir runs/fp8_lm_cpu \
       --metrics eval/loss,eval/accuracy        # the four variants (get_sweep)
-Expected (cpu preset, 2 CPU cores shared, 2026-11-28): results/lowprec_fp8_lm_cpu.md.
+Expected (cpu preset, 2 shared CPU cores, 2026-11-28; results/lowprec_fp8_lm_cpu.md): final
+eval loss fp32 2.373, fp8 2.376, fp8_chunk1 2.380, fp8_nearest 2.385 (one seed each);
+fp8 step ~2x the fp32 step time on CPU.
 """
 from configs import lm
 

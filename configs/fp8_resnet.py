@@ -18,7 +18,9 @@ Commands:
   python -m experiments.train --config configs/fp8_resnet.py:cpu,fp8 --workdir runs/fp8_resnet
   python -m experiments.sweep --config configs/fp8_resnet.py:cpu \
       --sweep_dir runs/fp8_resnet_cpu --metrics eval/loss,eval/accuracy
-Expected (cpu preset, 2 CPU cores shared, 2026-11-28): results/lowprec_fp8_resnet_cpu.md.
+Expected (cpu preset, 2 shared CPU cores, 2026-11-28; results/lowprec_fp8_resnet_cpu.md):
+eval accuracy 0.994 for fp32, fp8 and fp8_chunk1, 0.986 for fp8_nearest (one seed each;
+digits saturates).
 """
 from configs import fp8_lm, stdloss_resnet
 
