@@ -10,7 +10,8 @@ C = A @ B with A, B holding e5m2 values, an e6m9 accumulator, chunks of 64 (Wang
 - jax_fast  / pallas_fast    chunk sums on the matrix units, rounded per chunk
 Goals (issue 4, H200): pallas_exact >= 20% of native_fp32, pallas_fast >= 50% of
 native_bf16, at every size; the kernels bit-identical to the JAX path (checked at every
-size). Each variant runs inside
+size; for 'fast' only expected where each chunk's float32 sum does not depend on the order
+the matrix units add in, which these random operands do not guarantee). Each variant runs inside
 try/except: a failing one is reported, the others still run. Writes
 OUT/bench_lowprec{,_cpu}.json and .md.
 """
@@ -133,7 +134,8 @@ def markdown(rows, meta, goals: bool) -> str:
                  f"{frac} | {r['reference'] or ''} | {ident} | {r['first_call_s']:.1f} |")
   if goals:
     lines += ['', 'Goals: pallas_exact >= 20% of native_fp32; pallas_fast >= 50% of native_bf16 '
-              '(best block configuration per size):', '']
+              '(best block configuration per size). Bit identity is required of exact mode; '
+              'fast-mode chunk sums may differ in the order of float32 additions.', '']
     for n in sorted({r['n'] for r in rows}):
       for mode, goal in (('exact', 0.2), ('fast', 0.5)):
         cands = [r for r in rows if r['n'] == n and r['variant'].startswith(f'pallas_{mode}')
