@@ -26,7 +26,8 @@ each block and the projection shortcut, which feed relu through the residual sum
 Transformer only 'fc_in' feeds a nonlinearity: set `layers='fc_in$'`. The interceptor
 returns each output unchanged, so the model's outputs are bitwise those of a plain apply.
 Captured layers must not sit inside a lifted transform (nn.scan, nn.remat, nn.cond):
-their outputs would leak out of that transform's trace.
+their outputs would leak out of that transform's trace, so `capture` raises
+LiftedLayerError for them (a lifted transform gives its modules a scope with another root).
 
 Training (`task_hook`, called by `accel.tasks.Task.apply`): with `config.stdloss.enabled`
 and train=True, the model's apply runs under `capture` and the task loss gets
@@ -117,6 +118,10 @@ def _layer_stats(x, eps, num_shards) -> LayerStats:
                     lax.stop_gradient(jnp.mean(var)))
 
 
+class LiftedLayerError(ValueError):
+  """A chosen layer runs inside a Flax lifted transform (its scope has another root)."""
+
+
 def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$',
             eps: float = EPS, num_shards: int = 1
             ) -> Callable[..., tuple[Any, dict[str, LayerStats]]]:
@@ -132,15 +137,21 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
 
   def wrapped(*args, **kwargs):
     captured: dict[str, LayerStats] = {}
+    top_scope_root = []   # the root scope of the outermost module call
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      y = next_fun(*call_args, **call_kwargs)
       module = context.module
+      if not top_scope_root:
+        top_scope_root.append(module.scope.root)
+      y = next_fun(*call_args, **call_kwargs)
       if context.method_name != '__call__' or not isinstance(module, CAPTURED_TYPES):
         return y
       path = '/'.join(module.path)
       if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
         return y
+      if module.scope.root is not top_scope_root[0]:
+        raise LiftedLayerError(f'layer {path} runs inside a lifted transform (nn.scan, '
+                               'nn.remat, nn.cond); its output cannot leave it')
       key, k = path, 0
       while key in captured:
         k += 1
@@ -189,7 +200,11 @@ def task_hook(config, apply_fn: Callable[..., Any], train: bool
     raise UserError(f'stdloss.layers / stdloss.exclude: bad regular expression ({e})') from e
 
   def wrapped(*args, **kwargs):
-    out, captured = captured_apply(*args, **kwargs)
+    try:
+      out, captured = captured_apply(*args, **kwargs)
+    except LiftedLayerError as e:
+      raise UserError(f'{e} (model.scan_layers, model.remat or layerdrop put it there); '
+                      'switch that off or choose other stdloss.layers') from e
     if not captured:
       raise UserError(f'stdloss.layers={cfg.layers!r} (exclude={cfg.exclude!r}) matches '
                       'no Dense or Conv layer of the model')

@@ -253,3 +253,19 @@ def test_configs_choose_the_variant_by_one_argument():
   for bad in ('cpu,cnn,mlp,batch', 'cpu,foo', 'gpu'):
     with pytest.raises(ValueError, match='bad config argument'):
       stdloss_mnist.get_config(bad)
+
+
+def test_task_hook_explains_layers_inside_lifted_transforms():
+  # Layer drop runs each block under nn.cond (and remat): fc_in's output cannot leave it.
+  from accel.errors import UserError
+  from accel.models.transformer import TransformerConfig, TransformerLM
+  model = TransformerLM(TransformerConfig(vocab_size=16, num_layers=2, d_model=8,
+                                          num_heads=2, d_ff=16, max_len=8))
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  apply = stdloss.task_hook(_hook_config(enabled=True, layers='fc_in$'), model.apply, True)
+  term = jax.eval_shape(lambda v: apply(v, tokens)[1], variables)  # no layer drop: fine
+  assert term.shape == ()
+  gates = dict(gates_L=jnp.array([True, False]), keep_probs_L=jnp.array([1.0, 0.5]))
+  with pytest.raises(UserError, match='stack/block_0/mlp/fc_in runs inside a lifted'):
+    jax.eval_shape(lambda v: apply(v, tokens, **gates)[1], variables)
