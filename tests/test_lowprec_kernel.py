@@ -81,3 +81,17 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 
   for x, y in zip(grads('pallas'), grads('jax')):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+@pytest.mark.parametrize('mode', ['exact', 'fast'])
+def test_kernels_lower_to_triton_for_gpu(mode):
+  """Cross-lowering on CPU runs the Pallas -> Triton lowering of every bench configuration
+  (and both rounding paths of 'exact'), so unsupported operations show up here."""
+  from experiments import bench_lowprec
+  a = jax.ShapeDtypeStruct((256, 256), np.float32)
+  for bm, bn, warps, stages, unroll in bench_lowprec.KERNEL_CONFIGS[mode]:
+    f = functools.partial(Kn.chunked_matmul, acc_fmt=F.E6M9, chunk_size=64, mode=mode,
+                          operand_fmt=F.E5M2, block_m=bm, block_n=bn, num_warps=warps,
+                          num_stages=stages, unroll=unroll)
+    text = jax.jit(f).trace(a, a).lower(lowering_platforms=('cuda',)).as_text()
+    assert 'triton' in text

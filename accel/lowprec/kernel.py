@@ -66,14 +66,21 @@ def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, 
   bm, bn = aT_ref.shape[1], b_ref.shape[1]
   rnd = round_mantissa if in_range else round_nearest
 
+  def element(k, part):
+    a_M = aT_ref[k, :]
+    b_N = b_ref[k, :]
+    prod = rnd(a_M[:, None] * b_N[None, :], mul_fmt)
+    return rnd(part + prod, acc_fmt)
+
   def chunk_body(c, total):
-    def element(j, part):
-      k = c * chunk + j
-      a_M = aT_ref[k, :]
-      b_N = b_ref[k, :]
-      prod = rnd(a_M[:, None] * b_N[None, :], mul_fmt)
-      return rnd(part + prod, acc_fmt)
-    part = lax.fori_loop(0, chunk, element, jnp.zeros((bm, bn), jnp.float32), unroll=unroll)
+    # `unroll` elements per loop iteration, written out (Triton lowers no unrolled scan).
+    def group(g, part):
+      for u in range(unroll):
+        part = element(c * chunk + g * unroll + u, part)
+      return part
+    part = lax.fori_loop(0, chunk // unroll, group, jnp.zeros((bm, bn), jnp.float32))
+    for r in range(chunk % unroll):
+      part = element(c * chunk + (chunk // unroll) * unroll + r, part)
     return rnd(total + part, acc_fmt)
 
   o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
