@@ -1,7 +1,7 @@
 """`config.lowprec.*` -> the model hooks, the optimizer wrapper and the loss scale.
 
 Block (accel/config_lib.py): enabled; fwd / bwd_data / bwd_weight, each with operand_fmt,
-acc_fmt, mul_fmt, chunk_size, mode, rounding (`gemm.GemmSettings`); exempt_first_last (the
+acc_fmt, mul_fmt, chunk_size, mode, rounding, impl (`gemm.GemmSettings`); exempt_first_last (the
 first and last layers keep float32 GEMMs: the LM's output projection, a classifier's first
 conv and its logits layer; the LM's first layer is an embedding lookup, no GEMM);
 update_fmt / update_rounding (weights, gradients and optimizer state, `optimizer.py`;
@@ -31,8 +31,10 @@ def _gemm(block, name: str) -> GemmSettings:
                     f'{block.mode!r}, {block.rounding!r}')
   if block.chunk_size < 1:
     raise UserError(f'lowprec.{name}.chunk_size must be >= 1, got {block.chunk_size}')
+  if block.impl not in ('jax', 'pallas'):
+    raise UserError(f'lowprec.{name}.impl must be jax or pallas, got {block.impl!r}')
   return GemmSettings(block.operand_fmt, block.acc_fmt, block.mul_fmt, block.chunk_size,
-                      block.mode, block.rounding)
+                      block.mode, block.rounding, block.impl)
 
 
 def layer_settings(lp) -> LayerSettings:
