@@ -21,7 +21,9 @@ made sticky (round-to-odd, from the exact TwoSum error) before rounding, correct
 accumulators of up to 22 significant bits. Products are computed in float32, which is
 exact for operands holding 24 significant bits or fewer between them (FP8, bf16, fp16
 operands); wider operands are rounded to float32 before rnd_mul. Stochastic rounding in
-the accumulator rounds the float32 sum.
+the accumulator rounds the float32 sum. On GPU, XLA may contract a product and the next
+addition into one FMA; for operands of more than 12 significant bits (products inexact in
+float32) that can change the last bit of a sum. The tests check bit-exactness on CPU.
 """
 from __future__ import annotations
 
