@@ -25,16 +25,22 @@ that feed a nonlinearity in the MLP and CNN; in the ResNet it includes the secon
 each block and the projection shortcut, which feed relu through the residual sum. For the
 Transformer only 'fc_in' feeds a nonlinearity: set `layers='fc_in$'`. The interceptor
 returns each output unchanged, so the model's outputs are bitwise those of a plain apply.
-Captured layers must not sit inside a lifted transform (nn.scan, nn.remat, nn.cond):
-their outputs would leak out of that transform's trace, so `capture` raises
-LiftedLayerError for them (a lifted transform gives its modules a scope with another root).
+A chosen layer inside a lifted transform (nn.scan, nn.remat, nn.cond: the Transformer
+with scan_layers, remat or layer dropping) cannot hand its output out of that transform's
+trace (a lifted transform gives its modules a scope with another root, which is how it is
+detected). For such a layer `capture` either raises LiftedLayerError or, given a weight,
+passes the output through an identity whose backward adds weight * dL/dy to the
+cotangent: the parameters get exactly the gradient of weight * L (a block skipped by layer
+drop gets none), but L's value and the layer's statistics are not available.
 
 Training (`task_hook`, called by `accel.tasks.Task.apply`): with `config.stdloss.enabled`
 and train=True, the model's apply runs under `capture` and the task loss gets
 `stdloss.weight` * the summed layer losses; metrics 'stdloss/loss' (unweighted) and per
 layer 'stdloss/<path>/mean_abs_mu' and '.../mean_var' come with every step (a few
-scalars; the loop logs them every `log_every` steps). Evaluation (train=False) runs the
-plain apply: no capture, no term.
+scalars; the loop logs them every `log_every` steps). Layers inside lifted transforms get
+the gradient only (above): they are counted in 'stdloss/gradient_only_layers' and are not
+in 'stdloss/loss' nor in the logged train loss. Evaluation (train=False) runs the plain
+apply: no capture, no term.
 
 Moments under data parallelism (`num_shards`). The train step is one `jax.jit` over a
 batch sharded along its first axis. `num_shards=1` computes the moments from the whole,
@@ -122,8 +128,30 @@ class LiftedLayerError(ValueError):
   """A chosen layer runs inside a Flax lifted transform (its scope has another root)."""
 
 
+def _loss_gradient_identity(weight: float, eps: float, num_shards: int):
+  """y -> y, whose backward adds weight * dL(y)/dy to y's cotangent.
+
+  Upstream parameters then get exactly the gradient of weight * L(y), without L's value
+  ever leaving the trace it was computed in (so it works inside nn.cond / remat / scan).
+  """
+  @jax.custom_vjp
+  def identity(y):
+    return y
+
+  def fwd(y):
+    return y, y
+
+  def bwd(y, g):
+    dloss_dy = jax.grad(lambda y: _layer_stats(y, eps, num_shards).loss)(y)
+    return (g + (weight * dloss_dy).astype(g.dtype),)
+
+  identity.defvjp(fwd, bwd)
+  return identity
+
+
 def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$',
-            eps: float = EPS, num_shards: int = 1
+            eps: float = EPS, num_shards: int = 1, lifted_weight: float | None = None,
+            lifted_paths: set[str] | None = None
             ) -> Callable[..., tuple[Any, dict[str, LayerStats]]]:
   """Wraps a linen apply `fn`; the wrapped one returns (fn's output, {path: LayerStats}).
 
@@ -131,6 +159,10 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
   matches `layers` (re.search; '' matches all) and does not match `exclude` ('' excludes
   none). A module called k > 1 times gets keys 'path', 'path#1', ... The moments run
   over all axes but the last (channels).
+  A chosen layer inside a lifted transform raises LiftedLayerError, unless
+  `lifted_weight` is given: then its output goes through `_loss_gradient_identity`
+  (the gradient of lifted_weight * L, no value, no LayerStats) and its path is added to
+  `lifted_paths`.
   """
   include_re = re.compile(layers)
   exclude_re = re.compile(exclude) if exclude else None
@@ -150,8 +182,12 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
       if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
         return y
       if module.scope.root is not top_scope_root[0]:
-        raise LiftedLayerError(f'layer {path} runs inside a lifted transform (nn.scan, '
-                               'nn.remat, nn.cond); its output cannot leave it')
+        if lifted_weight is None:
+          raise LiftedLayerError(f'layer {path} runs inside a lifted transform (nn.scan, '
+                                 'nn.remat, nn.cond); its output cannot leave it')
+        if lifted_paths is not None:
+          lifted_paths.add(path)
+        return _loss_gradient_identity(lifted_weight, eps, num_shards)(y)
       key, k = path, 0
       while key in captured:
         k += 1
@@ -184,8 +220,10 @@ def task_hook(config, apply_fn: Callable[..., Any], train: bool
               ) -> Callable[..., tuple[Any, jax.Array | float, dict[str, jax.Array]]]:
   """Wraps a model's apply for the task: fn(*a, **kw) -> (apply_fn(*a, **kw), term, metrics).
 
-  term = stdloss.weight * sum of the captured layers' losses, metrics as `metrics`; when
-  the block is disabled or train=False, apply_fn runs untouched and term is 0.0, metrics {}.
+  term = stdloss.weight * sum of the captured layers' losses, metrics as `metrics` plus
+  'stdloss/gradient_only_layers' (chosen layers inside lifted transforms, whose term enters
+  the gradient only); when the block is disabled or train=False, apply_fn runs untouched
+  and term is 0.0, metrics {}.
   """
   cfg = config.stdloss
   if not (cfg.enabled and train):
@@ -194,20 +232,21 @@ def task_hook(config, apply_fn: Callable[..., Any], train: bool
     raise UserError(f"stdloss.moments must be 'global' or 'per_device', got {cfg.moments!r}")
   num_shards = jax.device_count() if cfg.moments == 'per_device' else 1
   try:
-    captured_apply = capture(apply_fn, layers=cfg.layers, exclude=cfg.exclude,
-                             num_shards=num_shards)
+    re.compile(cfg.layers)
+    re.compile(cfg.exclude)
   except re.error as e:
     raise UserError(f'stdloss.layers / stdloss.exclude: bad regular expression ({e})') from e
 
   def wrapped(*args, **kwargs):
-    try:
-      out, captured = captured_apply(*args, **kwargs)
-    except LiftedLayerError as e:
-      raise UserError(f'{e} (model.scan_layers, model.remat or layerdrop put it there); '
-                      'switch that off or choose other stdloss.layers') from e
-    if not captured:
+    lifted: set[str] = set()
+    out, captured = capture(apply_fn, layers=cfg.layers, exclude=cfg.exclude,
+                            num_shards=num_shards, lifted_weight=cfg.weight,
+                            lifted_paths=lifted)(*args, **kwargs)
+    if not captured and not lifted:
       raise UserError(f'stdloss.layers={cfg.layers!r} (exclude={cfg.exclude!r}) matches '
                       'no Dense or Conv layer of the model')
-    return out, cfg.weight * total_loss(captured), metrics(captured)
+    std_metrics = metrics(captured)
+    std_metrics['stdloss/gradient_only_layers'] = jnp.asarray(len(lifted), jnp.float32)
+    return out, cfg.weight * total_loss(captured), std_metrics
 
   return wrapped

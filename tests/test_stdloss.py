@@ -255,17 +255,53 @@ def test_configs_choose_the_variant_by_one_argument():
       stdloss_mnist.get_config(bad)
 
 
-def test_task_hook_explains_layers_inside_lifted_transforms():
-  # Layer drop runs each block under nn.cond (and remat): fc_in's output cannot leave it.
-  from accel.errors import UserError
+def test_lifted_layers_get_the_gradient_of_the_term():
+  """Layers inside nn.remat / nn.cond: no value leaves the transform, but the parameters
+  get exactly the gradient of weight * L; a skipped (gate 0) block gets none."""
+  import flax.linen as nn
+
+  class RematNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.remat(cnn.ConvNet)(name='net')(x)
+
+  x, variables = _model_and_vars(cnn.ConvNet())
+  params = variables['params']
+  hook = stdloss.task_hook(_hook_config(enabled=True, weight=0.5), RematNet().apply, True)
+
+  def lifted(p):
+    out, term, m = hook({'params': {'net': p}}, x)
+    return out.sum() + term, m
+
+  def reference(p):
+    out, captured = stdloss.capture(cnn.ConvNet().apply)({'params': p}, x)
+    return out.sum() + 0.5 * stdloss.total_loss(captured)
+
+  (_, m), g_lifted = jax.jit(jax.value_and_grad(lifted, has_aux=True))(params)
+  g_ref = jax.jit(jax.grad(reference))(params)
+  g_task_only = jax.jit(jax.grad(lambda p: cnn.ConvNet().apply({'params': p}, x).sum()))(params)
+  assert m['stdloss/gradient_only_layers'] == 3 and m['stdloss/loss'] == 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               g_lifted, g_ref)
+  assert not np.allclose(g_ref['conv_0']['kernel'], g_task_only['conv_0']['kernel'])
+  with pytest.raises(stdloss.LiftedLayerError, match='net/conv_0 runs inside a lifted'):
+    jax.eval_shape(stdloss.capture(RematNet().apply), {'params': {'net': params}}, x)
+
+  # Layer drop: each block under nn.cond (and remat); block 1 is skipped this step.
   from accel.models.transformer import TransformerConfig, TransformerLM
   model = TransformerLM(TransformerConfig(vocab_size=16, num_layers=2, d_model=8,
                                           num_heads=2, d_ff=16, max_len=8))
-  tokens = jnp.zeros((2, 8), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
-  apply = stdloss.task_hook(_hook_config(enabled=True, layers='fc_in$'), model.apply, True)
-  term = jax.eval_shape(lambda v: apply(v, tokens)[1], variables)  # no layer drop: fine
-  assert term.shape == ()
+  tokens = jnp.arange(16).reshape(2, 8) % 16
+  params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
   gates = dict(gates_L=jnp.array([True, False]), keep_probs_L=jnp.array([1.0, 0.5]))
-  with pytest.raises(UserError, match='stack/block_0/mlp/fc_in runs inside a lifted'):
-    jax.eval_shape(lambda v: apply(v, tokens, **gates)[1], variables)
+
+  def grads(enabled):
+    hook = stdloss.task_hook(_hook_config(enabled=enabled, layers='fc_in$'), model.apply, True)
+    f = lambda p: hook({'params': p}, tokens, **gates)[0].sum()
+    return jax.jit(jax.grad(f))(params)['stack']
+
+  on, off = grads(True), grads(False)
+  assert not np.allclose(on['block_0']['mlp']['fc_in']['kernel'],
+                         off['block_0']['mlp']['fc_in']['kernel'])
+  np.testing.assert_array_equal(on['block_1']['mlp']['fc_in']['kernel'], 0.0)
+  np.testing.assert_array_equal(off['block_1']['mlp']['fc_in']['kernel'], 0.0)
