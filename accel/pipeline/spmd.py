@@ -24,15 +24,15 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
            d_j = 2(K-1-j) <= R iterations apart. What a slot holds:
            'recompute': the module's block input [B, L, D] (module 0: none needed, it
              re-embeds its tokens);
-           'stored': the residuals of the module's jax.vjp as its forward ran (every
-             intermediate the backward needs, the weights included), packed into one
+           'stored': the residuals of the module's jax.vjp as its forward ran (the Dense
+             outputs, the block inputs and the weights, `_block_vjp`), packed into one
              float32 vector of the largest role's size (`_residual_size`). The backward
-             rebuilds the vjp from them: no second forward.
+             rebuilds the vjp from them: no second pass through the Dense layers.
   tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
            t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
 Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('recompute',
-and one extra forward per backward) or R residual sets ('stored': for each of the n
-blocks several B L D tensors, the B H L L attention probabilities and the weights).
+and one extra forward per backward) or R residual sets ('stored': about 11 B L D per
+block plus the stage's weights).
 
 All of this is plain static-shape state: checkpointing it checkpoints the pipeline.
 """
@@ -60,7 +60,13 @@ def make_mesh(data: int, stage: int, devices=None) -> jax.sharding.Mesh:
 
 
 def _block_vjp(cfg, layers, x):
-  return jax.vjp(functools.partial(pieces.blocks, cfg), layers, x)
+  """jax.vjp of a module's blocks whose residuals are the Dense outputs (and the inputs and
+  weights): the attention scores and elementwise intermediates are re-derived from them in
+  the backward, deterministically, so the backward is still that of the forward as it ran.
+  """
+  blocks = jax.checkpoint(functools.partial(pieces.blocks, cfg),
+                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return jax.vjp(blocks, layers, x)
 
 
 def _pack(vjp, size: int):

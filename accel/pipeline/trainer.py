@@ -77,6 +77,7 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     return to_train_state(pipe.init(params, b, l))
 
   def train_step(ts, batch):
+    batch = {'inputs': batch['inputs'], 'targets': batch['targets']}
     st, metrics = pipe.step_fn(to_pipeline_state(ts), batch)
     filled = metrics['loss_valid']
     return to_train_state(st), {'loss': jnp.where(filled, metrics['loss'], 0.0),

@@ -1,0 +1,269 @@
+"""Ouroboros vs single device, data parallelism, naive model parallelism and GPipe.
+
+  python -m experiments.bench_pipeline --quick --out results   # CPU, 2 simulated devices
+  python -m experiments.bench_pipeline --out results           # 2 GPUs (~3 min on H200s)
+
+Part 1, throughput (tokens/s, global batch the same for every variant, all on the same
+2 devices; median of 3 windows, variants timed round-robin): a balanced model (byte vocabulary: the blocks dominate) and an unbalanced
+one (large vocabulary: the tied softmax makes the loss-side stage heavier).
+Part 2, loss after a fixed token budget: the balanced model trained for the same number
+of steps on the same batches (bytes of Python's own standard-library sources) by
+synchronous training and by Ouroboros; held-out loss in bits per byte.
+Part 3, overlap: in the compiled Ouroboros step, how much compute XLA scheduled between
+each asynchronous collective-permute start and its done.
+
+Writes DIR/bench_pipeline_{cpu,gpu}.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+
+
+def _args():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--quick', action='store_true', help='CPU, 2 simulated devices, tiny')
+  ap.add_argument('--out', default='results')
+  return ap.parse_args()
+
+
+ARGS = _args() if __name__ == '__main__' else None
+if ARGS is not None and ARGS.quick:
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=2')
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from accel.models.transformer import TransformerConfig, TransformerLM  # noqa: E402
+from accel.pipeline import baselines, pieces  # noqa: E402
+from accel.pipeline.layout import Layout  # noqa: E402
+from accel.pipeline.spmd import Pipeline, make_mesh  # noqa: E402
+
+SETTINGS = {
+    True: dict(d_model=64, num_layers=4, num_heads=4, d_ff=256, seq=64, batch=8,
+               big_vocab=4096, steps=4, rounds=3, warmup=2, train_steps=150, lr=2e-3, micro=4),
+    False: dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, seq=512, batch=16,
+                big_vocab=32768, steps=10, rounds=3, warmup=3, train_steps=400, lr=1e-3, micro=4),
+}
+
+
+def corpus_bytes(limit: int) -> np.ndarray:
+  """Python's standard-library sources, sorted by path, as uint8 (offline, stable)."""
+  root = os.path.dirname(os.__file__)
+  chunks, total = [], 0
+  for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    dirnames.sort()
+    if 'site-packages' in dirpath or 'test' in dirpath:
+      continue
+    for name in sorted(filenames):
+      if name.endswith('.py'):
+        with open(os.path.join(dirpath, name), 'rb') as f:
+          chunks.append(f.read())
+        total += len(chunks[-1])
+        if total >= limit:
+          return np.frombuffer(b''.join(chunks)[:limit], np.uint8)
+  return np.frombuffer(b''.join(chunks), np.uint8)
+
+
+def batches(data: np.ndarray, batch: int, seq: int, seed: int):
+  rng = np.random.default_rng(seed)
+  while True:
+    starts = rng.integers(0, len(data) - seq - 1, batch)
+    seq_BxL1 = np.stack([data[s:s + seq + 1] for s in starts]).astype(np.int32)
+    yield {'inputs': jnp.asarray(seq_BxL1[:, :-1]), 'targets': jnp.asarray(seq_BxL1[:, 1:])}
+
+
+def model_cfg(st, vocab):
+  return TransformerConfig(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
+                           num_heads=st['num_heads'], d_ff=st['d_ff'], max_len=st['seq'],
+                           scan_layers=True)
+
+
+def variants(cfg, tx, devs, st):
+  """name -> (init(params), step(state, batch) -> (state, loss), to_model(state), pipeline)."""
+  def synchronous(init, step, to_model=lambda p: p):
+    def run(state, batch):
+      params, opt, loss = step(*state, batch)
+      return (params, opt), loss
+    return init, run, lambda state: to_model(state[0]), None
+
+  def ouroboros(pipe):
+    def run(state, batch):
+      state, metrics = pipe.step(state, batch)
+      return state, metrics['loss']
+    return (lambda params: pipe.init(params, st['batch'], st['seq'])), run, \
+        pipe.model_params, pipe
+
+  one = jax.sharding.Mesh(np.asarray(devs[:1]), ('data',))
+  out = {'single device': synchronous(*baselines.data_parallel(cfg, tx, one)),
+         'data parallel': synchronous(*baselines.data_parallel(
+             cfg, tx, jax.sharding.Mesh(np.asarray(devs), ('data',))))}
+  for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
+    out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, 2, devs), m))
+  for k, tied, bw in ((2, False, 'recompute'), (2, False, 'stored'), (3, True, 'recompute')):
+    lay = Layout(cfg.num_layers, k, tied)
+    pipe = Pipeline(cfg, lay, tx, bw, make_mesh(1, lay.num_stages, devs[:lay.num_stages]))
+    out[f'Ouroboros K={k} {"tied ring" if tied else "untied"} {bw}'] = ouroboros(pipe)
+  return out
+
+
+def throughput(built, params, data_iter, st):
+  """tokens/s per variant: median over `rounds` windows of `steps` steps, the variants
+  timed round-robin so that a change in machine load hits all of them alike."""
+  states, losses = {}, {}
+  for name, var in built.items():
+    state = var[0](params)
+    for _ in range(st['warmup']):
+      state, loss = var[1](state, next(data_iter))
+    jax.block_until_ready(loss)
+    states[name] = state
+  times = {name: [] for name in built}
+  for _ in range(st['rounds']):
+    for name, var in built.items():
+      feed = [next(data_iter) for _ in range(st['steps'])]
+      state = states[name]
+      t0 = time.perf_counter()
+      for b in feed:
+        state, loss = var[1](state, b)
+      jax.block_until_ready((state, loss))
+      times[name].append(time.perf_counter() - t0)
+      states[name] = state
+  del states
+  return {name: st['steps'] * st['batch'] * st['seq'] / float(np.median(t))
+          for name, t in times.items()}
+
+
+def overlap_report(pipe, params, batch, st):
+  """Counts compute ops between each collective-permute-start and its done."""
+  state = pipe.init(params, st['batch'], st['seq'])
+  batch = jax.device_put(batch, jax.sharding.NamedSharding(pipe.mesh, jax.P('data')))
+  text = pipe._step.lower(state, batch).compile().as_text()
+  lines = text.splitlines()
+  pairs = []
+  for i, line in enumerate(lines):
+    m = re.search(r'(%\S+) = \S+ collective-permute-start\(', line)
+    if not m:
+      continue
+    name = m.group(1)
+    for j in range(i + 1, len(lines)):
+      if 'collective-permute-done(' in lines[j] and name in lines[j]:
+        between = lines[i + 1:j]
+        compute = sum(bool(re.search(r' (fusion|conditional|custom-call|dot|convolution)\(',
+                                     x)) for x in between)
+        pairs.append({'start': name, 'ops_between': j - i - 1, 'compute_ops_between': compute})
+        break
+  n_sync = sum(' collective-permute(' in x for x in lines)
+  return {'async_pairs': pairs, 'sync_collective_permutes': n_sync}
+
+
+def main():
+  args = ARGS
+  st = SETTINGS[args.quick]
+  devs = jax.devices()[:2]
+  if len(devs) < 2:
+    sys.exit('needs 2 devices')
+  kind = 'cpu' if args.quick else devs[0].platform
+  tx_bench = optax.adam(optax.cosine_decay_schedule(st['lr'], st['train_steps']))
+  data = corpus_bytes(4_000_000 if not args.quick else 1_000_000)
+  split = int(0.95 * len(data))
+  record = {'command': ' '.join(['python -m experiments.bench_pipeline'] + sys.argv[1:]),
+            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'jax': jax.__version__, 'devices': [str(d.device_kind) for d in devs],
+            'backend': jax.default_backend(), 'settings': st, 'throughput': {}}
+
+  # Part 1: throughput.
+  for model, vocab in (('balanced (vocab 256)', 256), (f'unbalanced (vocab {st["big_vocab"]})',
+                                                       st['big_vocab'])):
+    cfg = model_cfg(st, vocab)
+    params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
+                                     )['params']
+    built = variants(cfg, tx_bench, devs, st)
+    if vocab == 256:
+      balanced = built   # part 2 reuses these (and their compiled steps)
+    # Throughput does not depend on the token values: the big vocabulary reads random ids.
+    source = data[:split] if vocab == 256 else np.random.default_rng(0).integers(
+        0, vocab, 1_000_000).astype(np.int32)
+    rows = throughput(built, params, batches(source, st['batch'], st['seq'], 0), st)
+    for name, v in rows.items():
+      print(f'{model:28s} {name:36s} {v:12.0f} tok/s', flush=True)
+    record['throughput'][model] = rows
+
+  # Part 2: loss after a fixed token budget (balanced model).
+  cfg = model_cfg(st, 256)
+  params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
+                                   )['params']
+  eval_fn = jax.jit(lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets']))
+  eval_batches = list(zip(range(8), batches(data[split:], st['batch'], st['seq'], 123)))
+  losses = {}
+  all_vars = balanced
+  for name in ['single device'] + [n for n in all_vars if n.startswith('Ouroboros')]:
+    var = all_vars[name]
+    state = var[0](params)
+    it = batches(data[:split], st['batch'], st['seq'], 7)
+    t0 = time.perf_counter()
+    for _ in range(st['train_steps']):
+      state, loss = var[1](state, next(it))
+      jax.block_until_ready(loss)   # one program in flight at a time (CPU collectives)
+    p_final = jax.device_put(var[2](state), devs[0])
+    ev = np.mean([float(eval_fn(p_final, jax.device_put(b, devs[0]))) for _, b in eval_batches])
+    losses[name] = {'eval_bits_per_byte': ev / np.log(2), 'seconds': time.perf_counter() - t0}
+    print(f'{name:36s} eval {ev / np.log(2):.4f} bits/byte', flush=True)
+  record['loss'] = {'train_steps': st['train_steps'],
+                    'tokens': st['train_steps'] * st['batch'] * st['seq'], 'runs': losses}
+
+  # Part 3: overlap of transfers and compute in the compiled Ouroboros step.
+  pipe = all_vars['Ouroboros K=2 untied recompute'][3]
+  record['overlap'] = overlap_report(pipe, params, next(batches(data, st['batch'], st['seq'], 0)),
+                                     st)
+  write(record, args.out, kind)
+
+
+def write(record, out_dir, kind):
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, f'bench_pipeline_{kind}')
+  with open(base + '.json', 'w') as f:
+    json.dump(record, f, indent=1)
+  lines = [f'# Ouroboros pipeline benchmark ({kind})', '',
+           f'`{record["command"]}` — {record["date"]}, jax {record["jax"]}, backend '
+           f'{record["backend"]}, devices {record["devices"]}', '',
+           f'Settings: `{json.dumps(record["settings"])}`', '',
+           *(['CPU quick mode: the 2 simulated devices share the host cores (here 2 cores '
+              'shared with other jobs), so the throughput ratios say nothing about GPUs; '
+              'this mode checks that every variant runs and trains.', '']
+             if kind == 'cpu' else []),
+           '## Throughput (tokens/s, same global batch, 2 devices)', '']
+  for model, rows in record['throughput'].items():
+    base_tp = rows['single device']
+    gp = [v for n, v in rows.items() if n.startswith('GPipe')][0]
+    lines += [f'### {model}', '', '| variant | tokens/s | vs single | vs GPipe |', '|---|---|---|---|']
+    lines += [f'| {n} | {v:.0f} | {v / base_tp:.2f}x | {v / gp:.2f}x |' for n, v in rows.items()]
+    lines.append('')
+  runs = record['loss']['runs']
+  sync = runs['single device']['eval_bits_per_byte']
+  lines += [f'## Held-out bits/byte after {record["loss"]["train_steps"]} steps '
+            f'({record["loss"]["tokens"]} tokens)', '',
+            '| variant | bits/byte | vs synchronous |', '|---|---|---|']
+  lines += [f'| {n} | {r["eval_bits_per_byte"]:.4f} | {100 * (r["eval_bits_per_byte"] / sync - 1):+.2f}% |'
+            for n, r in runs.items()]
+  ov = record['overlap']
+  lines += ['', '## Transfers vs compute in the compiled Ouroboros step (K=2 untied)', '',
+            f'synchronous collective-permutes: {ov["sync_collective_permutes"]}; async pairs '
+            f'(ops / compute ops between start and done): ' +
+            (', '.join(f'{p["ops_between"]}/{p["compute_ops_between"]}'
+                       for p in ov['async_pairs']) or 'none'), '']
+  with open(base + '.md', 'w') as f:
+    f.write('\n'.join(lines))
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
