@@ -230,7 +230,7 @@ def main():
   group = parser.add_mutually_exclusive_group()
   group.add_argument('--quick', action='store_true', help='tiny CPU run, seconds')
   group.add_argument('--gpu', action='store_true', help='BERT-base at seq 128, ~3 min on an H200')
-  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 1000 gpu')
+  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 800 gpu')
   parser.add_argument('--chunk', type=int, default=0, help='0: 5 quick, 20 cpu/gpu')
   parser.add_argument('--eval_every', type=int, default=0, help='0: 20 quick, 100 cpu/gpu')
   parser.add_argument('--extra', type=float, default=0.5,
@@ -238,7 +238,7 @@ def main():
   parser.add_argument('--out', default='', help='folder for layerdrop_<mode>.json and .md')
   args = parser.parse_args()
   mode = 'quick' if args.quick else 'gpu' if args.gpu else 'cpu'
-  steps = args.steps or {'quick': 60, 'cpu': 0, 'gpu': 1000}[mode]
+  steps = args.steps or {'quick': 60, 'cpu': 0, 'gpu': 800}[mode]
   chunk = args.chunk or (5 if mode == 'quick' else 20)
   eval_every = args.eval_every or (20 if mode == 'quick' else 100)
   r = run(mode, steps, chunk, eval_every, args.extra)
