@@ -75,7 +75,8 @@ def report(results: dict[str, RunResult], scale: str, out_prefix: str) -> str:
              'FLOPs / baseline', 'error'], rows),
       'Steps to the baseline loss are counted at evaluation steps; training seconds sum the '
       'logged step times (compilation, evaluation and checkpoints excluded). FLOPs are the '
-      "executed ones (a dropped block's are not counted); the FP8 GEMMs are emulated, so "
-      'their step times are those of the emulation.', '',
+      "executed ones (a dropped block's are not counted). The FP8 GEMMs are emulated, so "
+      "the lowprec runs' step times and FLOPs (XLA's count, rounding arithmetic included) "
+      'are those of the emulation, not of FP8 hardware.', '',
       '## What each paper reports for its method alone', '',
       table(['method', 'paper'], alone)])
