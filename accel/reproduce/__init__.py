@@ -132,6 +132,19 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def embed(module_args: list[str], markdown_path: str) -> list[str]:
+  """The Markdown lines of another experiment's report (its title dropped), running
+  `python -m MODULE ARGS...` first unless `markdown_path` is already there."""
+  if not os.path.exists(markdown_path):
+    done = subprocess.run([sys.executable, '-m', *module_args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    if done.returncode:
+      raise UserError(f'{module_args[0]} failed: {sweep.error_line(done.stderr)}')
+  with open(markdown_path) as f:
+    lines = f.read().splitlines()
+  return [l for l in lines if not l.startswith('# ')]
+
+
 def load_target(name: str):
   if name not in TARGETS:
     raise UserError(f'unknown target {name!r}; known: {", ".join(TARGETS)}')

@@ -11,12 +11,9 @@ written beside the table as TARGET_SCALE_vrr.{md,json,png} and reused when prese
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from accel import sweep
-from accel.errors import UserError
-from accel.reproduce import ROOT, RunResult, config, fmt, table
+from accel.reproduce import RunResult, config, embed, fmt, table
 
 TITLE = 'FP8 training with chunk-based accumulation (Wang et al. 2018; Sakr et al. 2019)'
 CONFIGS = ('configs/fp8_lm.py', 'configs/fp8_resnet.py')
@@ -47,20 +44,11 @@ def stages(scale: str, sweep_dir: str) -> list[list[sweep.Run]]:
 
 
 def vrr_table(scale: str, out_prefix: str) -> str:
-  """Runs experiments.vrr into OUT_PREFIX_vrr.* unless there already; its Markdown table."""
+  """experiments.vrr's table and plot, written to OUT_PREFIX_vrr.* (reused when there)."""
   prefix = out_prefix + '_vrr'
-  if not os.path.exists(prefix + '.md'):
-    command = [sys.executable, '-m', 'experiments.vrr', f'--out={os.path.abspath(prefix)}',
-               *(['--quick'] if scale == 'smoke' else [])]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': ROOT})
-    if done.returncode:
-      raise UserError(f'experiments.vrr failed: {sweep.error_line(done.stderr)}')
-  with open(prefix + '.md') as f:
-    lines = f.read().splitlines()
-  notes = [l for l in lines if l.startswith(('Command', 'Date', 'Terms'))]
-  rows = [l for l in lines if l.startswith('|')]
-  return '\n'.join(notes + [''] + rows + ['', f'![VRR]({os.path.basename(prefix)}.png)', ''])
+  lines = embed(['experiments.vrr', f'--out={os.path.abspath(prefix)}',
+                 *(['--quick'] if scale == 'smoke' else [])], prefix + '.md')
+  return '\n'.join(lines)   # its plot link is relative to the same folder
 
 
 def _delta(r: RunResult, base: RunResult, metric: str) -> str:
