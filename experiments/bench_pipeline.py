@@ -146,7 +146,7 @@ def overlap_report(pipe, params, batch, st):
   """Counts compute ops between each collective-permute-start and its done."""
   state = pipe.init(params, st['batch'], st['seq'])
   batch = jax.device_put(batch, jax.sharding.NamedSharding(pipe.mesh, jax.P('data')))
-  text = pipe._step.lower(state, batch).compile().as_text()
+  text = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
   lines = text.splitlines()
   pairs = []
   for i, line in enumerate(lines):
