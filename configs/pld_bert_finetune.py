@@ -9,7 +9,9 @@ reference). Data: `shakespeare_genre` (accel/data/genre.py), validation on 6 hel
 
 Dropping is off during fine-tuning (PLD section 4: GLUE fine-tuned without it); the
 model block is that of configs/pld_bert.py for the same preset. AdamW, linear decay.
-Expected: report eval/accuracy against the majority class of the held-out plays.
+Expected (cpu preset, 2026-11-28; results/layerdrop_findings.md): eval/accuracy 45.2% at
+step 300 from the PLD-pretrained cpu encoder, 47.7% from scratch; the majority class
+(history) is 38.2% of the evaluated passages.
 """
 import ml_collections
 
