@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -86,3 +87,26 @@ def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> None
   with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
     f.write(markdown)
   print(markdown)
+
+
+def interleaved_rounds(steps: dict, states: dict, args: tuple, rounds: int,
+                       steps_per_round: int) -> tuple[dict, dict]:
+  """Times variants round-robin so drift hits all alike.
+
+  `steps[v](state, *args) -> (state, out)`; each round runs `steps_per_round` queued steps of
+  every variant and synchronizes once. Returns (median ms/step, max-min ms/step over rounds)
+  per variant; `states` is updated in place.
+  """
+  times = {v: [] for v in steps}
+  for _ in range(rounds):
+    for v, step in steps.items():
+      state, out = states[v], None
+      start = time.perf_counter()
+      for _ in range(steps_per_round):
+        state, out = step(state, *args)
+      jax.block_until_ready(out)
+      times[v].append((time.perf_counter() - start) / steps_per_round)
+      states[v] = state
+  median = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+  spread = {v: 1e3 * (max(t) - min(t)) for v, t in times.items()}
+  return median, spread

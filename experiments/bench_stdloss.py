@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from accel import stdloss
+from accel import benchmarking, stdloss
 from accel.models import cnn
 
 VARIANTS = ('none', 'batch', 'stdloss')
@@ -82,18 +81,7 @@ def run(args) -> dict:
     jax.block_until_ready(loss)
     compile_s[v] = time.perf_counter() - t0
     steps[v], states[v] = step, state
-  times = {v: [] for v in VARIANTS}
-  for _ in range(args.rounds):
-    for v in VARIANTS:
-      state = states[v]
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        state, loss = steps[v](state, x, y)
-      jax.block_until_ready(loss)
-      times[v].append((time.perf_counter() - t0) / args.steps)
-      states[v] = state
-  ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
-  spread = {v: 1e3 * (max(t) - min(t)) for v, t in times.items()}
+  ms, spread = benchmarking.interleaved_rounds(steps, states, (x, y), args.rounds, args.steps)
   return dict(
       ms_per_step=ms, ms_range=spread, compile_and_warmup_s=compile_s,
       ratios={'stdloss/none': ms['stdloss'] / ms['none'],

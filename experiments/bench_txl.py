@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from accel import benchmarking
 from accel.models import transformer, transformer_xl
 
 VARIANTS = ('transformer', 'txl_mem0', 'txl')
@@ -92,21 +92,12 @@ def run(args) -> dict:
     jax.block_until_ready(loss)
     compile_s[v] = time.perf_counter() - t0
     steps[v], states[v] = step, state
-  times = {v: [] for v in VARIANTS}
-  for _ in range(args.rounds):
-    for v in VARIANTS:
-      state = states[v]
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        state, loss = steps[v](state, tokens, targets)
-      jax.block_until_ready(loss)
-      times[v].append((time.perf_counter() - t0) / args.steps)
-      states[v] = state
-  ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+  ms, spread = benchmarking.interleaved_rounds(steps, states, (tokens, targets), args.rounds,
+                                                args.steps)
   tokens_per_step = args.batch * args.seq_len
   return dict(
       ms_per_step=ms,
-      ms_range={v: 1e3 * (max(t) - min(t)) for v, t in times.items()},
+      ms_range=spread,
       tokens_per_s={v: tokens_per_step / (m / 1e3) for v, m in ms.items()},
       compile_and_warmup_s=compile_s, temp_mib=temp_mib,
       ratios={'txl/transformer': ms['txl'] / ms['transformer'],
