@@ -150,12 +150,13 @@ def overlap_report(pipe, params, batch, st):
   lines = text.splitlines()
   pairs = []
   for i, line in enumerate(lines):
-    m = re.search(r'(%\S+) = \S+ collective-permute-start\(', line)
+    m = re.search(r'(%\S+) = .* collective-permute-start\(', line)
     if not m:
       continue
     name = m.group(1)
     for j in range(i + 1, len(lines)):
-      if 'collective-permute-done(' in lines[j] and name in lines[j]:
+      if 'collective-permute-done(' in lines[j] and re.search(re.escape(name) + r'[),]',
+                                                             lines[j]):
         between = lines[i + 1:j]
         compute = sum(bool(re.search(r' (fusion|conditional|custom-call|dot|convolution)\(',
                                      x)) for x in between)
