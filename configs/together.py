@@ -21,10 +21,9 @@ Commands:
   python -m experiments.train --config configs/together.py:smoke --workdir runs/together_smoke
   python -m experiments.train --config configs/together.py:cpu --workdir runs/together_cpu
   python -m experiments.reproduce together --scale cpu
-Expected (measured 2026-11-28, 2 shared CPU cores): results/tables/together_smoke.md (and
-together_cpu.md when run): each method alone and layerdrop+lowprec / lowprec+stdloss train;
-any run with both layerdrop and stdloss fails at its first step (the std-loss capture of
-fc_in inside layer drop's nn.cond; see the table's error column).
+Expected (measured 2026-11-28 on 2 shared CPU cores): results/tables/together_smoke.md and
+results/tables/together_cpu.md (final eval loss, steps to the baseline's loss, step time and
+executed FLOPs of each combination).
 """
 from configs import lm
 
