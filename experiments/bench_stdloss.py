@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -137,14 +135,10 @@ def main(argv=None):
     args.rounds, args.steps = 15, 5
   r = run(args)
   md = to_markdown(r)
-  print(md)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, f'stdloss_{jax.devices()[0].platform}')
-    with open(name + '.json', 'w') as f:
-      json.dump(r, f, indent=2)
-    with open(name + '.md', 'w') as f:
-      f.write(md)
+    benchmarking.write_results(args.out, f'stdloss_{jax.devices()[0].platform}', r, md)
+  else:
+    print(md)
 
 
 if __name__ == '__main__':

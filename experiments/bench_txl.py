@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -155,14 +153,10 @@ def main(argv=None):
     args.batch, args.seq_len, args.rounds, args.steps = 4, 64, 7, 3
   r = run(args)
   md = to_markdown(r)
-  print(md)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, f'bench_txl_{jax.devices()[0].platform}')
-    with open(name + '.json', 'w') as f:
-      json.dump(r, f, indent=2)
-    with open(name + '.md', 'w') as f:
-      f.write(md)
+    benchmarking.write_results(args.out, f'bench_txl_{jax.devices()[0].platform}', r, md)
+  else:
+    print(md)
 
 
 if __name__ == '__main__':
