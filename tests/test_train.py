@@ -4,7 +4,7 @@ import os
 
 import jax
 import numpy as np
-import pytest
+import orbax.checkpoint as ocp
 
 from accel import train
 from accel.checkpoint import Checkpoints
@@ -29,10 +29,9 @@ def losses(workdir):
   return [(m['step'], m['train/loss']) for m in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def final_params(workdir, config):
+def final_params(workdir):
   """Params of the last checkpoint, restored without a template."""
   manager = Checkpoints(workdir, 3)
-  import orbax.checkpoint as ocp
   restored = manager._manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
   manager.close()
   return restored['params']
@@ -65,7 +64,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
   train.train_and_evaluate(smoke(total_steps=10, **{'optimizer.schedule': 'constant'}), const_b)
   train.train_and_evaluate(smoke(total_steps=20, **{'optimizer.schedule': 'constant'}), const_b)
   assert losses(const_a) == losses(const_b)
-  a, b = final_params(const_a, None), final_params(const_b, None)
+  a, b = final_params(const_a), final_params(const_b)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
