@@ -29,13 +29,22 @@ def _args():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--quick', action='store_true', help='CPU, 2 simulated devices, tiny')
   ap.add_argument('--out', default='results')
+  ap.add_argument('--devices', type=int, default=2, help='devices the variants share')
+  ap.add_argument('--batch', type=int, default=0, help='global batch (0: the setting)')
+  ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                  help='compute dtype (parameters stay float32)')
+  ap.add_argument('--train_steps', default='',
+                  help='comma-separated step budgets for part 2 (empty: the setting; 0: skip)')
+  ap.add_argument('--profile', default='', help='write perfetto traces of the single-device '
+                  'and the Ouroboros K=2 stored step to DIR and print each device\'s busy time')
+  ap.add_argument('--tag', default='', help='suffix of the results files')
   return ap.parse_args()
 
 
 ARGS = _args() if __name__ == '__main__' else None
 if ARGS is not None and ARGS.quick:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=2')
+                             f' --xla_force_host_platform_device_count={ARGS.devices}')
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402
@@ -43,6 +52,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import tqdm  # noqa: E402
+
+from accel import benchmarking  # noqa: E402
 from accel.models.transformer import TransformerConfig, TransformerLM  # noqa: E402
 from accel.pipeline import baselines, pieces  # noqa: E402
 from accel.pipeline.layout import Layout  # noqa: E402
@@ -83,9 +95,11 @@ def batches(data: np.ndarray, batch: int, seq: int, seed: int):
 
 
 def model_cfg(st, vocab):
+  """Scan layout (the pipeline slices the layer axis), unrolled for every variant alike."""
   return TransformerConfig(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
                            num_heads=st['num_heads'], d_ff=st['d_ff'], max_len=st['seq'],
-                           scan_layers=True)
+                           dtype=jnp.dtype(st['dtype']), scan_layers=True,
+                           scan_unroll=st['num_layers'])
 
 
 def variants(cfg, tx, devs, st):
@@ -104,12 +118,14 @@ def variants(cfg, tx, devs, st):
         pipe.model_params, pipe
 
   one = jax.sharding.Mesh(np.asarray(devs[:1]), ('data',))
+  n = len(devs)
   out = {'single device': synchronous(*baselines.data_parallel(cfg, tx, one)),
          'data parallel': synchronous(*baselines.data_parallel(
              cfg, tx, jax.sharding.Mesh(np.asarray(devs), ('data',))))}
   for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
-    out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, 2, devs), m))
-  for k, tied, bw in ((2, False, 'recompute'), (2, False, 'stored'), (3, True, 'recompute')):
+    out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, n, devs), m))
+  for k, tied, bw in ((n, False, 'recompute'), (n, False, 'stored'), (n + 1, True, 'recompute'),
+                      (n + 1, True, 'stored')):
     lay = Layout(cfg.num_layers, k, tied)
     pipe = Pipeline(cfg, lay, tx, bw, make_mesh(1, lay.num_stages, devs[:lay.num_stages]))
     out[f'Ouroboros K={k} {"tied ring" if tied else "untied"} {bw}'] = ouroboros(pipe)
@@ -166,20 +182,72 @@ def overlap_report(pipe, params, batch, st):
   return {'async_pairs': pairs, 'sync_collective_permutes': n_sync}
 
 
+def settings(args):
+  st = dict(SETTINGS[args.quick], dtype=args.dtype)
+  if args.batch:
+    st['batch'] = args.batch
+  st['train_steps'] = ([int(x) for x in args.train_steps.split(',') if int(x)]
+                       if args.train_steps else [st['train_steps']])
+  return st
+
+
+def train_and_eval(built, params, data, split, st, steps, devs):
+  """Held-out bits/byte of each variant after `steps` steps on the same batches."""
+  cfg = model_cfg(st, 256)
+  eval_fn = jax.jit(lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets']))
+  eval_batches = list(zip(range(8), batches(data[split:], st['batch'], st['seq'], 123)))
+  runs = {}
+  for name, var in built.items():
+    state = var[0](params)
+    it = batches(data[:split], st['batch'], st['seq'], 7)
+    t0 = time.perf_counter()
+    for _ in tqdm.trange(steps, desc=name, leave=False):
+      state, loss = var[1](state, next(it))
+      jax.block_until_ready(loss)   # one program in flight at a time (CPU collectives)
+    p_final = jax.device_put(var[2](state), devs[0])
+    ev = np.mean([float(eval_fn(p_final, jax.device_put(b, devs[0]))) for _, b in eval_batches])
+    runs[name] = {'eval_bits_per_byte': ev / np.log(2), 'seconds': time.perf_counter() - t0}
+    print(f'{steps} steps {name:36s} eval {ev / np.log(2):.4f} bits/byte', flush=True)
+  return {'train_steps': steps, 'tokens': steps * st['batch'] * st['seq'], 'runs': runs}
+
+
+def profile(built, params, data_iter, st, out_dir):
+  """Perfetto traces of a few steps; each device stream's busy time over the traced span."""
+  from experiments import trace_summary
+  report = {}
+  for name in [n for n in built if n == 'single device' or ' untied stored' in n]:
+    init, run = built[name][:2]
+    state = init(params)
+    for _ in range(st['warmup']):
+      state, loss = run(state, next(data_iter))
+    feed = [next(data_iter) for _ in range(5)]
+    jax.block_until_ready((state, loss))
+    path = os.path.join(out_dir, re.sub(r'\W+', '_', name))
+    with jax.profiler.trace(path, create_perfetto_trace=True):
+      for b in feed:
+        state, loss = run(state, b)
+      jax.block_until_ready((state, loss))
+    trace = trace_summary.find_trace(path)
+    report[name] = trace_summary.stream_busy(trace)
+    print(f'--- {name}: {trace}')
+    for stream, row in report[name].items():
+      print(f'  {stream:60s} busy {row["busy_ms"]:8.2f} ms of {row["span_ms"]:8.2f} ms')
+    del state
+  return report
+
+
 def main():
   args = ARGS
-  st = SETTINGS[args.quick]
-  devs = jax.devices()[:2]
-  if len(devs) < 2:
-    sys.exit('needs 2 devices')
+  st = settings(args)
+  devs = jax.devices()[:args.devices]
+  if len(devs) < args.devices or args.devices < 2:
+    sys.exit(f'needs {max(2, args.devices)} devices, found {len(jax.devices())}')
   kind = 'cpu' if args.quick else devs[0].platform
-  tx_bench = optax.adam(optax.cosine_decay_schedule(st['lr'], st['train_steps']))
+  tx_bench = optax.adam(optax.cosine_decay_schedule(st['lr'], max(st['train_steps'] or [1])))
   data = corpus_bytes(4_000_000 if not args.quick else 1_000_000)
   split = int(0.95 * len(data))
-  record = {'command': ' '.join(['python -m experiments.bench_pipeline'] + sys.argv[1:]),
-            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-            'jax': jax.__version__, 'devices': [str(d.device_kind) for d in devs],
-            'backend': jax.default_backend(), 'settings': st, 'throughput': {}}
+  record = benchmarking.provenance()
+  record.update(settings=st, throughput={}, devices=[str(d.device_kind) for d in devs])
 
   # Part 1: throughput.
   for model, vocab in (('balanced (vocab 256)', 256), (f'unbalanced (vocab {st["big_vocab"]})',
@@ -188,8 +256,6 @@ def main():
     params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
                                      )['params']
     built = variants(cfg, tx_bench, devs, st)
-    if vocab == 256:
-      balanced = built   # part 2 reuses these (and their compiled steps)
     # Throughput does not depend on the token values: the big vocabulary reads random ids.
     source = data[:split] if vocab == 256 else np.random.default_rng(0).integers(
         0, vocab, 1_000_000).astype(np.int32)
@@ -197,73 +263,71 @@ def main():
     for name, v in rows.items():
       print(f'{model:28s} {name:36s} {v:12.0f} tok/s', flush=True)
     record['throughput'][model] = rows
+    if vocab == 256 and args.profile:
+      record['profile'] = profile(built, params, batches(source, st['batch'], st['seq'], 1), st,
+                                  args.profile)
+    del built
 
-  # Part 2: loss after a fixed token budget (balanced model).
+  # Part 2: loss after fixed token budgets (balanced model), the schedule spanning each.
   cfg = model_cfg(st, 256)
   params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
                                    )['params']
-  eval_fn = jax.jit(lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets']))
-  eval_batches = list(zip(range(8), batches(data[split:], st['batch'], st['seq'], 123)))
-  losses = {}
-  all_vars = balanced
-  for name in ['single device'] + [n for n in all_vars if n.startswith('Ouroboros')]:
-    var = all_vars[name]
-    state = var[0](params)
-    it = batches(data[:split], st['batch'], st['seq'], 7)
-    t0 = time.perf_counter()
-    for _ in range(st['train_steps']):
-      state, loss = var[1](state, next(it))
-      jax.block_until_ready(loss)   # one program in flight at a time (CPU collectives)
-    p_final = jax.device_put(var[2](state), devs[0])
-    ev = np.mean([float(eval_fn(p_final, jax.device_put(b, devs[0]))) for _, b in eval_batches])
-    losses[name] = {'eval_bits_per_byte': ev / np.log(2), 'seconds': time.perf_counter() - t0}
-    print(f'{name:36s} eval {ev / np.log(2):.4f} bits/byte', flush=True)
-  record['loss'] = {'train_steps': st['train_steps'],
-                    'tokens': st['train_steps'] * st['batch'] * st['seq'], 'runs': losses}
+  record['loss'] = []
+  for steps in st['train_steps']:
+    tx = optax.adam(optax.cosine_decay_schedule(st['lr'], steps))
+    built = {name: v for name, v in variants(cfg, tx, devs, st).items()
+             if name == 'single device' or name.startswith('Ouroboros')}
+    record['loss'].append(train_and_eval(built, params, data, split, st, steps, devs))
 
   # Part 3: overlap of transfers and compute in the compiled Ouroboros step.
-  pipe = all_vars['Ouroboros K=2 untied recompute'][3]
+  n = len(devs)
+  pipe = Pipeline(cfg, Layout(cfg.num_layers, n, False), tx_bench, 'stored',
+                  make_mesh(1, n, devs))
   record['overlap'] = overlap_report(pipe, params, next(batches(data, st['batch'], st['seq'], 0)),
                                      st)
-  write(record, args.out, kind)
+  write(record, args.out, kind + args.tag)
 
 
 def write(record, out_dir, kind):
-  os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, f'bench_pipeline_{kind}')
-  with open(base + '.json', 'w') as f:
-    json.dump(record, f, indent=1)
+  n = len(record['devices'])
   lines = [f'# Ouroboros pipeline benchmark ({kind})', '',
-           f'`{record["command"]}` — {record["date"]}, jax {record["jax"]}, backend '
-           f'{record["backend"]}, devices {record["devices"]}', '',
+           f'`{record["command"]}` — {record["date"]}, jax {record["jax"]}, commit '
+           f'{record["git_commit"]}, devices {record["devices"]}', '',
            f'Settings: `{json.dumps(record["settings"])}`', '',
-           *(['CPU quick mode: the 2 simulated devices share the host cores (here 2 cores '
+           *(['CPU quick mode: the simulated devices share the host cores (here 2 cores '
               'shared with other jobs), so the throughput ratios say nothing about GPUs; '
               'this mode checks that every variant runs and trains.', '']
-             if kind == 'cpu' else []),
-           '## Throughput (tokens/s, same global batch, 2 devices)', '']
+             if kind.startswith('cpu') else []),
+           f'## Throughput (tokens/s, same global batch, {n} devices)', '']
   for model, rows in record['throughput'].items():
     base_tp = rows['single device']
-    gp = [v for n, v in rows.items() if n.startswith('GPipe')][0]
-    lines += [f'### {model}', '', '| variant | tokens/s | vs single | vs GPipe |', '|---|---|---|---|']
-    lines += [f'| {n} | {v:.0f} | {v / base_tp:.2f}x | {v / gp:.2f}x |' for n, v in rows.items()]
+    gp = [v for name, v in rows.items() if name.startswith('GPipe')][0]
+    lines += [f'### {model}', '', '| variant | tokens/s | vs single | vs GPipe |',
+              '|---|---|---|---|']
+    lines += [f'| {name} | {v:.0f} | {v / base_tp:.2f}x | {v / gp:.2f}x |'
+              for name, v in rows.items()]
     lines.append('')
-  runs = record['loss']['runs']
-  sync = runs['single device']['eval_bits_per_byte']
-  lines += [f'## Held-out bits/byte after {record["loss"]["train_steps"]} steps '
-            f'({record["loss"]["tokens"]} tokens)', '',
-            '| variant | bits/byte | vs synchronous |', '|---|---|---|']
-  lines += [f'| {n} | {r["eval_bits_per_byte"]:.4f} | {100 * (r["eval_bits_per_byte"] / sync - 1):+.2f}% |'
-            for n, r in runs.items()]
+  for budget in record['loss']:
+    runs = budget['runs']
+    sync = runs['single device']['eval_bits_per_byte']
+    lines += [f'## Held-out bits/byte after {budget["train_steps"]} steps '
+              f'({budget["tokens"]} tokens, cosine schedule over them)', '',
+              '| variant | bits/byte | vs synchronous |', '|---|---|---|']
+    lines += [f'| {name} | {r["eval_bits_per_byte"]:.4f} | '
+              f'{100 * (r["eval_bits_per_byte"] / sync - 1):+.2f}% |' for name, r in runs.items()]
+    lines.append('')
+  for name, streams in record.get('profile', {}).items():
+    lines += [f'## Profile: {name} (5 steps; busy = sum of kernel times on the stream)', '',
+              '| stream | busy ms | span ms |', '|---|---|---|']
+    lines += [f'| {s} | {r["busy_ms"]:.2f} | {r["span_ms"]:.2f} |' for s, r in streams.items()]
+    lines.append('')
   ov = record['overlap']
-  lines += ['', '## Transfers vs compute in the compiled Ouroboros step (K=2 untied)', '',
+  lines += [f'## Transfers vs compute in the compiled Ouroboros step (K={n} untied stored)', '',
             f'synchronous collective-permutes: {ov["sync_collective_permutes"]}; async pairs '
             f'(ops / compute ops between start and done): ' +
             (', '.join(f'{p["ops_between"]}/{p["compute_ops_between"]}'
                        for p in ov['async_pairs']) or 'none'), '']
-  with open(base + '.md', 'w') as f:
-    f.write('\n'.join(lines))
-  print('\n'.join(lines))
+  benchmarking.write_results(out_dir, f'bench_pipeline_{kind}', record, '\n'.join(lines))
 
 
 if __name__ == '__main__':

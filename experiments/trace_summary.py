@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import gzip
 import json
+import os
 import re
 
 
@@ -29,6 +31,41 @@ def kernel_times(path: str) -> tuple[collections.Counter, dict]:
       if '/device:' in process.lower() or 'gpu' in process.lower() or 'stream' in process.lower():
         totals[e['name']] += e['dur']
   return totals, names
+
+
+def find_trace(directory: str) -> str:
+  """The perfetto trace jax.profiler.trace(directory, create_perfetto_trace=True) wrote."""
+  found = glob.glob(os.path.join(directory, '**', 'perfetto_trace.json.gz'), recursive=True)
+  if not found:
+    raise FileNotFoundError(f'no perfetto_trace.json.gz under {directory}')
+  return max(found, key=os.path.getmtime)
+
+
+def stream_busy(path: str) -> dict:
+  """'process / thread' of each device stream -> busy_ms (sum of its kernel times) and
+  span_ms (first kernel start to last kernel end): busy / span is how much it worked."""
+  with gzip.open(path, 'rt') as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  procs, threads = {}, {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      procs[e['pid']] = e['args'].get('name', '')
+    if e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      threads[(e['pid'], e.get('tid'))] = e['args'].get('name', '')
+  rows = {}
+  for e in events:
+    process = procs.get(e.get('pid'), '')
+    if e.get('ph') != 'X' or 'dur' not in e or not ('/device:' in process.lower() or
+                                                    'gpu' in process.lower()):
+      continue
+    key = f'{process} / {threads.get((e["pid"], e.get("tid")), e.get("tid"))}'
+    row = rows.setdefault(key, {'busy_ms': 0.0, 'start': e['ts'], 'end': e['ts']})
+    row['busy_ms'] += e['dur'] / 1e3
+    row['start'] = min(row['start'], e['ts'])
+    row['end'] = max(row['end'], e['ts'] + e['dur'])
+  return {key: {'busy_ms': r['busy_ms'], 'span_ms': (r['end'] - r['start']) / 1e3}
+          for key, r in sorted(rows.items())}
 
 
 def main():
