@@ -1,4 +1,5 @@
-"""The single-device Ouroboros reference: layout, zero-delay equivalence, tied gradient."""
+"""The single-device Ouroboros reference: layout, zero-delay equivalence, tied gradient,
+dropout masks per (batch, module), the global-norm clip."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from accel.pipeline.reference import Reference
 
 CFG = TransformerConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32,
                         max_len=8, scan_layers=True)
+RNG = jax.random.key(7)   # the train rng the dropout keys derive from
 
 
 def _params(cfg=CFG, seed=0):
@@ -40,6 +42,10 @@ def _close(a, b, rtol=2e-5, atol=2e-6):
       lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol, atol), a, b)
 
 
+def _keys(layout, b):
+  return [pieces.dropout_key(RNG, b, j) for j in range(layout.num_modules)]
+
+
 def test_layout_ranges_and_delays():
   tied = Layout(num_layers=6, num_modules=4, tied_ring=True)
   assert tied.num_stages == 3 and tied.layers_per_stage == 2
@@ -53,20 +59,36 @@ def test_layout_ranges_and_delays():
     Layout(num_layers=4, num_modules=4, tied_ring=True)
 
 
-def test_zero_delay_equals_synchronous_training():
-  """All delays 0: per-module vjps + per-module Adam == jax.grad of the model + Adam."""
+# K=3 untied, one block per module (E shared by modules 0 and 2), dropout on.
+CFG3 = TransformerConfig(**{**CFG.__dict__, 'num_layers': 3, 'dropout_rate': 0.1})
+LAYOUT3 = Layout(3, 3, False)
+
+
+@pytest.mark.parametrize('backward_weights', ['stored', 'recompute'])
+def test_zero_delay_equals_synchronous_training(backward_weights):
+  """All delays 0, dropout on: per-module vjps + per-module Adam == jax.grad of the whole
+  model with module j's masks from dropout_key(rng, b, j) + Adam. The backward of batch b
+  ('stored': the vjp as it ran; 'recompute': a re-run from the key) applies the masks of
+  its forward, or the gradients would not match."""
   tx = _adam(optax.cosine_decay_schedule(1e-2, 10))
-  layout = Layout(4, 3, tied_ring=True)   # modules of 1, 2, 1 blocks; E shared by 0 and 2
-  cfg = TransformerConfig(**{**CFG.__dict__, 'num_layers': 4})
-  ref = Reference(cfg, layout, tx, 'recompute', synchronous=True)
+  cfg, layout = CFG3, LAYOUT3
+  ref = Reference(cfg, layout, tx, backward_weights, synchronous=True, rng=RNG)
   params = _params(cfg)
   state = ref.init(params)
   opt = tx.init(params)
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets'])))
-  for batch in _batches(3):
+      lambda p, b, keys: pieces.full_loss(cfg, p, b['inputs'], b['targets'], layout, keys)))
+  batches = _batches(3)
+  b0 = batches[0]
+  # Dropout changes the forward: rate 0.1 gives another loss than rate 0 (no masks).
+  assert abs(grad_fn(params, b0, _keys(layout, 0))[0]
+             - pieces.full_loss(cfg, params, b0['inputs'], b0['targets'])) > 1e-4
+  for b, batch in enumerate(batches):
     state, metrics = ref.step(state, batch)
-    loss, g = grad_fn(params, batch)
+    loss, g = grad_fn(params, batch, _keys(layout, b))
+    _, g_other_masks = grad_fn(params, batch, _keys(layout, b + 1))
+    assert not np.allclose(g['token_embed']['embedding'],
+                           g_other_masks['token_embed']['embedding'], atol=1e-4)
     updates, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
@@ -93,15 +115,15 @@ def test_tied_gradient_is_sum_of_input_and_output_parts():
 
 def test_pipelined_schedule_delays():
   """K=3: module j first updates at iteration 2(K-1)-j; losses start at K-1; stored and
-  recompute agree on the first backward of each module (weights not yet changed)."""
+  recompute agree on the first backward of each module (weights not yet changed), so the
+  delayed re-run draws the masks the forward drew d_j iterations earlier."""
   tx = _adam(1e-2)
-  cfg = TransformerConfig(**{**CFG.__dict__, 'num_layers': 3})
-  layout = Layout(3, 3, False)
+  cfg, layout = CFG3, LAYOUT3
   params = _params(cfg)
   batches = _batches(5)
   runs = {}
   for bw in ('stored', 'recompute'):
-    ref = Reference(cfg, layout, tx, bw)
+    ref = Reference(cfg, layout, tx, bw, rng=RNG)
     state = ref.init(params)
     hist = []
     for batch in batches:
@@ -120,7 +142,36 @@ def test_pipelined_schedule_delays():
   d = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                              runs['stored'][4]['grads'][1], runs['recompute'][4]['grads'][1])
   assert max(jax.tree_util.tree_leaves(d)) > 1e-6
-  # The loss at iteration K-1 is the loss of batch 0 under the initial weights.
+  # The loss at iteration K-1 is the loss of batch 0 under the initial weights, with the
+  # masks of batch 0 in every module.
   b0 = batches[0]
   np.testing.assert_allclose(
-      h[2]['loss'], pieces.full_loss(cfg, params, b0['inputs'], b0['targets']), rtol=1e-6)
+      h[2]['loss'], pieces.full_loss(cfg, params, b0['inputs'], b0['targets'], layout,
+                                     _keys(layout, 0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize('clip_norm', [1e-3, 1e3])
+def test_clip_scales_every_gradient_by_the_global_norm(clip_norm):
+  """SGD(lr=1) with the clip: each module's step is -g * min(1, c / norm), norm over every
+  gradient applied at that iteration (modules of different batches, E's two parts summed;
+  during the warm-up only the modules that have one). c = 1e-3 is below every norm, 1e3
+  above."""
+  ref = Reference(CFG3, LAYOUT3, optax.sgd(1.0), 'recompute', rng=RNG, clip_norm=clip_norm)
+  state = ref.init(_params(CFG3))
+  scaled = 0
+  for batch in _batches(5):
+    before = jax.tree_util.tree_map(np.asarray, (state['modules'], state['E']))
+    state, m = ref.step(state, batch)
+    present = [g for g in m['grads'] if g is not None] + [sum(m['grad_E'])] * bool(m['grad_E'])
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(a), dtype=np.float64))
+                       for a in jax.tree_util.tree_leaves(present)))
+    np.testing.assert_allclose(m['grad_norm'], norm, rtol=1e-5)
+    scale = min(1.0, clip_norm / norm) if norm else 1.0
+    scaled += scale < 1
+    for j, g in enumerate(m['grads']):
+      step = jax.tree_util.tree_map(lambda a, b: a - b, state['modules'][j], before[0][j])
+      _close(step, jax.tree_util.tree_map(lambda a: -scale * a, g) if g is not None
+             else jax.tree_util.tree_map(np.zeros_like, step), rtol=1e-4, atol=1e-7)
+    if m['grad_E']:
+      _close(state['E'] - before[1], -scale * sum(m['grad_E']), rtol=1e-4, atol=1e-7)
+  assert scaled == (3 if clip_norm < 1 else 0)   # from iteration K-1 = 2 on

@@ -9,9 +9,12 @@ the tied table's two gradient parts are added in another order. Tolerance: 2e-6 
 on parameters of size ~0.02-1.
 
 Default cases (4 compilations) cover K = 2, 3, 4, tied and untied, 'stored' and
-'recompute', data x stage meshes (2 x 3 and 2 x 4 = all 8 devices);
-ACCEL_PIPELINE_FULL=1 runs all 12 (K, layout, backward) combinations plus 2 x 4 and 4 x 2
-(tied ring K=3) meshes.
+'recompute', data x stage meshes (2 x 3 and 2 x 4 = all 8 devices), dropout (data axis
+1 only: with more data shards each draws its own masks, the reference has one) and the
+global-norm clip (its value is below the gradient norm at most filled iterations, so it
+scales them; the norm itself is compared too); ACCEL_PIPELINE_FULL=1 runs all 12
+(K, layout, backward) combinations with and without dropout and clip, plus 2 x 4 and
+4 x 2 (tied ring K=3) meshes.
 """
 import json
 import os
@@ -20,15 +23,20 @@ import sys
 
 import pytest
 
-DEFAULT = [(2, True, 'stored', 1), (3, False, 'recompute', 2), (4, True, 'recompute', 1),
-           (4, False, 'stored', 2)]   # the last: data x stage = 2 x 4 on all 8 devices
-FULL = [(k, tied, bw, 1) for k in (2, 3, 4) for tied in (True, False)
-        for bw in ('stored', 'recompute')] + [(4, False, 'stored', 2), (3, True, 'stored', 4)]
+CLIP = 0.5
+# (K, tied ring, backward weights, data axis, dropout rate, clip norm)
+DEFAULT = [(2, True, 'stored', 1, 0.1, CLIP), (3, False, 'recompute', 2, 0.0, CLIP),
+           (4, True, 'recompute', 1, 0.1, CLIP),
+           (4, False, 'stored', 2, 0.0, 0.0)]   # the last: data x stage = 2 x 4, 8 devices
+FULL = [(k, tied, bw, 1, rate, clip) for k in (2, 3, 4) for tied in (True, False)
+        for bw in ('stored', 'recompute') for rate, clip in ((0.0, 0.0), (0.1, CLIP))] + [
+            (4, False, 'stored', 2, 0.0, CLIP), (3, True, 'stored', 4, 0.0, 0.0)]
 CASES = FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT
 
 
-def _run_case(k, tied, bw, data):
-  """Returns the worst parameter / loss difference over 2K+1 iterations."""
+def _run_case(k, tied, bw, data, rate, clip):
+  """Returns the worst parameter / loss / gradient-norm difference over 2K+1 iterations
+  and how many iterations the clip scaled."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -41,19 +49,22 @@ def _run_case(k, tied, bw, data):
   # Untied: one block per module; tied ring: two per stage (module 0 and K-1 one each).
   layout = Layout(2 * (k - 1) if tied else k, k, tied)
   cfg = TransformerConfig(vocab_size=32, num_layers=layout.num_layers, d_model=16,
-                          num_heads=2, d_ff=32, max_len=8, scan_layers=True)
+                          num_heads=2, d_ff=32, max_len=8, scan_layers=True,
+                          dropout_rate=rate)
+  rng = jax.random.key(7)
   params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   tx = optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
   devices = jax.devices()[:data * layout.num_stages]
-  pipe = Pipeline(cfg, layout, tx, bw, make_mesh(data, layout.num_stages, devices))
+  pipe = Pipeline(cfg, layout, tx, bw, make_mesh(data, layout.num_stages, devices), rng=rng,
+                  clip_norm=clip)
   batch_size = 2 * data
   state = pipe.init(params, batch_size, 8)
-  ref = Reference(cfg, layout, tx, bw)
+  ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip)
   ref_state = ref.init(params)
-  rng = np.random.default_rng(1)
-  worst = {'param': 0.0, 'loss': 0.0, 'valid_losses': 0}
+  data_rng = np.random.default_rng(1)
+  worst = {'param': 0.0, 'loss': 0.0, 'grad_norm': 0.0, 'valid_losses': 0, 'clipped': 0}
   for _ in range(2 * k + 1):
-    seq = rng.integers(0, 32, (batch_size, 9)).astype(np.int32)
+    seq = data_rng.integers(0, 32, (batch_size, 9)).astype(np.int32)
     batch = {'inputs': jnp.asarray(seq[:, :-1]), 'targets': jnp.asarray(seq[:, 1:])}
     state, m = pipe.step(state, batch)
     ref_state, rm = ref.step(ref_state, batch)
@@ -61,6 +72,9 @@ def _run_case(k, tied, bw, data):
     if rm['loss'] is not None:
       worst['loss'] = max(worst['loss'], abs(float(m['loss']) - float(rm['loss'])))
       worst['valid_losses'] += 1
+    worst['grad_norm'] = max(worst['grad_norm'],
+                             abs(float(m['grad_norm']) - float(rm['grad_norm'])))
+    worst['clipped'] += int(clip > 0 and float(rm['grad_norm']) > clip)
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                                    pipe.model_params(state), ref.model_params(ref_state))
     worst['param'] = max(worst['param'], *jax.tree_util.tree_leaves(diffs))
@@ -84,13 +98,21 @@ def results():
   return out
 
 
-@pytest.mark.parametrize('case', CASES, ids=lambda c: f'K{c[0]}-{"tied" if c[1] else "untied"}-{c[2]}-data{c[3]}')
+def _case_id(c):
+  return (f'K{c[0]}-{"tied" if c[1] else "untied"}-{c[2]}-data{c[3]}'
+          f'{f"-dropout{c[4]}" if c[4] else ""}{f"-clip{c[5]}" if c[5] else ""}')
+
+
+@pytest.mark.parametrize('case', CASES, ids=_case_id)
 def test_spmd_matches_reference(results, case):
   worst = results[tuple(case)]
-  k = case[0]
+  k, clip = case[0], case[5]
   assert worst['valid_losses'] == k + 2          # losses from iteration K-1 to 2K
   assert worst['loss'] < 1e-5, worst
+  assert worst['grad_norm'] < 1e-5, worst
   assert worst['param'] < 2e-6, worst
+  if clip:
+    assert worst['clipped'] >= k + 1, worst       # most of the K+2 filled iterations
 
 
 if __name__ == '__main__':

@@ -57,9 +57,16 @@ Memory per module j (B x L x D activations, R_j = d_j):
   The SPMD program keeps one ring of R = 2(K-1) slots per stage (the largest d_j); the
   reference keeps exactly what each module needs.
 
-Everything else (schedule of the loss, no gradient clipping) is plain training;
-`synchronous=True` in the reference forces f_j(t) = g_j(t) = t (all delays 0), which is
-ordinary synchronous training.
+Dropout: module j draws the masks of batch b from a key that is a function of (seed, b,
+j) and the data shard (`pieces.dropout_key`), so its delayed backward, 'stored' or
+'recompute', uses the masks its forward used.
+Gradient clipping (optimizer.clip_norm = c > 0): every gradient applied at iteration t,
+all modules' and the tied table's, is scaled by min(1, c / their global norm)
+(`clipping`); these are gradients of different batches.
+
+Everything else (schedule of the loss) is plain training; `synchronous=True` in the
+reference forces f_j(t) = g_j(t) = t (all delays 0), which is ordinary synchronous
+training (with dropout: with module j's masks of batch t drawn from its key).
 """
 from accel.pipeline.layout import Layout
 

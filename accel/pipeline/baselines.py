@@ -28,6 +28,13 @@ from accel.pipeline import pieces
 _tmap = jax.tree_util.tree_map
 
 
+def _baseline_config(cfg):
+  """The baselines run the model deterministically: they refuse dropout, not ignore it."""
+  if cfg.dropout_rate:
+    raise ValueError('the synchronous baselines run without dropout; set dropout_rate=0')
+  return pieces.scan_config(cfg)
+
+
 def _adam_step(cfg, tx, loss_fn):
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -38,7 +45,7 @@ def _adam_step(cfg, tx, loss_fn):
 
 def data_parallel(cfg, tx, mesh: jax.sharding.Mesh, axis: str = 'data'):
   """Returns (init(params) -> (params, opt), step(params, opt, batch) -> (params, opt, loss))."""
-  cfg = pieces.scan_config(cfg)
+  cfg = _baseline_config(cfg)
   repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
   loss_fn = lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets'])
   step = jax.jit(_adam_step(cfg, tx, loss_fn), donate_argnums=(0, 1),
@@ -56,7 +63,7 @@ def gpipe(cfg, tx, mesh: jax.sharding.Mesh, num_microbatches: int):
   Params are the TransformerLM (scan layout) params with the layer axis reshaped to
   [S, n, ...]; `to_model` undoes it.
   """
-  cfg = pieces.scan_config(cfg)
+  cfg = _baseline_config(cfg)
   s, m = mesh.shape['stage'], num_microbatches
 
   def pipeline_loss(params, batch):

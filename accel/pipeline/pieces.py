@@ -7,6 +7,11 @@ Parameters use the spine's scan layout (`TransformerConfig.scan_layers=True`):
   final_ln = params['final_ln']                 (PreLN only; {} for PostLN)
 The functions call the spine's `TransformerLM.embed`, `BlockStack` and
 `TransformerLM.logits`, so the pipeline computes exactly the model the spine trains.
+
+Dropout: `embed` and `blocks` take a key (None: deterministic). Module j's forward of
+batch b draws all its masks (module 0: the embedding's too, as `TransformerLM.embed` does)
+from `dropout_key(rng, b, j, shard)`, a pure function of the train rng, the batch, the
+module and the data shard, so its delayed backward can re-derive the very same masks.
 """
 from __future__ import annotations
 
@@ -24,24 +29,38 @@ def scan_config(cfg: TransformerConfig) -> TransformerConfig:
   unrolled: a stage runs few blocks, and a loop over them costs step time on GPU (GPT-2
   small on one H200: 371k tokens/s scanned vs 474k looped, README "Measured").
   """
-  if cfg.dropout_rate:
-    raise ValueError('the pipeline runs the blocks deterministically; set dropout_rate=0')
   return dataclasses.replace(cfg, scan_layers=True, scan_unroll=cfg.num_layers)
 
 
-def embed(cfg, E_VxD, P_MxD, tokens_BxL):
-  """x = E[tokens] + P[:L]."""
+def dropout_key(rng, batch, module, shard=0):
+  """fold_in(fold_in(fold_in(rng, batch), module), shard); None if rng is None.
+
+  fold_in(rng, batch) is the spine's per-step dropout rng (`accel.train`): batch b enters
+  the pipeline at iteration b. `shard` is the data shard (lax.axis_index('data')).
+  """
+  if rng is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, batch), module), shard)
+
+
+def _dropout(key):
+  """apply() arguments: dropout masks from `key`, or deterministic if it is None."""
+  return {'deterministic': key is None, 'rngs': {} if key is None else {'dropout': key}}
+
+
+def embed(cfg, E_VxD, P_MxD, tokens_BxL, key=None):
+  """x = dropout(E[tokens] + P[:L])."""
   return TransformerLM(cfg).apply(
       {'params': {'token_embed': {'embedding': E_VxD}, 'pos_embed': P_MxD}},
-      tokens_BxL, method='embed')
+      tokens_BxL, method='embed', **_dropout(key))
 
 
-def blocks(cfg, layers, x_BxLxD):
+def blocks(cfg, layers, x_BxLxD, key=None):
   """Blocks of one module; `layers` leaves are [n, ...] (n may be 0: identity)."""
   n = jax.tree_util.tree_leaves(layers)[0].shape[0]
   if n == 0:
     return x_BxLxD
-  return BlockStack(cfg, n).apply({'params': {'layers': layers}}, x_BxLxD)
+  return BlockStack(cfg, n).apply({'params': {'layers': layers}}, x_BxLxD, **_dropout(key))
 
 
 def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
@@ -54,12 +73,19 @@ def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
 
 
-def full_loss(cfg, params, tokens_BxL, targets_BxL):
-  """The whole model's loss (synchronous training and the baselines)."""
-  x = embed(cfg, params['token_embed']['embedding'], params['pos_embed'], tokens_BxL)
-  x = blocks(cfg, params['stack']['layers'], x)
-  return head_loss(cfg, params['token_embed']['embedding'], params.get('final_ln', {}),
-                   x, targets_BxL)
+def full_loss(cfg, params, tokens_BxL, targets_BxL, layout=None, keys_K=None):
+  """The whole model's loss (synchronous training and the baselines).
+
+  Deterministic, or with `layout` and keys_K[j] = `dropout_key(rng, b, j)`: module j's
+  blocks (module 0: and the embedding) with the masks the pipeline draws for batch b.
+  """
+  ranges = layout.module_ranges() if layout is not None else ((0, cfg.num_layers),)
+  keys_K = keys_K if keys_K is not None else [None] * len(ranges)
+  E_VxD = params['token_embed']['embedding']
+  x = embed(cfg, E_VxD, params['pos_embed'], tokens_BxL, keys_K[0])
+  for (start, stop), key in zip(ranges, keys_K):
+    x = blocks(cfg, slice_layers(params['stack']['layers'], start, stop), x, key)
+  return head_loss(cfg, E_VxD, params.get('final_ln', {}), x, targets_BxL)
 
 
 def slice_layers(layers, start: int, stop: int):

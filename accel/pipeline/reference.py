@@ -6,8 +6,11 @@ schedule reads as written in `accel.pipeline`'s docstring. The SPMD program
 (forward and backward of batch t at iteration t through all modules), which must equal
 ordinary training with jax.grad of the whole model.
 
-'stored' keeps the jax.vjp of each module forward as it ran (its residuals); 'recompute'
-keeps the module input and re-runs the forward with the current weights.
+'stored' keeps the jax.vjp of each module forward as it ran (its residuals, dropout masks
+included); 'recompute' keeps the module input and re-runs the forward with the current
+weights and the same dropout key, `pieces.dropout_key(rng, b, j)` (data shard 0).
+With dropout, `synchronous=True` equals jax.grad of `pieces.full_loss` with module j's
+masks from that key for batch t. Gradient clipping: `accel.pipeline.clipping`.
 """
 from __future__ import annotations
 
@@ -15,23 +18,23 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from accel.pipeline import pieces
+from accel.pipeline import clipping, pieces
 from accel.pipeline.layout import Layout
 
 
-def _first(cfg, pm, E, tokens):
-  return pieces.blocks(cfg, pm['layers'], pieces.embed(cfg, E, pm['pos_embed'], tokens))
+def _first(cfg, pm, E, tokens, key):
+  x = pieces.embed(cfg, E, pm['pos_embed'], tokens, key)
+  return pieces.blocks(cfg, pm['layers'], x, key)
 
 
-def _middle(cfg, pm, x):
-  return pieces.blocks(cfg, pm['layers'], x)
+def _middle(cfg, pm, x, key):
+  return pieces.blocks(cfg, pm['layers'], x, key)
 
 
-def _last(cfg, pm, E, x, targets):
-  h = pieces.blocks(cfg, pm['layers'], x)
+def _last(cfg, pm, E, x, targets, key):
+  h = pieces.blocks(cfg, pm['layers'], x, key)
   return pieces.head_loss(cfg, E, pm.get('final_ln', {}), h, targets)
 
 
@@ -40,8 +43,10 @@ def _last(cfg, pm, E, x, targets):
 _jit = functools.partial(jax.jit, static_argnums=0)
 _fwd_first = _jit(_first)
 _fwd_middle = _jit(_middle)
-_vjp_first = _jit(lambda cfg, pm, E, tok: jax.vjp(lambda p, e: _first(cfg, p, e, tok), pm, E))
-_vjp_middle = _jit(lambda cfg, pm, x: jax.vjp(functools.partial(_middle, cfg), pm, x))
+_vjp_first = _jit(lambda cfg, pm, E, tok, key: jax.vjp(
+    lambda p, e: _first(cfg, p, e, tok, key), pm, E))
+_vjp_middle = _jit(lambda cfg, pm, x, key: jax.vjp(
+    lambda p, x_: _middle(cfg, p, x_, key), pm, x))
 _grad_last = _jit(jax.value_and_grad(_last, argnums=(1, 2, 3)))
 _apply_vjp = jax.jit(lambda vjp, g: vjp(g))
 
@@ -56,12 +61,19 @@ class Reference:
   """state = dict(step, modules=[{'layers', 'pos_embed'?, 'final_ln'?}], E, opt, opt_E, ...)."""
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
-               backward_weights: str, synchronous: bool = False):
+               backward_weights: str, synchronous: bool = False, rng=None,
+               clip_norm: float = 0.0):
+    """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
+    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip."""
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
+    if cfg.dropout_rate and rng is None:
+      raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
     self.cfg = pieces.scan_config(cfg)
     self.layout, self.tx = layout, tx
     self.backward_weights, self.synchronous = backward_weights, synchronous
+    self.rng = rng if cfg.dropout_rate else None
+    self.clip_norm = clip_norm
     self._k = layout.num_modules
 
   def init(self, params) -> dict[str, Any]:
@@ -95,12 +107,17 @@ class Reference:
   def bwd_batch(self, j: int, t: int) -> int:
     return t if self.synchronous else t - self.layout.delay(j) - j
 
+  def key(self, j: int, b: int):
+    """Module j's dropout key for batch b (None without dropout)."""
+    return pieces.dropout_key(self.rng, b, j)
+
   def step(self, state, batch):
     """One iteration t: every module's forward and backward, then the updates.
 
     batch: dict(inputs=[B, L] int, targets=[B, L] int), the batch that enters at t.
     Returns (state, metrics) with metrics['loss'] the loss of batch bwd_batch(K-1, t)
-    (None while the pipeline fills).
+    (None while the pipeline fills), the gradients before clipping ('grads' per module,
+    None where it has none; 'grad_E' the tied table's parts) and their global norm.
     """
     k, t = self._k, state['step']
     mods, E = state['modules'], state['E']
@@ -115,20 +132,22 @@ class Reference:
       if b < 0:
         continue
       x_in = batches[b]['inputs'] if j == 0 else acts.pop((j, b))
+      key = self.key(j, b)
       if self.backward_weights == 'stored':
-        y, vjp = (_vjp_first(self.cfg, mods[j], E, x_in) if j == 0
-                  else _vjp_middle(self.cfg, mods[j], x_in))
+        y, vjp = (_vjp_first(self.cfg, mods[j], E, x_in, key) if j == 0
+                  else _vjp_middle(self.cfg, mods[j], x_in, key))
         saved[(j, b)] = vjp
       else:
-        y = (_fwd_first(self.cfg, mods[j], E, x_in) if j == 0
-             else _fwd_middle(self.cfg, mods[j], x_in))
+        y = (_fwd_first(self.cfg, mods[j], E, x_in, key) if j == 0
+             else _fwd_middle(self.cfg, mods[j], x_in, key))
         saved[(j, b)] = x_in
       acts[(j + 1, b)] = y
     # The last module: forward, loss and backward of the same batch (delay 0).
     b = self.fwd_batch(k - 1, t)
     if b >= 0:
       loss, (g_mod[k - 1], g_E_out, dx) = _grad_last(
-          self.cfg, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'])
+          self.cfg, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'],
+          self.key(k - 1, b))
       g_E.append(g_E_out)
       grads_in[(k - 2, b)] = dx
     # Backwards of older batches, from the loss side down.
@@ -136,25 +155,30 @@ class Reference:
       b = self.bwd_batch(j, t)
       if b < 0:
         continue
-      g = grads_in.pop((j, b))
+      g, key = grads_in.pop((j, b)), self.key(j, b)
       if self.backward_weights == 'stored':
         cot = _apply_vjp(saved.pop((j, b)), g)
       elif j == 0:
-        cot = _apply_vjp(_vjp_first(self.cfg, mods[0], E, saved.pop((0, b)))[1], g)
+        cot = _apply_vjp(_vjp_first(self.cfg, mods[0], E, saved.pop((0, b)), key)[1], g)
       else:
-        cot = _apply_vjp(_vjp_middle(self.cfg, mods[j], saved.pop((j, b)))[1], g)
+        cot = _apply_vjp(_vjp_middle(self.cfg, mods[j], saved.pop((j, b)), key)[1], g)
       if j == 0:
         g_mod[0], g_E_in = cot
         g_E.append(g_E_in)
         del batches[b]
       else:
         g_mod[j], grads_in[(j - 1, b)] = cot
+    # Tied table: output-side part (batch t-(K-1)) + input-side part (batch t-2(K-1)).
+    g_E_sum = sum(g_E[1:], g_E[0]) if g_E else None
+    grad_norm = optax.tree.norm((g_mod, g_E_sum))     # None: no gradient, not counted
+    applied, applied_E = g_mod, g_E_sum
+    if self.clip_norm:
+      applied, applied_E = clipping.clip((g_mod, g_E_sum), grad_norm, self.clip_norm)
     # Adam per module, only for modules that have a gradient this iteration.
     for j in range(k):
-      if g_mod[j] is not None:
-        mods[j], state['opt'][j] = _update(self.tx, g_mod[j], state['opt'][j], mods[j])
+      if applied[j] is not None:
+        mods[j], state['opt'][j] = _update(self.tx, applied[j], state['opt'][j], mods[j])
     if g_E:
-      # Tied table: output-side part (batch t-(K-1)) + input-side part (batch t-2(K-1)).
-      state['E'], state['opt_E'] = _update(self.tx, sum(g_E[1:], g_E[0]), state['opt_E'], E)
+      state['E'], state['opt_E'] = _update(self.tx, applied_E, state['opt_E'], E)
     state['step'] = t + 1
-    return state, {'loss': loss, 'grads': g_mod, 'grad_E': g_E}
+    return state, {'loss': loss, 'grads': g_mod, 'grad_E': g_E, 'grad_norm': grad_norm}

@@ -9,8 +9,15 @@ docstring, for every stage at once, inside `jax.shard_map`:
   2. `lax.ppermute` sends the forward outputs to the next stage and the input-gradients
      to the previous one (ring S-1 -> 0 in the tied layout); they arrive as next
      iteration's inboxes;
-  3. gradients are averaged over 'data' (`pmean`) and each module applies its own Adam,
-     only where it has a gradient (warm-up; `jnp.where` keeps the old state otherwise).
+  3. gradients are averaged over 'data' (`pmean`), clipped by the global norm of all
+     stages' gradients if clip_norm > 0 (`accel.pipeline.clipping`), and each module
+     applies its own Adam, only where it has a gradient (warm-up; `jnp.where` keeps the
+     old state otherwise).
+
+Dropout: module j's forward of batch b, and its backward of b (re-run or rebuilt from the
+stored residuals: the masks are re-derived from the key), use the key
+`pieces.dropout_key(rng, b, j, lax.axis_index('data'))`: each data shard draws its own
+masks, so the masks depend on the mesh; with a data axis of 1 they are the reference's.
 
 State, every array with a leading stage axis S (sharded over 'stage'; the batch axes over
 'data'):
@@ -27,7 +34,8 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
            'stored': the residuals of the module's jax.vjp as its forward ran (the Dense
              outputs, the block inputs and the weights, `_block_vjp`), packed into one
              float32 vector of the largest role's size (`_residual_size`). The backward
-             rebuilds the vjp from them: no second pass through the Dense layers.
+             rebuilds the vjp from them: no second pass through the Dense layers. The
+             dropout key, the one residual that is not packed, is derived again.
   tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
            t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
 Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('recompute',
@@ -47,7 +55,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import pieces
+from accel.pipeline import clipping, pieces
 from accel.pipeline.layout import Layout
 
 _tmap = jax.tree_util.tree_map
@@ -59,19 +67,29 @@ def make_mesh(data: int, stage: int, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh((data, stage), ('data', 'stage'), (auto, auto), devices=devices)
 
 
-def _block_vjp(cfg, layers, x):
-  """jax.vjp of a module's blocks whose residuals are the Dense outputs (and the inputs and
-  weights): the attention scores and elementwise intermediates are re-derived from them in
-  the backward, deterministically, so the backward is still that of the forward as it ran.
+def _block_vjp(cfg, layers, x, key=None):
+  """jax.vjp of a module's blocks whose residuals are the Dense outputs (and the inputs,
+  weights and dropout key): the attention scores, dropout masks and elementwise
+  intermediates are re-derived from them in the backward, deterministically, so the
+  backward is still that of the forward as it ran.
   """
   blocks = jax.checkpoint(functools.partial(pieces.blocks, cfg),
                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return jax.vjp(blocks, layers, x)
+  return jax.vjp(lambda l, x_: blocks(l, x_, key), layers, x)
+
+
+def _is_key(a) -> bool:
+  return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _packed_leaves(vjp):
+  """The residuals of a jax.vjp that `_pack` stores: all but the dropout key."""
+  return [a for a in jax.tree_util.tree_leaves(vjp) if not _is_key(a)]
 
 
 def _pack(vjp, size: int):
   """The residual leaves of a jax.vjp, as one float32 vector padded to `size`."""
-  leaves = [a.astype(jnp.float32).ravel() for a in jax.tree_util.tree_leaves(vjp)]
+  leaves = [a.astype(jnp.float32).ravel() for a in _packed_leaves(vjp)]
   flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
   return jnp.pad(flat, (0, size - flat.shape[0]))
 
@@ -80,11 +98,16 @@ def _unpack(flat, template):
   """A vjp with `template`'s structure whose residuals are read back from `flat`.
 
   The template is a fresh jax.vjp of the same function on arrays of the same shapes; only
-  its structure is used, so XLA drops the forward it traced.
+  its structure is used, so XLA drops the forward it traced. Its dropout key is kept: the
+  template is built with the key of the batch being back-propagated, which is the key
+  its forward ran with (`pieces.dropout_key` of batch and module).
   """
   leaves, treedef = jax.tree_util.tree_flatten(template)
   out, offset = [], 0
   for a in leaves:
+    if _is_key(a):
+      out.append(a)
+      continue
     out.append(flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
     offset += a.size
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -94,14 +117,21 @@ class Pipeline:
   """Ouroboros over `mesh` (mesh.shape['stage'] must equal layout.num_stages)."""
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
-               backward_weights: str, mesh: jax.sharding.Mesh):
+               backward_weights: str, mesh: jax.sharding.Mesh, rng=None,
+               clip_norm: float = 0.0):
+    """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
+    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip."""
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
     if mesh.shape['stage'] != layout.num_stages:
       raise ValueError(f"mesh has {mesh.shape['stage']} stages, layout needs "
                        f'{layout.num_stages}')
+    if cfg.dropout_rate and rng is None:
+      raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
     self.cfg = pieces.scan_config(cfg)
     self.layout, self.tx, self.mesh = layout, tx, mesh
+    self.rng = rng if cfg.dropout_rate else None
+    self.clip_norm = clip_norm
     self.stored = backward_weights == 'stored'
     k, s, n = layout.num_modules, layout.num_stages, layout.layers_per_stage
     self._R = 2 * (k - 1)
@@ -115,6 +145,7 @@ class Pipeline:
     self._owns_pos = np.arange(s) == 0
     self._owns_fln = np.arange(s) == last
     self._owns_E = self._owns_pos | self._owns_fln
+    self._counts_E = self._owns_fln    # E's summed gradient enters the clip norm once
     # The module each stage back-propagates with a delay (-1: none, untied last stage).
     self._delayed = np.asarray([j if j != k - 1 else -1 for j in range(s)]
                                if not layout.tied_ring else list(range(s)), np.int32)
@@ -182,9 +213,11 @@ class Pipeline:
 
     def probe(layers, x):
       layers = _tmap(lambda a: lax.pcast(a[0], 'data', to='varying'), layers)
+      me = lax.axis_index('stage')   # a key varying over both axes, as in the step
       for count in {lay.n_first, lay.layers_per_stage}:
-        vjp = _block_vjp(cfg, pieces.slice_layers(layers, 0, count), x[0])[1]
-        sizes.append(sum(a.size for a in jax.tree_util.tree_leaves(vjp)))
+        vjp = _block_vjp(cfg, pieces.slice_layers(layers, 0, count), x[0],
+                         self._dropout_key(me, me))[1]
+        sizes.append(sum(a.size for a in _packed_leaves(vjp)))
       return x
 
     data, s = self.mesh.shape['data'], lay.num_stages
@@ -192,6 +225,10 @@ class Pipeline:
     jax.eval_shape(jax.shard_map(probe, mesh=self.mesh, in_specs=(P('stage'), P('stage', 'data')),
                                  out_specs=P('stage', 'data')), layers_SxN, x)
     return max(sizes)
+
+  def _dropout_key(self, batch, module):
+    """Inside the shard_map: module's key for batch on this data shard (None: no dropout)."""
+    return pieces.dropout_key(self.rng, batch, module, lax.axis_index('data'))
 
   def shardings(self, state):
     specs = self._specs()
@@ -201,55 +238,57 @@ class Pipeline:
   def step(self, state, batch):
     """One iteration; batch = dict(inputs, targets) [B, L] int32, sharded over 'data'.
 
-    Returns (state, metrics): metrics['loss'] is the loss of batch t-(K-1) and
-    metrics['loss_valid'] whether that batch exists (false while the pipeline fills).
+    Returns (state, metrics): metrics['loss'] is the loss of batch t-(K-1),
+    metrics['loss_valid'] whether that batch exists (false while the pipeline fills) and
+    metrics['grad_norm'] the global norm of the gradients applied, before clipping.
     """
     batch = jax.device_put(batch, NamedSharding(self.mesh, P('data')))
     return self._step(state, batch)
 
   # ------------------------------------------------------------------------- the step
   def _build_step(self):
-    cfg, lay, tx = self.cfg, self.layout, self.tx
+    cfg, lay, tx, clip_norm = self.cfg, self.layout, self.tx, self.clip_norm
     k, s, r = lay.num_modules, lay.num_stages, self._R
     n_last = lay.n_last
     stored = self.stored
     rt = 2 * k - 1   # token ring: batches t-2(K-1) .. t
 
-    def blocks_vjp(layers, x, g):
-      return _block_vjp(cfg, layers, x)[1](g)
+    def blocks_vjp(layers, x, g, key):
+      return _block_vjp(cfg, layers, x, key)[1](g)
 
-    def embed_vjp(E, pos, tok, g):
-      _, vjp = jax.vjp(lambda e, p: pieces.embed(cfg, e, p, tok), E, pos)
+    def embed_vjp(E, pos, tok, g, key):
+      _, vjp = jax.vjp(lambda e, p: pieces.embed(cfg, e, p, tok, key), E, pos)
       return vjp(g)
 
-    def module_fwd(layers, x, size):
+    def module_fwd(layers, x, size, key):
       """Forward of a delayed module's blocks: (output, what its history slot keeps)."""
       if stored:
-        y, vjp = _block_vjp(cfg, layers, x)
+        y, vjp = _block_vjp(cfg, layers, x, key)
         return y, _pack(vjp, size)
-      return pieces.blocks(cfg, layers, x), x
+      return pieces.blocks(cfg, layers, x, key), x
 
-    def module_bwd(layers, x_shape_like, hist_b, g):
+    def module_bwd(layers, x_shape_like, hist_b, g, key):
       """Delayed backward through the stored forward, or a forward re-run on w^t."""
       if stored:
-        template = _block_vjp(cfg, layers, jnp.zeros_like(x_shape_like))[1]
+        template = _block_vjp(cfg, layers, jnp.zeros_like(x_shape_like), key)[1]
         return _unpack(hist_b, template)(g)
-      return blocks_vjp(layers, hist_b, g)
+      return blocks_vjp(layers, hist_b, g, key)
 
     def first_fwd(p, layers0, io):
       """Module 0 forward of batch t: (output y to send, history entry)."""
-      x0 = pieces.embed(cfg, p['E'], p['pos'], io['tok_now'])
-      return module_fwd(layers0, x0, io['hist_b'].shape[0] if stored else None)
+      x0 = pieces.embed(cfg, p['E'], p['pos'], io['tok_now'], io['key_now'])
+      return module_fwd(layers0, x0, io['hist_b'].shape[0] if stored else None,
+                        io['key_now'])
 
     def first_bwd(p, layers0, io):
       """Module 0 backward of batch t-2(K-1): grads of its blocks, E (input side), pos."""
-      g = io['grad_in']
+      g, key = io['grad_in'], io['key_b']
       if stored:
-        g_layers, g_x0 = module_bwd(layers0, g, io['hist_b'], g)
+        g_layers, g_x0 = module_bwd(layers0, g, io['hist_b'], g, key)
       else:   # Features Replay: re-embed the stored tokens with the current weights
-        x0_b = pieces.embed(cfg, p['E'], p['pos'], io['tok_b'])
-        g_layers, g_x0 = blocks_vjp(layers0, x0_b, g)
-      g_E, g_pos = embed_vjp(p['E'], p['pos'], io['tok_b'], g_x0)
+        x0_b = pieces.embed(cfg, p['E'], p['pos'], io['tok_b'], key)
+        g_layers, g_x0 = blocks_vjp(layers0, x0_b, g, key)
+      g_E, g_pos = embed_vjp(p['E'], p['pos'], io['tok_b'], g_x0, key)
       # The input-side part of E joins the output-side one: drop it while batch < 0.
       g_E = jnp.where(io['t'] >= 2 * (k - 1), g_E, 0.0)
       return g_layers, g_E, g_pos
@@ -257,7 +296,8 @@ class Pipeline:
     def last(p, layers_last, io):
       """Module K-1: forward, loss and backward of batch t-(K-1)."""
       def loss_fn(l, e, f, x):
-        return pieces.head_loss(cfg, e, f, pieces.blocks(cfg, l, x), io['targets'])
+        h = pieces.blocks(cfg, l, x, io['key_last'])
+        return pieces.head_loss(cfg, e, f, h, io['targets'])
       return jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
           layers_last, p['E'], p['fln'], io['act_in'])
 
@@ -295,7 +335,8 @@ class Pipeline:
       return bwd_out(p, jnp.zeros_like(io['grad_in']), no_loss(), g0, gE_in, g_pos)
 
     def middle_bwd(p, io):
-      g_layers, dx = module_bwd(p['layers'], io['grad_in'], io['hist_b'], io['grad_in'])
+      g_layers, dx = module_bwd(p['layers'], io['grad_in'], io['hist_b'], io['grad_in'],
+                                io['key_b'])
       return bwd_out(p, dx, no_loss(), g_layers)
 
     def last_only_bwd(p, io):
@@ -308,7 +349,7 @@ class Pipeline:
 
     def middle_fwd(p, io):
       return varying(module_fwd(p['layers'], io['act_in'],
-                                io['hist_b'].shape[0] if stored else None))
+                                io['hist_b'].shape[0] if stored else None, io['key_now']))
 
     def last_only_fwd(p, io):     # no delayed module: its forward runs in its backward
       return varying((jnp.zeros_like(io['act_in']), jnp.zeros_like(io['hist_b'])))
@@ -329,6 +370,8 @@ class Pipeline:
     owns = {name: jnp.asarray(v) for name, v in
             (('E', self._owns_E), ('pos', self._owns_pos), ('fln', self._owns_fln))}
     delayed = jnp.asarray(self._delayed)
+    counts_E = jnp.asarray(self._counts_E)
+    dropout_key = self._dropout_key
 
     def local(state, batch):
       t = state['step']
@@ -342,10 +385,13 @@ class Pipeline:
       # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
       tokens = _tmap(lambda ring, new: lax.dynamic_update_index_in_dim(ring, new, t % rt, 0),
                      state['tokens'], batch)
-      b_del = t - 2 * (k - 1) + delayed[me]        # batch of this stage's delayed backward
+      j_del = delayed[me]                          # this stage's delayed module
+      b_del = t - 2 * (k - 1) + j_del              # batch of its delayed backward
       slot_b = b_del % r
-      slot_now = (t - delayed[me]) % r              # slot of the batch it forwards now
+      slot_now = (t - j_del) % r                   # slot of the batch it forwards now
       io = {'t': t, 'tok_now': batch['inputs'],
+            'key_now': dropout_key(t - j_del, j_del), 'key_b': dropout_key(b_del, j_del),
+            'key_last': dropout_key(t - (k - 1), k - 1),
             'tok_b': lax.dynamic_index_in_dim(tokens['inputs'], (t + 1) % rt, 0, False),
             'targets': lax.dynamic_index_in_dim(tokens['targets'], (t + k) % rt, 0, False),
             'hist_b': lax.dynamic_index_in_dim(hist, slot_b, 0, False),
@@ -364,6 +410,15 @@ class Pipeline:
       loss_valid = t >= k - 1
       valid = {'E': owns['E'][me] & loss_valid, 'pos': owns['pos'][me] & (t >= 2 * (k - 1)),
                'fln': owns['fln'][me] & loss_valid}
+      # Global norm of what is applied at t: each tensor with a gradient, counted once.
+      sq_layers_N = jax.vmap(lambda a: optax.tree.norm(a, squared=True))(g['layers'])
+      sq_norm = jnp.sum(jnp.where(layer_valid, sq_layers_N, 0.0))
+      for name, counted in (('E', counts_E[me] & loss_valid), ('pos', valid['pos']),
+                            ('fln', valid['fln'])):
+        sq_norm += jnp.where(counted, optax.tree.norm(g[name], squared=True), 0.0)
+      grad_norm = jnp.sqrt(lax.psum(sq_norm, 'stage'))
+      if clip_norm:
+        g = clipping.clip(g, grad_norm, clip_norm)
 
       def adam(grads, o, params):
         updates, o = tx.update(grads, o, params)
@@ -388,7 +443,7 @@ class Pipeline:
                    'tokens': tokens}
       is_loss_stage = me == lay.stage_of(k - 1)
       loss = lax.pmean(lax.psum(jnp.where(is_loss_stage, loss, 0.0), 'stage'), 'data')
-      return new_state, {'loss': loss, 'loss_valid': loss_valid}
+      return new_state, {'loss': loss, 'loss_valid': loss_valid, 'grad_norm': grad_norm}
 
     specs = self._specs()
     in_specs = ({key: specs[key] for key in specs}, P('data'))
