@@ -34,8 +34,10 @@ def build_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def build_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                        optax.Schedule]:
+def build_optimizer(opt_cfg, total_steps: int, clip: bool = True
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip=False leaves out optax.clip_by_global_norm(opt_cfg.clip_norm), for a caller
+  that clips over more than the gradients this tx sees (`accel.pipeline.clipping`)."""
   schedule = build_schedule(opt_cfg, total_steps)
   name = opt_cfg.name
   if name == 'adamw':
@@ -52,6 +54,6 @@ def build_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransforma
     raise UserError(f'unknown optimizer.name {name!r}; known: {", ".join(OPTIMIZERS)}')
   if name != 'adamw' and opt_cfg.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), tx)
-  if opt_cfg.clip_norm:
+  if clip and opt_cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), tx)
   return tx, schedule

@@ -58,12 +58,17 @@ class Trainer:
   batch_sharding: NamedSharding
 
 
+def train_rng(config) -> jax.Array:
+  """The rng of training randomness; step t's is fold_in(train_rng, t)."""
+  return jax.random.fold_in(jax.random.key(config.seed), 1)   # 0 is for init
+
+
 def data_parallel_trainer(config, task: tasks.Task, tx: optax.GradientTransformation,
                           schedule, mesh: Mesh) -> Trainer:
   """Params replicated, batch split over the 'data' mesh axis; XLA inserts the all-reduce."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data'))
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)   # 0 is for init
+  base_rng = train_rng(config)
 
   def init(rng, batch):
     variables = task.init(rng, batch)
@@ -138,7 +143,9 @@ def evaluate(trainer: Trainer, state, data) -> dict:
 
 
 def build_trainer(config, task, mesh) -> Trainer:
-  tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
+  # The pipeline clips the global norm across its stages itself (accel.pipeline.clipping).
+  tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps,
+                                       clip=not config.pipeline.enabled)
   tx = lowprec_hooks.wrap_optimizer(config, tx)
   if config.pipeline.enabled:
     from accel.pipeline.trainer import pipeline_trainer  # it imports this module

@@ -3,7 +3,8 @@
 configs/ouroboros_lm.py:smoke is K=2 on a tied ring, i.e. 1 stage, so it runs in this
 process on one device; the history buffers (inboxes, activation ring, token ring) are part
 of the checkpoint, so stopping at step 10 and resuming must repeat the uninterrupted run
-bitwise.
+bitwise. With dropout and the global-norm clip on (the paper preset's 0.1 and 0.25): the
+masks are a function of the seed and the step, so the resumed run draws the same ones.
 """
 import os
 
@@ -23,6 +24,8 @@ def smoke(total_steps, backward_weights='recompute'):
   config.total_steps = total_steps
   config.optimizer.schedule = 'constant'   # independent of total_steps: resumable
   config.pipeline.backward_weights = backward_weights
+  config.model.dropout_rate = 0.1
+  config.optimizer.clip_norm = 0.25
   return config
 
 
@@ -47,6 +50,7 @@ def test_pipeline_trains_and_resumes_exactly(tmp_path):
   # K=2: the loss module sees its first batch at iteration 1, so every logged step is filled.
   assert all(m['train/pipeline_filled'] == 1.0 for m in la)
   assert la[-1]['train/loss'] < la[0]['train/loss'] - 0.3
+  assert all(m['train/grad_norm'] > 0.25 for m in la)   # the clip scaled every logged step
   assert 'eval/bits_per_byte' in la[-1] and summary['eval/loss'] == la[-1]['eval/loss']
   ca, cb = _checkpoint(a), _checkpoint(b)
   assert set(ca['mutable']) == {'act_in', 'grad_in', 'hist', 'tokens'}

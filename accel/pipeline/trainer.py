@@ -11,7 +11,13 @@ and a resumed run continues the very same iterations.
 
 Metrics: 'loss' is the loss of batch t-(K-1), the batch the loss-side module trained on
 at this iteration; during the K-1 warm-up iterations no batch has reached it yet and the
-metric reads 0 with 'pipeline_filled' = 0.
+metric reads 0 with 'pipeline_filled' = 0. 'grad_norm' is the global norm of the gradients
+applied at this iteration, before clipping (`accel.pipeline.clipping`).
+
+Dropout keys derive from the same train rng as the data-parallel trainer's
+(`accel.train.train_rng`): batch b's are fold_in(train_rng, b), folded further with the
+module and the data shard (`pieces.dropout_key`), so with a data axis > 1 the masks
+depend on the device count.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from accel.models.transformer import TransformerLM
 from accel.pipeline import pieces
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
-from accel.train import Trainer, TrainState
+from accel.train import Trainer, TrainState, train_rng
 
 _BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens')
 
@@ -38,15 +44,10 @@ def _check(config, task):
   for block in ('layerdrop', 'stdloss', 'lowprec'):
     if config[block].enabled:
       raise UserError(f'pipeline.enabled does not compose with {block}.enabled yet')
-  if config.optimizer.clip_norm:
-    raise UserError('pipeline.enabled: each module has its own optimizer, so a global-norm '
-                    'clip is not defined; set optimizer.clip_norm=0')
-  if config.model.dropout_rate:
-    raise UserError('pipeline.enabled runs the blocks without dropout; set '
-                    'model.dropout_rate=0')
 
 
 def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
+  """tx: the per-module optimizer, without the global-norm clip (`build_trainer`)."""
   _check(config, task)
   pc = config.pipeline
   cfg = pieces.scan_config(task.model.cfg)
@@ -60,7 +61,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     raise UserError(f'batch_size {config.batch_size} not divisible by the data axis '
                     f'{data_size}')
   pmesh = make_mesh(data_size, stages, devices)
-  pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh)
+  pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh, rng=train_rng(config),
+                  clip_norm=config.optimizer.clip_norm)
   eval_task = dataclasses.replace(task, model=TransformerLM(cfg))
   batch_sharding = NamedSharding(pmesh, P('data'))
 
@@ -82,6 +84,7 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     filled = metrics['loss_valid']
     return to_train_state(st), {'loss': jnp.where(filled, metrics['loss'], 0.0),
                                 'pipeline_filled': filled.astype(jnp.float32),
+                                'grad_norm': metrics['grad_norm'],
                                 # the loss-side module's: its count is t-(K-1)
                                 'lr': schedule(jnp.maximum(ts.step - (pc.num_modules - 1),
                                                            0))}
