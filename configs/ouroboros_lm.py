@@ -13,9 +13,11 @@ factor of the device count becomes the data-parallel axis.
 
 Model: PreLN decoder with tied embeddings (accel/models/transformer.py), cut into K modules
 (accel/pipeline/layout.py). Optimizer: Ouroboros+Adam, papers.md section 1: Adam (0.9,
-0.999, 1e-8), lr 2.5e-4 with cosine decay, one Adam per module, no gradient clipping (a
-global-norm clip would couple the modules) and no dropout (the pipeline runs the blocks
-deterministically).
+0.999, 1e-8), lr 2.5e-4 with cosine decay, one Adam per module. smoke, cpu, gpu: no
+dropout, no gradient clipping. paper: the Transformer-XL base recipe's dropout 0.1 and
+gradient clip 0.25; the clip is on the global norm of every module's gradient of the
+iteration (accel/pipeline/clipping.py), and each module's forward of a batch and its
+delayed backward use the same dropout masks (accel/pipeline/pieces.py).
 
 smoke: K=2 tied ring = 1 stage, so it runs on one device (the delayed-gradient algorithm
   without model parallelism); seconds.
@@ -92,6 +94,9 @@ def get_config(arg: str = 'cpu'):
     c.eval_steps = 20
     c.log_every = 100
     c.checkpoint_every = 2000 if arg == 'gpu' else 10_000
+    if arg == 'paper':   # the Transformer-XL base recipe, as configs/txl_enwik8.py
+      c.model.dropout_rate = 0.1
+      c.optimizer.clip_norm = 0.25
   else:
     raise ValueError(f'unknown preset {arg!r}; known: smoke, cpu, gpu, paper')
   return c
