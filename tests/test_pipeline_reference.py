@@ -62,6 +62,9 @@ def test_layout_ranges_and_delays():
 # K=3 untied, one block per module (E shared by modules 0 and 2), dropout on.
 CFG3 = TransformerConfig(**{**CFG.__dict__, 'num_layers': 3, 'dropout_rate': 0.1})
 LAYOUT3 = Layout(3, 3, False)
+# The whole model's loss and gradient, module j's masks from keys[j] (one compilation).
+_value_and_grad3 = jax.jit(jax.value_and_grad(
+    lambda p, b, keys: pieces.full_loss(CFG3, p, b['inputs'], b['targets'], LAYOUT3, keys)))
 
 
 @pytest.mark.parametrize('backward_weights', ['stored', 'recompute'])
@@ -76,8 +79,7 @@ def test_zero_delay_equals_synchronous_training(backward_weights):
   params = _params(cfg)
   state = ref.init(params)
   opt = tx.init(params)
-  grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, b, keys: pieces.full_loss(cfg, p, b['inputs'], b['targets'], layout, keys)))
+  grad_fn = _value_and_grad3
   batches = _batches(3)
   b0 = batches[0]
   # Dropout changes the forward: rate 0.1 gives another loss than rate 0 (no masks).
