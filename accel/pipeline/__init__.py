@@ -2,6 +2,11 @@
 
 Yang, Huo, Wang, Carin, NeurIPS 2019 (arXiv 1909.06695); papers.md section 1.
 
+Models: the spine's decoder Transformer (`pieces.TransformerLMPieces`) and Transformer-XL
+(`pieces_xl.TransformerXLPieces`: relative positions, segment-level recurrence memory). The
+pipeline sees a model only through its pieces (`families`: embed, blocks(layers, x, mem) ->
+(y, new_mem), head_loss, split / join of the params).
+
 The algorithm (iteration t = 0, 1, ...; batch b enters the pipeline at iteration b;
 modules j = 0..K-1 as cut by `layout.Layout`; w_j^t = module j's weights at the start of
 iteration t):
@@ -36,6 +41,15 @@ gradient at iteration 2(K-1)-j; until then a module does not update (its Adam co
 does not advance). During warm-up forwards run on zero activations whose results are
 never used.
 
+Recurrence memory (Transformer-XL): module j keeps the memory of its own n_j layers,
+mem_j [n_j, B, M, D] (in the SPMD state per stage; the tied ring's stage 0 holds module 0's
+and module K-1's). Module j forwards batches in order (b = t - j), so mem_j advances batch by
+batch exactly as in synchronous segment training (contiguous batches: row r of batch b+1
+continues row r of batch b); only the weights it is computed with are stale. No gradient
+flows into the memory (stop_gradient, as the model does). The delayed backward of batch b
+uses the memory batch b's forward read: 'stored' has it among the vjp residuals,
+'recompute' keeps it in the history ring next to the stored input.
+
 Tied embedding E (`layout` docstring): E is used by module 0 (input lookup) and by module
 K-1 (output logits). Its gradient at iteration t is the sum of the output-side part
 (batch t-(K-1), fresh) and the input-side part (batch t-2(K-1), i.e. K-1 batches older);
@@ -46,16 +60,22 @@ Which weights the delayed backward uses (`backward_weights`):
               Huo et al. 2018). Exact gradient of that forward.
   'recompute' re-run module j's forward on its stored input with the current w_j^t, then
               back-propagate (Features Replay, Huo et al. 2018).
-Memory per module j (B x L x D activations, R_j = d_j):
-  'recompute' R_j inputs (B L D each) and one extra forward per backward;
+Memory per module j (B x L x D activations, R_j = d_j; Transformer-XL: n_j layers with
+memory length M, so the memory of the module is n_j B M D):
+  'recompute' R_j inputs (B L D each) and one extra forward per backward; Transformer-XL:
+              plus the memory each delayed batch read, R_j n_j B M D (at M = L, n_j times
+              the inputs' size), on top of the module's live memory n_j B M D;
   'stored'    R_j sets of vjp residuals of the module's forward as it ran, the weights
               as they were included. The reference keeps jax.vjp's full residuals; the
               SPMD program keeps only the Dense outputs (about 11 B L D per PreLN block,
               `spmd._block_vjp`) and re-derives attention scores and elementwise
               intermediates from them in the backward (the same values: same inputs,
               same weights, same ops), instead of ~50 B L D + 5 B H L L per block.
-  The SPMD program keeps one ring of R = 2(K-1) slots per stage (the largest d_j); the
-  reference keeps exactly what each module needs.
+              Transformer-XL: the memory read is among the residuals (n_j B M D per set)
+              and the key/value Dense outputs cover M + L positions.
+  The SPMD program keeps one ring of R = 2(K-1) slots per stage (the largest d_j; the memory
+  ring holds the whole stage's n = L/S layers per slot); the reference keeps exactly what
+  each module needs.
 
 Dropout: module j draws the masks of batch b from a key that is a function of (seed, b,
 j) and the data shard (`pieces.dropout_key`), so its delayed backward, 'stored' or

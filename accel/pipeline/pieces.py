@@ -6,7 +6,8 @@ Parameters use the spine's scan layout (`TransformerConfig.scan_layers=True`):
   layers = params['stack']['layers']            (every leaf has a leading layer axis)
   final_ln = params['final_ln']                 (PreLN only; {} for PostLN)
 The functions call the spine's `TransformerLM.embed`, `BlockStack` and
-`TransformerLM.logits`, so the pipeline computes exactly the model the spine trains.
+`TransformerLM.logits`, so the pipeline computes exactly the model the spine trains;
+`TransformerLMPieces` presents them as the pipeline's model interface (`families`).
 
 Dropout: `embed` and `blocks` take a key (None: deterministic). Module j's forward of
 batch b draws all its masks (module 0: the embedding's too, as `TransformerLM.embed` does)
@@ -43,7 +44,7 @@ def dropout_key(rng, batch, module, shard=0):
   return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, batch), module), shard)
 
 
-def _dropout(key):
+def dropout_args(key):
   """apply() arguments: dropout masks from `key`, or deterministic if it is None."""
   return {'deterministic': key is None, 'rngs': {} if key is None else {'dropout': key}}
 
@@ -52,7 +53,7 @@ def embed(cfg, E_VxD, P_MxD, tokens_BxL, key=None):
   """x = dropout(E[tokens] + P[:L])."""
   return TransformerLM(cfg).apply(
       {'params': {'token_embed': {'embedding': E_VxD}, 'pos_embed': P_MxD}},
-      tokens_BxL, method='embed', **_dropout(key))
+      tokens_BxL, method='embed', **dropout_args(key))
 
 
 def blocks(cfg, layers, x_BxLxD, key=None):
@@ -60,7 +61,7 @@ def blocks(cfg, layers, x_BxLxD, key=None):
   n = jax.tree_util.tree_leaves(layers)[0].shape[0]
   if n == 0:
     return x_BxLxD
-  return BlockStack(cfg, n).apply({'params': {'layers': layers}}, x_BxLxD, **_dropout(key))
+  return BlockStack(cfg, n).apply({'params': {'layers': layers}}, x_BxLxD, **dropout_args(key))
 
 
 def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
@@ -94,3 +95,43 @@ def slice_layers(layers, start: int, stop: int):
 
 def concat_layers(pieces):
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *pieces)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerLMPieces:
+  """The TransformerLM as the pipeline's model interface (`accel.pipeline.families`).
+
+  Parts: first = {'pos_embed': P_MxD} (module 0), last = {'final_ln': ...} (module K-1;
+  {} for PostLN). No recurrence memory: `blocks` passes mem=None through.
+  """
+  cfg: TransformerConfig
+  has_memory = False
+
+  def model(self) -> TransformerLM:
+    return TransformerLM(self.cfg)
+
+  def init_params(self, rng, tokens_BxL):
+    return TransformerLM(self.cfg).init(rng, tokens_BxL)['params']
+
+  def split(self, params) -> dict:
+    last = {'final_ln': params['final_ln']} if self.cfg.pre_ln else {}
+    return {'E': params['token_embed']['embedding'], 'first': {'pos_embed': params['pos_embed']},
+            'layers': params['stack']['layers'], 'last': last}
+
+  def join(self, E, first, layers, last) -> dict:
+    return {'token_embed': {'embedding': E}, 'pos_embed': first['pos_embed'],
+            'stack': {'layers': layers}, **last}
+
+  def zero_memory(self, num_layers: int, batch: int):
+    del num_layers, batch
+    return None
+
+  def embed(self, E_VxD, first, tokens_BxL, key=None):
+    return embed(self.cfg, E_VxD, first['pos_embed'], tokens_BxL, key)
+
+  def blocks(self, layers, x_BxLxD, mem, key=None):
+    return blocks(self.cfg, layers, x_BxLxD, key), mem
+
+  def head_loss(self, E_VxD, last, x_BxLxD, targets_BxL, key=None):
+    del key   # no dropout in the head (TransformerLM.logits)
+    return head_loss(self.cfg, E_VxD, last.get('final_ln', {}), x_BxLxD, targets_BxL)

@@ -4,11 +4,17 @@ Plain Python over per-module jitted functions, messages keyed by batch index, so
 schedule reads as written in `accel.pipeline`'s docstring. The SPMD program
 (`accel.pipeline.spmd`) must reproduce it; `synchronous=True` forces every delay to 0
 (forward and backward of batch t at iteration t through all modules), which must equal
-ordinary training with jax.grad of the whole model.
+ordinary training with jax.grad of the whole model (for Transformer-XL: segment training
+with the memory carried from step to step).
 
-'stored' keeps the jax.vjp of each module forward as it ran (its residuals, dropout masks
-included); 'recompute' keeps the module input and re-runs the forward with the current
-weights and the same dropout key, `pieces.dropout_key(rng, b, j)` (data shard 0).
+The model enters through its pieces (`accel.pipeline.families`). Module j keeps the
+recurrence memory of its own layers (if the model has one) and advances it with each of its
+forwards, batch by batch; no gradient flows into it.
+
+'stored' keeps the jax.vjp of each module forward as it ran (its residuals: dropout masks
+and the memory it read included); 'recompute' keeps the module input and the memory it
+read, and re-runs the forward with the current weights and the same dropout key,
+`pieces.dropout_key(rng, b, j)` (data shard 0).
 With dropout, `synchronous=True` equals jax.grad of `pieces.full_loss` with module j's
 masks from that key for batch t. Gradient clipping: `accel.pipeline.clipping`.
 """
@@ -20,34 +26,34 @@ from typing import Any
 import jax
 import optax
 
-from accel.pipeline import clipping, pieces
+from accel.pipeline import clipping, families, pieces
 from accel.pipeline.layout import Layout
 
 
-def _first(cfg, pm, E, tokens, key):
-  x = pieces.embed(cfg, E, pm['pos_embed'], tokens, key)
-  return pieces.blocks(cfg, pm['layers'], x, key)
+def _first(mp, pm, E, tokens, mem, key):
+  return mp.blocks(pm['layers'], mp.embed(E, pm['first'], tokens, key), mem, key)
 
 
-def _middle(cfg, pm, x, key):
-  return pieces.blocks(cfg, pm['layers'], x, key)
+def _middle(mp, pm, x, mem, key):
+  return mp.blocks(pm['layers'], x, mem, key)
 
 
-def _last(cfg, pm, E, x, targets, key):
-  h = pieces.blocks(cfg, pm['layers'], x, key)
-  return pieces.head_loss(cfg, E, pm.get('final_ln', {}), h, targets)
+def _last(mp, pm, E, x, targets, mem, key):
+  h, new_mem = mp.blocks(pm['layers'], x, mem, key)
+  return mp.head_loss(E, pm['last'], h, targets, key), new_mem
 
 
-# Module-level jits (cfg static) so every Reference shares the compilation cache.
+# Module-level jits (pieces static) so every Reference shares the compilation cache.
 # A jax.vjp object is a pytree of residuals: returning it from jit stores the forward.
+# Each returns (output, [vjp,] new memory).
 _jit = functools.partial(jax.jit, static_argnums=0)
 _fwd_first = _jit(_first)
 _fwd_middle = _jit(_middle)
-_vjp_first = _jit(lambda cfg, pm, E, tok, key: jax.vjp(
-    lambda p, e: _first(cfg, p, e, tok, key), pm, E))
-_vjp_middle = _jit(lambda cfg, pm, x, key: jax.vjp(
-    lambda p, x_: _middle(cfg, p, x_, key), pm, x))
-_grad_last = _jit(jax.value_and_grad(_last, argnums=(1, 2, 3)))
+_vjp_first = _jit(lambda mp, pm, E, tok, mem, key: jax.vjp(
+    lambda p, e: _first(mp, p, e, tok, mem, key), pm, E, has_aux=True))
+_vjp_middle = _jit(lambda mp, pm, x, mem, key: jax.vjp(
+    lambda p, x_: _middle(mp, p, x_, mem, key), pm, x, has_aux=True))
+_grad_last = _jit(jax.value_and_grad(_last, argnums=(1, 2, 3), has_aux=True))
 _apply_vjp = jax.jit(lambda vjp, g: vjp(g))
 
 
@@ -58,7 +64,7 @@ def _update(tx, grads, opt_state, params):
 
 
 class Reference:
-  """state = dict(step, modules=[{'layers', 'pos_embed'?, 'final_ln'?}], E, opt, opt_E, ...)."""
+  """state = dict(step, modules=[{'layers', 'first'?, 'last'?}], E, opt, opt_E, mems, ...)."""
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, synchronous: bool = False, rng=None,
@@ -69,37 +75,37 @@ class Reference:
       raise ValueError(f'backward_weights={backward_weights!r}')
     if cfg.dropout_rate and rng is None:
       raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
-    self.cfg = pieces.scan_config(cfg)
+    self.model_pieces = families.for_config(cfg)
+    self.cfg = self.model_pieces.cfg
     self.layout, self.tx = layout, tx
     self.backward_weights, self.synchronous = backward_weights, synchronous
     self.rng = rng if cfg.dropout_rate else None
     self.clip_norm = clip_norm
     self._k = layout.num_modules
 
-  def init(self, params) -> dict[str, Any]:
-    """Cuts TransformerLM (scan layout) params into modules; fresh per-module Adam."""
-    layers = params['stack']['layers']
+  def init(self, params, batch_size: int = 0) -> dict[str, Any]:
+    """Cuts the model params into modules; fresh per-module Adam; zero memory per module
+    (batch_size: the rows of every batch; needed by models with a memory)."""
+    parts = self.model_pieces.split(params)
     modules = []
     for j, (a, b) in enumerate(self.layout.module_ranges()):
-      pm = {'layers': pieces.slice_layers(layers, a, b)}
+      pm = {'layers': pieces.slice_layers(parts['layers'], a, b)}
       if j == 0:
-        pm['pos_embed'] = params['pos_embed']
-      if j == self._k - 1 and self.cfg.pre_ln:
-        pm['final_ln'] = params['final_ln']
+        pm['first'] = parts['first']
+      if j == self._k - 1:
+        pm['last'] = parts['last']
       modules.append(pm)
-    E = params['token_embed']['embedding']
-    return dict(step=0, modules=modules, E=E,
-                opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(E),
+    mems = [self.model_pieces.zero_memory(b - a, batch_size)
+            for a, b in self.layout.module_ranges()]
+    return dict(step=0, modules=modules, E=parts['E'], mems=mems,
+                opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(parts['E']),
                 saved={}, acts={}, grads={}, batches={})
 
   def model_params(self, state):
-    """Reassembles the TransformerLM params (for evaluation and comparison)."""
+    """Reassembles the model's params (for evaluation and comparison)."""
     mods = state['modules']
-    out = {'token_embed': {'embedding': state['E']}, 'pos_embed': mods[0]['pos_embed'],
-           'stack': {'layers': pieces.concat_layers([m['layers'] for m in mods])}}
-    if self.cfg.pre_ln:
-      out['final_ln'] = mods[-1]['final_ln']
-    return out
+    layers = pieces.concat_layers([m['layers'] for m in mods])
+    return self.model_pieces.join(state['E'], mods[0]['first'], layers, mods[-1]['last'])
 
   def fwd_batch(self, j: int, t: int) -> int:
     return t if self.synchronous else t - j
@@ -119,14 +125,14 @@ class Reference:
     (None while the pipeline fills), the gradients before clipping ('grads' per module,
     None where it has none; 'grad_E' the tied table's parts) and their global norm.
     """
-    k, t = self._k, state['step']
-    mods, E = state['modules'], state['E']
+    k, t, mp = self._k, state['step'], self.model_pieces
+    mods, E, mems = state['modules'], state['E'], state['mems']
     saved, acts, grads_in, batches = (state[n] for n in ('saved', 'acts', 'grads', 'batches'))
     batches[t] = batch
     g_mod = [None] * k
     g_E = []
     loss = None
-    # Forwards with the weights w^t of this iteration.
+    # Forwards with the weights w^t of this iteration; each advances its module's memory.
     for j in range(k - 1):
       b = self.fwd_batch(j, t)
       if b < 0:
@@ -134,19 +140,20 @@ class Reference:
       x_in = batches[b]['inputs'] if j == 0 else acts.pop((j, b))
       key = self.key(j, b)
       if self.backward_weights == 'stored':
-        y, vjp = (_vjp_first(self.cfg, mods[j], E, x_in, key) if j == 0
-                  else _vjp_middle(self.cfg, mods[j], x_in, key))
+        y, vjp, new_mem = (_vjp_first(mp, mods[j], E, x_in, mems[j], key) if j == 0
+                           else _vjp_middle(mp, mods[j], x_in, mems[j], key))
         saved[(j, b)] = vjp
       else:
-        y = (_fwd_first(self.cfg, mods[j], E, x_in, key) if j == 0
-             else _fwd_middle(self.cfg, mods[j], x_in, key))
-        saved[(j, b)] = x_in
+        y, new_mem = (_fwd_first(mp, mods[j], E, x_in, mems[j], key) if j == 0
+                      else _fwd_middle(mp, mods[j], x_in, mems[j], key))
+        saved[(j, b)] = (x_in, mems[j])
       acts[(j + 1, b)] = y
+      mems[j] = new_mem
     # The last module: forward, loss and backward of the same batch (delay 0).
     b = self.fwd_batch(k - 1, t)
     if b >= 0:
-      loss, (g_mod[k - 1], g_E_out, dx) = _grad_last(
-          self.cfg, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'],
+      (loss, mems[k - 1]), (g_mod[k - 1], g_E_out, dx) = _grad_last(
+          mp, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'], mems[k - 1],
           self.key(k - 1, b))
       g_E.append(g_E_out)
       grads_in[(k - 2, b)] = dx
@@ -157,11 +164,12 @@ class Reference:
         continue
       g, key = grads_in.pop((j, b)), self.key(j, b)
       if self.backward_weights == 'stored':
-        cot = _apply_vjp(saved.pop((j, b)), g)
+        vjp = saved.pop((j, b))
       elif j == 0:
-        cot = _apply_vjp(_vjp_first(self.cfg, mods[0], E, saved.pop((0, b)), key)[1], g)
+        vjp = _vjp_first(mp, mods[0], E, *saved.pop((0, b)), key)[1]
       else:
-        cot = _apply_vjp(_vjp_middle(self.cfg, mods[j], saved.pop((j, b)), key)[1], g)
+        vjp = _vjp_middle(mp, mods[j], *saved.pop((j, b)), key)[1]
+      cot = _apply_vjp(vjp, g)
       if j == 0:
         g_mod[0], g_E_in = cot
         g_E.append(g_E_in)

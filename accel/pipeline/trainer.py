@@ -1,13 +1,16 @@
 """The Ouroboros pipeline as a `accel.train.Trainer` (config: pipeline.enabled=True).
 
 The spine's loop stays as it is; this supplies the state init, the train step (one
-pipeline iteration, `spmd.Pipeline`) and the eval step (the reassembled TransformerLM).
+pipeline iteration, `spmd.Pipeline`) and the eval step (the reassembled model, scored by
+its task: `LanguageModelTask` for model.name=transformer_lm, `segment_lm.SegmentLMTask`
+for transformer_xl, whose contiguous batches carry the per-stage memory across steps).
 The devices of the loop's mesh are regrouped as ('data', 'stage') with
 stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
 
 The state is a `TrainState`: params and opt_state stage-stacked, `mutable` the pipeline's
-history (inboxes, the ring of inputs or vjp residuals, the token ring), so checkpoints hold it
-and a resumed run continues the very same iterations.
+history (inboxes, the ring of inputs or vjp residuals, the token ring) and, for
+Transformer-XL, the recurrence memory (and the memory each delayed batch read), so
+checkpoints hold it and a resumed run continues the very same iterations.
 
 Metrics: 'loss' is the loss of batch t-(K-1), the batch the loss-side module trained on
 at this iteration; during the K-1 warm-up iterations no batch has reached it yet and the
@@ -27,20 +30,24 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel import tasks
+from accel import segment_lm, tasks
 from accel.errors import UserError
 from accel.models.transformer import TransformerLM
-from accel.pipeline import pieces
+from accel.models.transformer_xl import TransformerXL
+from accel.pipeline import families
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
 from accel.train import Trainer, TrainState, train_rng
 
-_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens')
+_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem')
 
 
 def _check(config, task):
-  if type(task) is not tasks.LanguageModelTask or not isinstance(task.model, TransformerLM):
-    raise UserError('pipeline.enabled needs model.name=transformer_lm on language-model data')
+  lm = type(task) is tasks.LanguageModelTask and isinstance(task.model, TransformerLM)
+  xl = isinstance(task, segment_lm.SegmentLMTask) and isinstance(task.model, TransformerXL)
+  if not (lm or xl):
+    raise UserError('pipeline.enabled needs model.name=transformer_lm or transformer_xl on '
+                    'language-model data')
   for block in ('layerdrop', 'stdloss', 'lowprec'):
     if config[block].enabled:
       raise UserError(f'pipeline.enabled does not compose with {block}.enabled yet')
@@ -50,7 +57,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   """tx: the per-module optimizer, without the global-norm clip (`build_trainer`)."""
   _check(config, task)
   pc = config.pipeline
-  cfg = pieces.scan_config(task.model.cfg)
+  model_pieces = families.for_config(task.model.cfg)
+  cfg = model_pieces.cfg
   layout = Layout(cfg.num_layers, pc.num_modules, pc.tied_ring)
   devices = mesh.devices.flatten()
   stages = layout.num_stages
@@ -63,7 +71,7 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   pmesh = make_mesh(data_size, stages, devices)
   pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh, rng=train_rng(config),
                   clip_norm=config.optimizer.clip_norm)
-  eval_task = dataclasses.replace(task, model=TransformerLM(cfg))
+  eval_task = dataclasses.replace(task, model=model_pieces.model())
   batch_sharding = NamedSharding(pmesh, P('data'))
 
   def to_train_state(st):
@@ -74,7 +82,7 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     return {'step': ts.step, 'params': ts.params, 'opt': ts.opt_state, **ts.mutable}
 
   def init(rng, batch):
-    params = TransformerLM(cfg).init(rng, batch['inputs'][:1])['params']
+    params = model_pieces.init_params(rng, batch['inputs'][:1])
     b, l = batch['inputs'].shape
     return to_train_state(pipe.init(params, b, l))
 

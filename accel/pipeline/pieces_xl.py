@@ -1,0 +1,77 @@
+"""Transformer-XL cut into pure functions of parameter pieces, for pipeline modules.
+
+Parameters of `accel.models.transformer_xl.TransformerXL` (blocks already in the scan layout):
+  E_VxD  = params['token_embed']['embedding']   (tied: input lookup and output logits)
+  layers = params['stack']['layers']            (every leaf has a leading layer axis)
+  first  = {}                                   (relative positions: no position table)
+  last   = {'out_bias': .., 'final_ln': ..}     (final_ln only for PreLN)
+Module functions (Dai et al. 2019, sections 3.2-3.3; the model's own methods, so the
+pipeline computes exactly the model `accel.segment_lm` trains):
+  embed      x = E[tokens] * sqrt(D)
+  blocks     (h, new_mem) = run_layers(layers, x, mem), mem [n, B, M, D] the memory of
+             exactly these n layers; new_mem = stop_gradient([mem ; x_layer][-M:])
+  head_loss  mean CE of logits = (LN_f)(dropout(h)) E^T + b
+Dropout: each function takes a key (None: deterministic) and draws the model's masks
+(embedding, attention output, FF hidden and output, last hidden state) from it, as
+`pieces.embed` / `pieces.blocks` do for the TransformerLM (`pieces.dropout_key`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from accel.losses import cross_entropy
+from accel.models.transformer_xl import TransformerXL, TransformerXLConfig, run_layers, \
+    zero_memory
+from accel.pipeline.pieces import dropout_args
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerXLPieces:
+  """Transformer-XL as the pipeline's model interface (`accel.pipeline.families`).
+
+  mem_len = 0: no memory (zero_memory is None, blocks attend to the segment alone).
+  """
+  cfg: TransformerXLConfig
+
+  @property
+  def has_memory(self) -> bool:
+    return self.cfg.mem_len > 0
+
+  def model(self) -> TransformerXL:
+    return TransformerXL(self.cfg)
+
+  def init_params(self, rng, tokens_BxL):
+    return TransformerXL(self.cfg).init(rng, tokens_BxL)['params']
+
+  def split(self, params) -> dict:
+    last = {name: params[name] for name in ('out_bias', 'final_ln') if name in params}
+    return {'E': params['token_embed']['embedding'], 'first': {},
+            'layers': params['stack']['layers'], 'last': last}
+
+  def join(self, E, first, layers, last) -> dict:
+    del first
+    return {'token_embed': {'embedding': E}, 'stack': {'layers': layers}, **last}
+
+  def zero_memory(self, num_layers: int, batch: int):
+    return zero_memory(self.cfg, batch, num_layers) if self.has_memory else None
+
+  def embed(self, E_VxD, first, tokens_BxL, key=None):
+    del first
+    return TransformerXL(self.cfg).apply({'params': {'token_embed': {'embedding': E_VxD}}},
+                                         tokens_BxL, method='embed', **dropout_args(key))
+
+  def blocks(self, layers, x_BxLxD, mem_nxBxMxD, key=None):
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    if n == 0:
+      return x_BxLxD, mem_nxBxMxD
+    mem = zero_memory(self.cfg, x_BxLxD.shape[0], n) if mem_nxBxMxD is None else mem_nxBxMxD
+    h_BxLxD, new_mem = run_layers(self.cfg, layers, x_BxLxD, mem, key is None, key)
+    return h_BxLxD, None if mem_nxBxMxD is None else new_mem
+
+  def head_loss(self, E_VxD, last, x_BxLxD, targets_BxL, key=None):
+    logits_BxLxV = TransformerXL(self.cfg).apply(
+        {'params': {'token_embed': {'embedding': E_VxD}, **last}}, x_BxLxD, method='logits',
+        **dropout_args(key))
+    return cross_entropy(logits_BxLxV, targets_BxL).mean()
