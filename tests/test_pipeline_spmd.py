@@ -8,13 +8,19 @@ SPMD program is compiled as one XLA computation (other fusion, other summation o
 the tied table's two gradient parts are added in another order. Tolerance: 2e-6 absolute
 on parameters of size ~0.02-1.
 
-Default cases (4 compilations) cover K = 2, 3, 4, tied and untied, 'stored' and
-'recompute', data x stage meshes (2 x 3 and 2 x 4 = all 8 devices), dropout (data axis
-1 only: with more data shards each draws its own masks, the reference has one) and the
-global-norm clip (its value is below the gradient norm at most filled iterations, so it
-scales them; the norm itself is compared too); ACCEL_PIPELINE_FULL=1 runs all 12
-(K, layout, backward) combinations with and without dropout and clip, plus 2 x 4 and
-4 x 2 (tied ring K=3) meshes.
+Models: 'lm' the spine's TransformerLM; 'txl' / 'txl_preln' Transformer-XL (PostLN / PreLN,
+memory 4 for segments of 8), whose modules keep the memory of their layers in the pipeline
+state: any slip in which memory a forward or a delayed backward reads shows here.
+
+Default cases (6 compilations) cover for 'lm' K = 2, 3, 4, tied and untied, 'stored' and
+'recompute', data x stage meshes (2 x 3 and 2 x 4 = all 8 devices), and for 'txl' K = 2
+tied 'stored' (PostLN, one stage holding both modules' memory) and K = 3 untied
+'recompute' (PreLN, 2 x 3 mesh); dropout (data axis 1 only: with more data shards each
+draws its own masks, the reference has one) and the global-norm clip (its value is below
+the gradient norm at most filled iterations, so it scales them; the norm itself is
+compared too). ACCEL_PIPELINE_FULL=1 runs all 12 'lm' and 8 'txl' (K, layout, backward)
+combinations with and without dropout and clip, plus 'lm' on 2 x 4 and 4 x 2 (tied ring
+K=3) meshes and 'txl' on two 2 x S meshes.
 """
 import json
 import os
@@ -24,35 +30,55 @@ import sys
 import pytest
 
 CLIP = 0.5
-# (K, tied ring, backward weights, data axis, dropout rate, clip norm)
-DEFAULT = [(2, True, 'stored', 1, 0.1, CLIP), (3, False, 'recompute', 2, 0.0, CLIP),
-           (4, True, 'recompute', 1, 0.1, CLIP),
-           (4, False, 'stored', 2, 0.0, 0.0)]   # the last: data x stage = 2 x 4, 8 devices
-FULL = [(k, tied, bw, 1, rate, clip) for k in (2, 3, 4) for tied in (True, False)
-        for bw in ('stored', 'recompute') for rate, clip in ((0.0, 0.0), (0.1, CLIP))] + [
-            (4, False, 'stored', 2, 0.0, CLIP), (3, True, 'stored', 4, 0.0, 0.0)]
+# (model, K, tied ring, backward weights, data axis, dropout rate, clip norm)
+DEFAULT = [('lm', 2, True, 'stored', 1, 0.1, CLIP), ('lm', 3, False, 'recompute', 2, 0.0, CLIP),
+           ('lm', 4, True, 'recompute', 1, 0.1, CLIP),
+           ('lm', 4, False, 'stored', 2, 0.0, 0.0),   # data x stage = 2 x 4, 8 devices
+           ('txl', 2, True, 'stored', 1, 0.1, CLIP),
+           ('txl_preln', 3, False, 'recompute', 2, 0.0, CLIP)]
+FULL = [(model, k, tied, bw, 1, rate, clip)
+        for model, ks in (('lm', (2, 3, 4)), ('txl', (2, 3))) for k in ks
+        for tied in (True, False) for bw in ('stored', 'recompute')
+        for rate, clip in ((0.0, 0.0), (0.1, CLIP))] + [
+            ('lm', 4, False, 'stored', 2, 0.0, CLIP), ('lm', 3, True, 'stored', 4, 0.0, 0.0),
+            ('txl', 3, True, 'recompute', 2, 0.0, CLIP),
+            ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0)]
 CASES = FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT
 
 
-def _run_case(k, tied, bw, data, rate, clip):
+def _model(name, num_layers, rate):
+  """(cfg, params) of a tiny model of the family `name` with dropout rate `rate`."""
+  import jax
+  import jax.numpy as jnp
+  from accel.models.transformer import TransformerConfig, TransformerLM
+  from accel.models.transformer_xl import TransformerXL, TransformerXLConfig
+  if name == 'lm':
+    cfg = TransformerConfig(vocab_size=32, num_layers=num_layers, d_model=16, num_heads=2,
+                            d_ff=32, max_len=8, scan_layers=True, dropout_rate=rate)
+    model = TransformerLM(cfg)
+  else:
+    cfg = TransformerXLConfig(vocab_size=32, num_layers=num_layers, d_model=16, num_heads=2,
+                              d_ff=32, mem_len=4, pre_ln=name == 'txl_preln',
+                              dropout_rate=rate)
+    model = TransformerXL(cfg)
+  return cfg, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+
+
+def _run_case(model, k, tied, bw, data, rate, clip):
   """Returns the worst parameter / loss / gradient-norm difference over 2K+1 iterations
   and how many iterations the clip scaled."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from accel.models.transformer import TransformerConfig, TransformerLM
   from accel.pipeline.layout import Layout
   from accel.pipeline.reference import Reference
   from accel.pipeline.spmd import Pipeline, make_mesh
 
   # Untied: one block per module; tied ring: two per stage (module 0 and K-1 one each).
   layout = Layout(2 * (k - 1) if tied else k, k, tied)
-  cfg = TransformerConfig(vocab_size=32, num_layers=layout.num_layers, d_model=16,
-                          num_heads=2, d_ff=32, max_len=8, scan_layers=True,
-                          dropout_rate=rate)
+  cfg, params = _model(model, layout.num_layers, rate)
   rng = jax.random.key(7)
-  params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   tx = optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
   devices = jax.devices()[:data * layout.num_stages]
   pipe = Pipeline(cfg, layout, tx, bw, make_mesh(data, layout.num_stages, devices), rng=rng,
@@ -60,7 +86,7 @@ def _run_case(k, tied, bw, data, rate, clip):
   batch_size = 2 * data
   state = pipe.init(params, batch_size, 8)
   ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip)
-  ref_state = ref.init(params)
+  ref_state = ref.init(params, batch_size)
   data_rng = np.random.default_rng(1)
   worst = {'param': 0.0, 'loss': 0.0, 'grad_norm': 0.0, 'valid_losses': 0, 'clipped': 0}
   for _ in range(2 * k + 1):
@@ -99,14 +125,14 @@ def results():
 
 
 def _case_id(c):
-  return (f'K{c[0]}-{"tied" if c[1] else "untied"}-{c[2]}-data{c[3]}'
-          f'{f"-dropout{c[4]}" if c[4] else ""}{f"-clip{c[5]}" if c[5] else ""}')
+  return (f'{c[0]}-K{c[1]}-{"tied" if c[2] else "untied"}-{c[3]}-data{c[4]}'
+          f'{f"-dropout{c[5]}" if c[5] else ""}{f"-clip{c[6]}" if c[6] else ""}')
 
 
 @pytest.mark.parametrize('case', CASES, ids=_case_id)
 def test_spmd_matches_reference(results, case):
   worst = results[tuple(case)]
-  k, clip = case[0], case[5]
+  k, clip = case[1], case[6]
   assert worst['valid_losses'] == k + 2          # losses from iteration K-1 to 2K
   assert worst['loss'] < 1e-5, worst
   assert worst['grad_norm'] < 1e-5, worst

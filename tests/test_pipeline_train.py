@@ -5,8 +5,12 @@ process on one device; the history buffers (inboxes, activation ring, token ring
 of the checkpoint, so stopping at step 10 and resuming must repeat the uninterrupted run
 bitwise. With dropout and the global-norm clip on (the paper preset's 0.1 and 0.25): the
 masks are a function of the seed and the step, so the resumed run draws the same ones.
+configs/ouroboros_txl.py:smoke (Transformer-XL, K=2 tied ring, 'recompute', here with the
+same dropout and clip) adds the recurrence memory and the memory each delayed batch read
+to that state: a resumed run that lost them would attend to zeros and differ.
 """
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -15,11 +19,11 @@ import orbax.checkpoint as ocp
 from accel import train
 from accel.checkpoint import Checkpoints
 from accel.metrics import read_jsonl
-from configs import ouroboros_lm
+from configs import ouroboros_lm, ouroboros_txl
 
 
-def smoke(total_steps, backward_weights='recompute'):
-  config = ouroboros_lm.get_config('smoke')
+def smoke(total_steps, backward_weights='recompute', config_module=ouroboros_lm):
+  config = config_module.get_config('smoke')
   config.progress_bar = False
   config.total_steps = total_steps
   config.optimizer.schedule = 'constant'   # independent of total_steps: resumable
@@ -54,4 +58,21 @@ def test_pipeline_trains_and_resumes_exactly(tmp_path):
   assert 'eval/bits_per_byte' in la[-1] and summary['eval/loss'] == la[-1]['eval/loss']
   ca, cb = _checkpoint(a), _checkpoint(b)
   assert set(ca['mutable']) == {'act_in', 'grad_in', 'hist', 'tokens'}
+  jax.tree.map(np.testing.assert_array_equal, ca, cb)
+
+
+def test_txl_pipeline_resumes_with_its_memory(tmp_path):
+  """Resumes a copy of the run from its step-3 checkpoint: the same steps 4-6, bitwise."""
+  config = smoke(6, 'recompute', ouroboros_txl)
+  config.checkpoint_every = config.log_every = 3
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  train.train_and_evaluate(config, a)
+  shutil.copytree(a, b)
+  shutil.rmtree(os.path.join(b, 'checkpoints', '6'))
+  train.train_and_evaluate(config, b)
+  losses = lambda log: [(m['step'], m['train/loss'], m.get('eval/loss')) for m in log]
+  assert losses(_logged(b)) == losses(_logged(a)) and len(_logged(a)) == 2
+  ca, cb = _checkpoint(a), _checkpoint(b)
+  assert {'mem', 'hist_mem'} <= set(ca['mutable'])
+  assert np.abs(ca['mutable']['mem']).max() > 0
   jax.tree.map(np.testing.assert_array_equal, ca, cb)
