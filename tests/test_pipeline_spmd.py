@@ -61,7 +61,7 @@ def _model(name, num_layers, rate):
                               d_ff=32, mem_len=4, pre_ln=name == 'txl_preln',
                               dropout_rate=rate)
     model = TransformerXL(cfg)
-  return cfg, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return cfg, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
 
 
 def _run_case(model, k, tied, bw, data, rate, clip):

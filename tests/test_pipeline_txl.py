@@ -28,7 +28,7 @@ def test_zero_delay_equals_segment_training():
                                 d_ff=32, mem_len=4)
   model = txl.TransformerXL(cfg)
   b, l = 2, 8
-  params = model.init(jax.random.key(0), jnp.zeros((b, l), jnp.int32))['params']
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((b, l), jnp.int32))['params']
   tx = optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
   # K=3 tied ring: modules of 1, 2, 1 layers; E and the output bias shared by 0 and 2.
   ref = Reference(cfg, Layout(4, 3, tied_ring=True), tx, 'recompute', synchronous=True)
@@ -38,6 +38,7 @@ def test_zero_delay_equals_segment_training():
     logits, new_mems = model.apply({'params': p}, batch['inputs'], mems, method='segment')
     return cross_entropy(logits, batch['targets']).mean(), new_mems
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  update = jax.jit(lambda g, opt, p: tx.update(g, opt, p))
   opt, mems = tx.init(params), txl.zero_memory(cfg, b)
   rng = np.random.default_rng(1)
   for _ in range(3):
@@ -45,7 +46,7 @@ def test_zero_delay_equals_segment_training():
     batch = {'inputs': jnp.asarray(seq[:, :-1]), 'targets': jnp.asarray(seq[:, 1:])}
     state, metrics = ref.step(state, batch)
     (loss, mems), g = grad_fn(params, mems, batch)
-    updates, opt = tx.update(g, opt, params)
+    updates, opt = update(g, opt, params)
     params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
     _close(ref.model_params(state), params)
