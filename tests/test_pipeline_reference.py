@@ -177,3 +177,19 @@ def test_clip_scales_every_gradient_by_the_global_norm(clip_norm):
     if m['grad_E']:
       _close(state['E'] - before[1], -scale * sum(m['grad_E']), rtol=1e-4, atol=1e-7)
   assert scaled == (3 if clip_norm < 1 else 0)   # from iteration K-1 = 2 on
+
+
+def test_spmd_step_runs_in_bfloat16():
+  """bf16 compute (float32 parameters): every stage role returns its loss in float32, as
+  the spine's loss does, so the roles' outputs agree (the K=2 tied ring: one stage, one
+  device)."""
+  from accel.pipeline.spmd import Pipeline, make_mesh
+  cfg = TransformerConfig(**{**CFG.__dict__, 'dtype': jnp.bfloat16})
+  layout = Layout(2, 2, True)
+  pipe = Pipeline(cfg, layout, _adam(1e-2), 'stored', make_mesh(1, 1, jax.devices()[:1]))
+  state = pipe.init(_params(cfg), 2, cfg.max_len)
+  for batch in _batches(2, cfg):
+    state, metrics = pipe.step(state, batch)
+  assert metrics['loss'].dtype == jnp.float32 and bool(metrics['loss_valid'])
+  assert np.isfinite(float(metrics['loss']))
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(state['params']))

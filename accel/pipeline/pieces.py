@@ -20,8 +20,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from accel.losses import cross_entropy
 from accel.models.transformer import BlockStack, TransformerConfig, TransformerLM
 
 
@@ -71,7 +71,7 @@ def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
   if cfg.pre_ln:
     variables['final_ln'] = final_ln
   logits_BxLxV = TransformerLM(cfg).apply({'params': variables}, x_BxLxD, method='logits')
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
+  return cross_entropy(logits_BxLxV, targets_BxL).mean()   # the spine's loss, float32
 
 
 def full_loss(cfg, params, tokens_BxL, targets_BxL, layout=None, keys_K=None):
