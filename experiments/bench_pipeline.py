@@ -37,6 +37,7 @@ def _args():
                   help='comma-separated step budgets for part 2 (empty: the setting; 0: skip)')
   ap.add_argument('--profile', default='', help='write perfetto traces of the single-device '
                   'and the Ouroboros K=2 stored step to DIR and print each device\'s busy time')
+  ap.add_argument('--lr', type=float, default=0.0, help='peak learning rate (0: the setting)')
   ap.add_argument('--tag', default='', help='suffix of the results files')
   ap.add_argument('--only', default='', help='comma-separated name parts: time only the '
                   'variants whose name contains one (the single device is always timed)')
@@ -189,6 +190,8 @@ def settings(args):
   st = dict(SETTINGS[args.quick], dtype=args.dtype)
   if args.batch:
     st['batch'] = args.batch
+  if args.lr:
+    st['lr'] = args.lr
   st['train_steps'] = ([int(x) for x in args.train_steps.split(',') if int(x)]
                        if args.train_steps else [st['train_steps']])
   return st
@@ -282,7 +285,8 @@ def main():
   for steps in st['train_steps']:
     tx = optax.adam(optax.cosine_decay_schedule(st['lr'], steps))
     built = {name: v for name, v in variants(cfg, tx, devs, st).items()
-             if name == 'single device' or name.startswith('Ouroboros')}
+             if name == 'single device' or (name.startswith('Ouroboros') and (
+                 not args.only or any(part in name for part in args.only.split(','))))}
     record['loss'].append(train_and_eval(built, params, data, split, st, steps, devs))
 
   # Part 3: overlap of transfers and compute in the compiled Ouroboros step.
@@ -328,7 +332,7 @@ def write(record, out_dir, kind):
               '| stream | busy ms | span ms |', '|---|---|---|']
     lines += [f'| {s} | {r["busy_ms"]:.2f} | {r["span_ms"]:.2f} |' for s, r in streams.items()]
     lines.append('')
-  ov = record['overlap']
+  ov = record.get('overlap') or {'async_pairs': [], 'sync_collective_permutes': 'not measured'}
   lines += [f'## Transfers vs compute in the compiled Ouroboros step (K={n} untied stored)', '',
             f'synchronous collective-permutes: {ov["sync_collective_permutes"]}; async pairs '
             f'(ops / compute ops between start and done): ' +
