@@ -38,6 +38,8 @@ def _args():
   ap.add_argument('--profile', default='', help='write perfetto traces of the single-device '
                   'and the Ouroboros K=2 stored step to DIR and print each device\'s busy time')
   ap.add_argument('--lr', type=float, default=0.0, help='peak learning rate (0: the setting)')
+  ap.add_argument('--warmup_frac', type=float, default=0.0,
+                  help='linear learning-rate warm-up over this fraction of each budget')
   ap.add_argument('--tag', default='', help='suffix of the results files')
   ap.add_argument('--only', default='', help='comma-separated name parts: time only the '
                   'variants whose name contains one (the single device is always timed)')
@@ -192,9 +194,19 @@ def settings(args):
     st['batch'] = args.batch
   if args.lr:
     st['lr'] = args.lr
+  st['warmup_frac'] = args.warmup_frac
   st['train_steps'] = ([int(x) for x in args.train_steps.split(',') if int(x)]
                        if args.train_steps else [st['train_steps']])
   return st
+
+
+def schedule(st, steps: int):
+  """Cosine decay from st['lr'] to 0 over `steps`, after a linear warm-up of
+  st['warmup_frac'] * steps (none by default, as the Transformer-XL enwik8 recipe)."""
+  warmup = int(st['warmup_frac'] * steps)
+  if not warmup:
+    return optax.cosine_decay_schedule(st['lr'], steps)
+  return optax.warmup_cosine_decay_schedule(0.0, st['lr'], warmup, steps)
 
 
 def train_and_eval(built, params, data, split, st, steps, devs):
@@ -249,7 +261,7 @@ def main():
   if len(devs) < args.devices or args.devices < 2:
     sys.exit(f'needs {max(2, args.devices)} devices, found {len(jax.devices())}')
   kind = 'cpu' if args.quick else devs[0].platform
-  tx_bench = optax.adam(optax.cosine_decay_schedule(st['lr'], max(st['train_steps'] or [1])))
+  tx_bench = optax.adam(schedule(st, max(st['train_steps'] or [1])))
   data = corpus_bytes(4_000_000 if not args.quick else 1_000_000)
   split = int(0.95 * len(data))
   record = benchmarking.provenance()
@@ -283,7 +295,7 @@ def main():
                                    )['params']
   record['loss'] = []
   for steps in st['train_steps']:
-    tx = optax.adam(optax.cosine_decay_schedule(st['lr'], steps))
+    tx = optax.adam(schedule(st, steps))
     built = {name: v for name, v in variants(cfg, tx, devs, st).items()
              if name == 'single device' or (name.startswith('Ouroboros') and (
                  not args.only or any(part in name for part in args.only.split(','))))}
