@@ -12,9 +12,11 @@ jitted functions take it as a static argument):
   zero_memory(n, B)                recurrence memory of n layers at a fresh stream
                                    ([n, B, M, D]), or None for a model without one
   embed(E, first, tokens_BxL, key) -> x_BxLxD
-  blocks(layers, x_BxLxD, mem, key) -> (y_BxLxD, new_mem)   any consecutive run of blocks,
-                                   with the memory of exactly those layers (None passes
-                                   through)
+  blocks(layers, x_BxLxD, mem, key, first_layer=0) -> (y_BxLxD, new_mem)   any
+                                   consecutive run of a module's blocks, starting at its
+                                   block first_layer, with the memory of exactly those
+                                   layers (None passes through); block i draws its masks
+                                   from `pieces.layer_key(key, i)`
   head_loss(E, last, x_BxLxD, targets_BxL, key) -> mean cross-entropy
   key: the dropout key (None: deterministic), `pieces.dropout_key` of (batch, module).
 

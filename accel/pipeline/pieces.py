@@ -10,9 +10,12 @@ The functions call the spine's `TransformerLM.embed`, `BlockStack` and
 `TransformerLMPieces` presents them as the pipeline's model interface (`families`).
 
 Dropout: `embed` and `blocks` take a key (None: deterministic). Module j's forward of
-batch b draws all its masks (module 0: the embedding's too, as `TransformerLM.embed` does)
-from `dropout_key(rng, b, j, shard)`, a pure function of the train rng, the batch, the
-module and the data shard, so its delayed backward can re-derive the very same masks.
+batch b draws its masks from k = `dropout_key(rng, b, j, shard)`, a pure function of the
+train rng, the batch, the module and the data shard, so its delayed backward can re-derive
+the very same masks: the embedding (module 0) from k itself, as `TransformerLM.embed`
+does, and the module's i-th block from `layer_key(k, i)` = fold_in(k, i). Blocks run one
+at a time, so the masks do not depend on how a module is cut into `blocks` calls (the SPMD
+program runs a module in two segments: `blocks(layers[a:], .., first_layer=a)`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,11 @@ def dropout_key(rng, batch, module, shard=0):
   return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, batch), module), shard)
 
 
+def layer_key(key, layer):
+  """The key of a module's block `layer` (0-based within the module) from the module's key."""
+  return None if key is None else jax.random.fold_in(key, layer)
+
+
 def dropout_args(key):
   """apply() arguments: dropout masks from `key`, or deterministic if it is None."""
   return {'deterministic': key is None, 'rngs': {} if key is None else {'dropout': key}}
@@ -56,12 +64,14 @@ def embed(cfg, E_VxD, P_MxD, tokens_BxL, key=None):
       tokens_BxL, method='embed', **dropout_args(key))
 
 
-def blocks(cfg, layers, x_BxLxD, key=None):
-  """Blocks of one module; `layers` leaves are [n, ...] (n may be 0: identity)."""
-  n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-  if n == 0:
-    return x_BxLxD
-  return BlockStack(cfg, n).apply({'params': {'layers': layers}}, x_BxLxD, **dropout_args(key))
+def blocks(cfg, layers, x_BxLxD, key=None, first_layer=0):
+  """Blocks first_layer .. first_layer+n-1 of a module whose key is `key`; `layers` leaves
+  are [n, ...] (n may be 0: identity). Block i drops with `layer_key(key, first_layer + i)`.
+  """
+  for i in range(jax.tree_util.tree_leaves(layers)[0].shape[0]):
+    x_BxLxD = BlockStack(cfg, 1).apply({'params': {'layers': slice_layers(layers, i, i + 1)}},
+                                       x_BxLxD, **dropout_args(layer_key(key, first_layer + i)))
+  return x_BxLxD
 
 
 def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
@@ -129,8 +139,8 @@ class TransformerLMPieces:
   def embed(self, E_VxD, first, tokens_BxL, key=None):
     return embed(self.cfg, E_VxD, first['pos_embed'], tokens_BxL, key)
 
-  def blocks(self, layers, x_BxLxD, mem, key=None):
-    return blocks(self.cfg, layers, x_BxLxD, key), mem
+  def blocks(self, layers, x_BxLxD, mem, key=None, first_layer=0):
+    return blocks(self.cfg, layers, x_BxLxD, key, first_layer), mem
 
   def head_loss(self, E_VxD, last, x_BxLxD, targets_BxL, key=None):
     del key   # no dropout in the head (TransformerLM.logits)

@@ -13,7 +13,8 @@ pipeline computes exactly the model `accel.segment_lm` trains):
   head_loss  mean CE of logits = (LN_f)(dropout(h)) E^T + b
 Dropout: each function takes a key (None: deterministic) and draws the model's masks
 (embedding, attention output, FF hidden and output, last hidden state) from it, as
-`pieces.embed` / `pieces.blocks` do for the TransformerLM (`pieces.dropout_key`).
+`pieces.embed` / `pieces.blocks` do for the TransformerLM (`pieces.dropout_key`; block i
+of a module from `pieces.layer_key(key, i)`, blocks run one at a time).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import jax
 from accel.losses import cross_entropy
 from accel.models.transformer_xl import TransformerXL, TransformerXLConfig, run_layers, \
     zero_memory
-from accel.pipeline.pieces import dropout_args
+from accel.pipeline.pieces import concat_layers, dropout_args, layer_key, slice_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +63,20 @@ class TransformerXLPieces:
     return TransformerXL(self.cfg).apply({'params': {'token_embed': {'embedding': E_VxD}}},
                                          tokens_BxL, method='embed', **dropout_args(key))
 
-  def blocks(self, layers, x_BxLxD, mem_nxBxMxD, key=None):
+  def blocks(self, layers, x_BxLxD, mem_nxBxMxD, key=None, first_layer=0):
+    """Blocks first_layer .. first_layer+n-1 of a module whose key is `key` (block i drops
+    with `layer_key(key, first_layer + i)`), on their memory [n, B, M, D]."""
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     if n == 0:
       return x_BxLxD, mem_nxBxMxD
     mem = zero_memory(self.cfg, x_BxLxD.shape[0], n) if mem_nxBxMxD is None else mem_nxBxMxD
-    h_BxLxD, new_mem = run_layers(self.cfg, layers, x_BxLxD, mem, key is None, key)
-    return h_BxLxD, None if mem_nxBxMxD is None else new_mem
+    new_mems = []
+    for i in range(n):
+      layer_k = layer_key(key, first_layer + i)
+      x_BxLxD, new_mem = run_layers(self.cfg, slice_layers(layers, i, i + 1), x_BxLxD,
+                                    slice_layers(mem, i, i + 1), key is None, layer_k)
+      new_mems.append(new_mem)
+    return x_BxLxD, None if mem_nxBxMxD is None else concat_layers(new_mems)
 
   def head_loss(self, E_VxD, last, x_BxLxD, targets_BxL, key=None):
     logits_BxLxV = TransformerXL(self.cfg).apply(

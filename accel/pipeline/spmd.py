@@ -72,16 +72,22 @@ def make_mesh(data: int, stage: int, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh((data, stage), ('data', 'stage'), (auto, auto), devices=devices)
 
 
-def _block_vjp(mp, layers, x, mem, key=None):
-  """jax.vjp (in layers and x; has_aux: the new memory) of a module's blocks whose residuals
-  are the Dense outputs (and the inputs, the memory read, the weights and the dropout key):
-  the attention scores, dropout masks and elementwise intermediates are re-derived from
-  them in the backward, deterministically, so the backward is still that of the forward
-  as it ran. Returns (y, vjp, new_mem).
+def _block_vjp(mp, layers, x, mem, key=None, first_layer=0):
+  """jax.vjp (in layers and x; has_aux: the new memory) of a run of a module's blocks
+  (`families`: blocks from first_layer on) whose residuals are the Dense outputs (and the
+  inputs, the memory read, the weights and the dropout key): the attention scores, dropout
+  masks and elementwise intermediates are re-derived from them in the backward,
+  deterministically, so the backward is still that of the forward as it ran.
+  Returns (y, vjp, new_mem).
   """
   blocks = jax.checkpoint(mp.blocks,
                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return jax.vjp(lambda l, x_: blocks(l, x_, mem, key), layers, x, has_aux=True)
+  return jax.vjp(lambda l, x_: blocks(l, x_, mem, key, first_layer), layers, x, has_aux=True)
+
+
+def _slice_mem(mem, start: int, stop: int):
+  """The recurrence memory [n, B, M, D] of the stage's layers start..stop-1 (None: none)."""
+  return None if mem is None else mem[start:stop]
 
 
 def _is_key(a) -> bool:
@@ -93,11 +99,10 @@ def _packed_leaves(vjp):
   return [a for a in jax.tree_util.tree_leaves(vjp) if not _is_key(a)]
 
 
-def _pack(vjp, size: int):
-  """The residual leaves of a jax.vjp, as one float32 vector padded to `size`."""
+def _pack(vjp):
+  """The residual leaves of a jax.vjp, as one float32 vector."""
   leaves = [a.astype(jnp.float32).ravel() for a in _packed_leaves(vjp)]
-  flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
-  return jnp.pad(flat, (0, size - flat.shape[0]))
+  return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
 
 
 def _unpack(flat, template):
@@ -148,14 +153,14 @@ class Pipeline:
     else:
       mods = [[j] * n for j in range(s)]
     self._layer_module = np.asarray(mods, np.int32)                      # [S, n]
-    last = layout.stage_of(k - 1)
+    self._last_stage = layout.stage_of(k - 1)
     self._owns_first = np.arange(s) == 0
-    self._owns_last = np.arange(s) == last
+    self._owns_last = np.arange(s) == self._last_stage
     self._owns_E = self._owns_first | self._owns_last
     self._counts_E = self._owns_last    # E's summed gradient enters the clip norm once
-    # The module each stage back-propagates with a delay (-1: none, untied last stage).
-    self._delayed = np.asarray([j if j != k - 1 else -1 for j in range(s)]
-                               if not layout.tied_ring else list(range(s)), np.int32)
+    # Segments (module docstring): A = layers[:a], B = layers[a:]; A's module per stage.
+    self._a = layout.n_last if layout.tied_ring else n
+    self._module_a = self._layer_module[:, 0]
     # The shard_mapped iteration, to be jitted here or inside a caller's jit.
     self.step_fn = self._build_step()
     self._step = jax.jit(self.step_fn, donate_argnums=0)
@@ -219,30 +224,33 @@ class Pipeline:
     return jax.device_put(state, self.shardings(state))
 
   def _residual_size(self, layers_SxN, local_batch: int, seq_len: int) -> int:
-    """Floats in the largest packed vjp residual set of any stage's delayed module.
+    """Floats in one packed history entry: the vjp residuals of segment A and of segment B.
 
-    Traced under the same shard_map as the step (weights varying over 'data', memory over
-    both axes), because the residual list depends on it (a few scalar residuals appear
-    there).
+    Traced under the same shard_map as the step (weights varying over 'data', memory and
+    keys over both axes, B's first block over 'stage'), because the residual list depends
+    on it (a few scalar residuals appear there).
     """
-    lay, cfg, mp, sizes = self.layout, self.cfg, self.model_pieces, [0]
+    lay, cfg, mp, a = self.layout, self.cfg, self.model_pieces, self._a
+    n, sizes = lay.layers_per_stage, []
 
     def probe(layers, x):
-      layers = _tmap(lambda a: lax.pcast(a[0], 'data', to='varying'), layers)
-      me = lax.axis_index('stage')   # a key varying over both axes, as in the step
-      for count in {lay.n_first, lay.layers_per_stage}:
-        mem = _tmap(lambda a: lax.pcast(a, ('data', 'stage'), to='varying'),
-                    mp.zero_memory(count, local_batch))
-        vjp = _block_vjp(mp, pieces.slice_layers(layers, 0, count), x[0], mem,
-                         self._dropout_key(me, me))[1]
-        sizes.append(sum(a.size for a in _packed_leaves(vjp)))
+      layers = _tmap(lambda v: lax.pcast(v[0], 'data', to='varying'), layers)
+      me = lax.axis_index('stage')
+      mem = _tmap(lambda v: lax.pcast(v, ('data', 'stage'), to='varying'),
+                  mp.zero_memory(n, local_batch))
+      key = self._dropout_key(me, me)
+      segments = [(0, a, 0)] + ([(a, n, jnp.where(me == 0, 0, a))] if lay.tied_ring else [])
+      for start, stop, first_layer in segments:
+        vjp = _block_vjp(mp, pieces.slice_layers(layers, start, stop), x[0],
+                         _slice_mem(mem, start, stop), key, first_layer)[1]
+        sizes.append(sum(v.size for v in _packed_leaves(vjp)))
       return x
 
     data, s = self.mesh.shape['data'], lay.num_stages
     x = jax.ShapeDtypeStruct((s, data * local_batch, seq_len, cfg.d_model), cfg.dtype)
     jax.eval_shape(jax.shard_map(probe, mesh=self.mesh, in_specs=(P('stage'), P('stage', 'data')),
                                  out_specs=P('stage', 'data')), layers_SxN, x)
-    return max(sizes)
+    return sum(sizes)
 
   def _dropout_key(self, batch, module):
     """Inside the shard_map: module's key for batch on this data shard (None: no dropout)."""
@@ -267,191 +275,134 @@ class Pipeline:
   def _build_step(self):
     lay, tx, mp, clip_norm = self.layout, self.tx, self.model_pieces, self.clip_norm
     k, s, r = lay.num_modules, lay.num_stages, self._R
-    n_last = lay.n_last
-    stored = self.stored
+    n, a, tied, stored = lay.layers_per_stage, self._a, lay.tied_ring, self.stored
     rt = 2 * k - 1   # token ring: batches t-2(K-1) .. t
-
-    def blocks_vjp(layers, x, mem, g, key):
-      return _block_vjp(mp, layers, x, mem, key)[1](g)
 
     def embed_vjp(E, first, tok, g, key):
       _, vjp = jax.vjp(lambda e, f: mp.embed(e, f, tok, key), E, first)
       return vjp(g)
 
-    def module_fwd(layers, x, mem, size, key):
-      """Forward of a delayed module: (output, what its history slot keeps, new memory)."""
-      if stored:
-        y, vjp, new_mem = _block_vjp(mp, layers, x, mem, key)
-        return y, _pack(vjp, size), new_mem
-      y, new_mem = mp.blocks(layers, x, mem, key)
-      return y, x, new_mem
-
-    def module_bwd(layers, x_shape_like, mem_b, hist_b, g, key):
-      """Delayed backward through the stored forward, or a forward re-run on w^t with the
-      memory batch b read ('stored': mem_b only gives the template its shapes)."""
-      if stored:
-        template = _block_vjp(mp, layers, jnp.zeros_like(x_shape_like), mem_b, key)[1]
-        return _unpack(hist_b, template)(g)
-      return blocks_vjp(layers, hist_b, mem_b, g, key)
-
-    def first_fwd(p, layers0, mem0, io):
-      """Module 0 forward of batch t: (output y to send, history entry, new memory)."""
-      x0 = mp.embed(p['E'], p['first'], io['tok_now'], io['key_now'])
-      return module_fwd(layers0, x0, mem0, io['hist_b'].shape[0] if stored else None,
-                        io['key_now'])
-
-    def first_bwd(p, layers0, mem0_b, io):
-      """Module 0 backward of batch t-2(K-1): grads of its blocks, E (input side), first."""
-      g, key = io['grad_in'], io['key_b']
-      if stored:
-        g_layers, g_x0 = module_bwd(layers0, g, mem0_b, io['hist_b'], g, key)
-      else:   # Features Replay: re-embed the stored tokens with the current weights
-        x0_b = mp.embed(p['E'], p['first'], io['tok_b'], key)
-        g_layers, g_x0 = blocks_vjp(layers0, x0_b, mem0_b, g, key)
-      g_E, g_first = embed_vjp(p['E'], p['first'], io['tok_b'], g_x0, key)
-      # The input-side part of E joins the output-side one: drop it while batch < 0.
-      g_E = jnp.where(io['t'] >= 2 * (k - 1), g_E, 0.0)
-      return g_layers, g_E, g_first
-
-    def last(p, layers_last, mem_last, io):
-      """Module K-1: forward, loss and backward of batch t-(K-1).
-
-      Returns (loss, new memory, grads of (layers, E, last, input))."""
-      def loss_fn(l, e, f, x):
-        h, new_mem = mp.blocks(l, x, mem_last, io['key_last'])
-        return mp.head_loss(e, f, h, io['targets'], io['key_last']), new_mem
-      (loss, new_mem), grads = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True)(
-          layers_last, p['E'], p['last'], io['act_in'])
-      return loss, new_mem, grads
-
-    zeros_like = lambda t: _tmap(jnp.zeros_like, t)
-
-    def varying(tree):
-      """Marks every leaf as varying over both mesh axes, so switch branches agree."""
-      def cast(a):
-        have = jax.typeof(a).manual_axis_type.varying
-        missing = tuple(ax for ax in ('data', 'stage') if ax not in have)
-        return lax.pcast(a, missing, to='varying') if missing else a
-      return _tmap(cast, tree)
-
-    def bwd_out(p, send_grad, loss, mem, layers=None, E=None, first=None, last=None):
-      g = {'layers': layers if layers is not None else zeros_like(p['layers']),
-           'E': E if E is not None else jnp.zeros_like(p['E']),
-           'first': first if first is not None else zeros_like(p['first']),
-           'last': last if last is not None else zeros_like(p['last'])}
-      return varying((send_grad, loss, g, mem))
-
-    no_loss = lambda: jnp.zeros((), jnp.float32)
-    n = lay.layers_per_stage
-    # Tied ring stage 0 stacks [module K-1 | module 0] (layers and memory alike).
-    mod0 = lambda t: pieces.slice_layers(t, n_last, n) if lay.tied_ring else t
-    modl = lambda t: pieces.slice_layers(t, 0, n_last) if lay.tied_ring else t
-    with_mod0 = lambda t, new0: pieces.concat_layers([modl(t), new0]) if lay.tied_ring else new0
-    with_modl = lambda t, newl: pieces.concat_layers([newl, mod0(t)]) if lay.tied_ring else newl
-
-    # Backward branches (they read only the inboxes, the history and the memory):
-    # (send_grad, loss, g, stage memory with the loss module's part advanced).
-    def ring0_bwd(p, io):   # tied ring stage 0: module K-1 = layers[:n_last], module 0
-      g0, gE_in, g_first = first_bwd(p, mod0(p['layers']), mod0(io['mem_b']), io)
-      loss, new_mem_l, (g_last, gE_out, g_head, dx) = last(p, modl(p['layers']),
-                                                           modl(io['mem']), io)
-      g_layers = pieces.concat_layers([g_last, g0])
-      return bwd_out(p, dx, loss, with_modl(io['mem'], new_mem_l), g_layers, gE_out + gE_in,
-                     g_first, g_head)
-
-    def first_only_bwd(p, io):
-      g0, gE_in, g_first = first_bwd(p, p['layers'], io['mem_b'], io)
-      return bwd_out(p, jnp.zeros_like(io['grad_in']), no_loss(), io['mem'], g0, gE_in,
-                     g_first)
-
-    def middle_bwd(p, io):
-      g_layers, dx = module_bwd(p['layers'], io['grad_in'], io['mem_b'], io['hist_b'],
-                                io['grad_in'], io['key_b'])
-      return bwd_out(p, dx, no_loss(), io['mem'], g_layers)
-
-    def last_only_bwd(p, io):
-      loss, new_mem, (g_l, gE_out, g_head, dx) = last(p, p['layers'], io['mem'], io)
-      return bwd_out(p, dx, loss, new_mem, g_l, gE_out, None, g_head)
-
-    # Forward branches, given the memory after the backward branch:
-    # (send_act, history entry, stage memory with the delayed module's part advanced).
-    def first_fwd_branch(p, io, mem):
-      y, entry, new_mem0 = first_fwd(p, mod0(p['layers']), mod0(mem), io)
-      return varying((y, entry, with_mod0(mem, new_mem0)))
-
-    def middle_fwd(p, io, mem):
-      return varying(module_fwd(p['layers'], io['act_in'], mem,
-                                io['hist_b'].shape[0] if stored else None, io['key_now']))
-
-    def last_only_fwd(p, io, mem):     # no delayed module: its forward runs in its backward
-      return varying((jnp.zeros_like(io['act_in']), jnp.zeros_like(io['hist_b']), mem))
-
-    if lay.tied_ring:
-      bwd_branches, fwd_branches = [ring0_bwd, middle_bwd], [first_fwd_branch, middle_fwd]
-      roles = [0] + [1] * (s - 1)
-    else:
-      bwd_branches = [first_only_bwd, middle_bwd, last_only_bwd]
-      fwd_branches = [first_fwd_branch, middle_fwd, last_only_fwd]
-      roles = [0] + [1] * (k - 2) + [2]
-    roles = np.asarray(roles, np.int32)
-    fwd_perm = [(i, (i + 1) % s) for i in range(s)] if lay.tied_ring else \
-        [(i, i + 1) for i in range(s - 1)]
-    bwd_perm = [(i, (i - 1) % s) for i in range(s)] if lay.tied_ring else \
-        [(i, i - 1) for i in range(1, s)]
-    layer_module = jnp.asarray(self._layer_module)
-    owns = {name: jnp.asarray(v) for name, v in
-            (('E', self._owns_E), ('first', self._owns_first), ('last', self._owns_last))}
-    delayed = jnp.asarray(self._delayed)
-    counts_E = jnp.asarray(self._counts_E)
-    dropout_key = self._dropout_key
+    def pick(mask, new, old):
+      """`new` where mask (a per-stage scalar), else `old`, leaf by leaf (None stays None)."""
+      return _tmap(lambda x, y: jnp.where(mask, x, y), new, old)
 
     def keep(mask, new, old):
-      return _tmap(lambda a, b: jnp.where(
-          mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)), a, b), new, old)
+      return _tmap(lambda x, y: jnp.where(
+          mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, y), new, old)
+
+    fwd_perm = [(i, (i + 1) % s) for i in range(s)] if tied else [(i, i + 1) for i in range(s - 1)]
+    bwd_perm = [(i, (i - 1) % s) for i in range(s)] if tied else [(i, i - 1) for i in range(1, s)]
+    layer_module = jnp.asarray(self._layer_module)
+    module_a = jnp.asarray(self._module_a)
+    owns = {name: jnp.asarray(v) for name, v in
+            (('E', self._owns_E), ('first', self._owns_first), ('last', self._owns_last))}
+    counts_E = jnp.asarray(self._counts_E)
+    dropout_key = self._dropout_key
 
     def local(state, batch):
       t = state['step']
       me = lax.axis_index('stage')
-      sq = lambda tree: _tmap(lambda a: a[0], tree)
+      sq = lambda tree: _tmap(lambda v: v[0], tree)
       p, opt = sq(state['params']), sq(state['opt'])
       # Per-shard weights (varying over 'data'): each vjp below is then local to its data
-      # shard (no implicit psum inside the branches); the one pmean over 'data' follows.
-      p_local = _tmap(lambda a: lax.pcast(a, 'data', to='varying'), p)
+      # shard (no implicit psum); the one pmean over 'data' follows.
+      p_local = _tmap(lambda v: lax.pcast(v, 'data', to='varying'), p)
+      E, first, last = p_local['E'], p_local['first'], p_local['last']
       hist = state['hist'][0]
       mem = state['mem'][0] if mp.has_memory else None         # [n, B, M, D]
+      act_in, grad_in = state['act_in'][0], state['grad_in'][0]
       # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
       tokens = _tmap(lambda ring, new: lax.dynamic_update_index_in_dim(ring, new, t % rt, 0),
                      state['tokens'], batch)
-      j_del = delayed[me]                          # this stage's delayed module
-      b_del = t - 2 * (k - 1) + j_del              # batch of its delayed backward
-      slot_b = b_del % r
-      slot_now = (t - j_del) % r                   # slot of the batch it forwards now
-      io = {'t': t, 'tok_now': batch['inputs'],
-            'key_now': dropout_key(t - j_del, j_del), 'key_b': dropout_key(b_del, j_del),
-            'key_last': dropout_key(t - (k - 1), k - 1),
-            'tok_b': lax.dynamic_index_in_dim(tokens['inputs'], (t + 1) % rt, 0, False),
-            'targets': lax.dynamic_index_in_dim(tokens['targets'], (t + k) % rt, 0, False),
-            'hist_b': lax.dynamic_index_in_dim(hist, slot_b, 0, False),
-            'act_in': state['act_in'][0], 'grad_in': state['grad_in'][0], 'mem': mem,
-            # the memory batch b_del read ('stored': in its residuals; this is a template)
-            'mem_b': (lax.dynamic_index_in_dim(state['hist_mem'][0], slot_b, 0, False)
-                      if 'hist_mem' in state else mem)}
-      role = jnp.asarray(roles)[me]
-      # Backward first, then forward: each ppermute can overlap the other half's compute.
-      send_grad, loss, g, mem_bwd = lax.switch(role, bwd_branches, p_local, io)
-      new_grad = lax.ppermute(send_grad, 'stage', bwd_perm)
-      send_act, entry, mem_fwd = lax.switch(role, fwd_branches, p_local, io, mem_bwd)
+      tok_b = lax.dynamic_index_in_dim(tokens['inputs'], (t + 1) % rt, 0, False)
+      targets = lax.dynamic_index_in_dim(tokens['targets'], (t + k) % rt, 0, False)
+      is_first, is_last = me == 0, me == self._last_stage
+      b0 = t - 2 * (k - 1)           # the batch module 0 back-propagates
+      # The stage's delayed module is module `me` (tied: segment B's, untied: A's);
+      # history slot b mod R for its batch b.
+      slot_now, slot_b = (t - me) % r, (b0 + me) % r
+      hist_b = lax.dynamic_index_in_dim(hist, slot_b, 0, False)
+      # The memory the delayed batch read ('stored': in its residuals; mem is a template).
+      mem_hist_b = (lax.dynamic_index_in_dim(state['hist_mem'][0], slot_b, 0, False)
+                    if 'hist_mem' in state else mem)
+      layers_a = pieces.slice_layers(p_local['layers'], 0, a)
+      layers_b = pieces.slice_layers(p_local['layers'], a, n)
+      mem_a, mem_b = _slice_mem(mem, 0, a), _slice_mem(mem, a, n)
+      mod_a = module_a[me]
+      first_b = jnp.where(is_first, 0, a)     # B's first block within its module
+      key_a_now, key_a_bwd = dropout_key(t - mod_a, mod_a), dropout_key(b0 + mod_a, mod_a)
+      key_b_now, key_b_bwd = dropout_key(t - me, me), dropout_key(b0 + me, me)
+      key_emb_now, key_emb_bwd = dropout_key(t, 0), dropout_key(b0, 0)
+
+      # Forward: a_out = A(a_in); tied: b_out = B(where(stage 0, embed(batch t), a_out)).
+      x_emb = mp.embed(E, first, batch['inputs'], key_emb_now)
+      a_in = act_in if tied else jnp.where(is_first, x_emb, act_in)
+      if stored:
+        a_out, vjp_a, new_mem_a = _block_vjp(mp, layers_a, a_in, mem_a, key_a_now)
+        entry = [_pack(vjp_a)]
+      else:
+        a_out, new_mem_a = mp.blocks(layers_a, a_in, mem_a, key_a_now)
+      if tied:
+        b_in = jnp.where(is_first, x_emb, a_out)
+        if stored:
+          send_act, vjp_b, new_mem_b = _block_vjp(mp, layers_b, b_in, mem_b, key_b_now, first_b)
+          entry.append(_pack(vjp_b))
+        else:
+          send_act, new_mem_b = mp.blocks(layers_b, b_in, mem_b, key_b_now, first_b)
+        mem_fwd = None if mem is None else pieces.concat_layers([new_mem_a, new_mem_b])
+      else:
+        send_act, mem_fwd = a_out, new_mem_a
       new_act = lax.ppermute(send_act, 'stage', fwd_perm)
-      if not lay.tied_ring:   # the two copies of E add each other's part
+
+      # The head on every stage (the loss stage's A is module K-1; elsewhere masked out).
+      loss, (g_E_out, g_last, g_head) = jax.value_and_grad(
+          lambda e, l, h: mp.head_loss(e, l, h, targets, dropout_key(t - (k - 1), k - 1)),
+          argnums=(0, 1, 2))(E, last, a_out)
+
+      # Backward: B from the history (delayed), then A from the history or, on the loss
+      # stage, from this iteration's forward (delay 0).
+      if stored:
+        size_a = entry[0].shape[0]
+        res_a = jnp.where(is_last, entry[0], hist_b[:size_a])
+        vjp_a_b = _unpack(res_a, _block_vjp(mp, layers_a, jnp.zeros_like(a_in), mem_a,
+                                            key_a_bwd)[1])
+        if tied:
+          vjp_b_b = _unpack(hist_b[size_a:size_a + entry[1].shape[0]],
+                            _block_vjp(mp, layers_b, jnp.zeros_like(b_in), mem_b, key_b_bwd,
+                                       first_b)[1])
+      else:   # Features Replay: re-run the forward on the stored input with w^t
+        x_emb_b = mp.embed(E, first, tok_b, key_emb_bwd)
+        a_in_b = jnp.where(is_last, a_in, hist_b)
+        if not tied:
+          a_in_b = jnp.where(is_first, x_emb_b, a_in_b)
+        a_re, vjp_a_b, _ = _block_vjp(mp, layers_a, a_in_b,
+                                      pick(is_last, mem_a, _slice_mem(mem_hist_b, 0, a)),
+                                      key_a_bwd)
+        if tied:
+          _, vjp_b_b, _ = _block_vjp(mp, layers_b, jnp.where(is_first, x_emb_b, a_re),
+                                     _slice_mem(mem_hist_b, a, n), key_b_bwd, first_b)
+      if tied:
+        g_layers_b, dx_b = vjp_b_b(grad_in)
+        g_layers_a, send_grad = vjp_a_b(jnp.where(is_last, g_head, dx_b))
+        g_layers = pieces.concat_layers([g_layers_a, g_layers_b])
+      else:
+        g_layers, send_grad = vjp_a_b(jnp.where(is_last, g_head, grad_in))
+      new_grad = lax.ppermute(send_grad, 'stage', bwd_perm)
+      # Module 0's embedding backward (stage 0; batch b0 exists from t = 2(K-1) on).
+      g_E_in, g_first = embed_vjp(E, first, tok_b, dx_b if tied else send_grad, key_emb_bwd)
+      g_E = (jnp.where(is_last, g_E_out, 0.0)
+             + jnp.where(is_first & (b0 >= 0), g_E_in, 0.0))
+      g = {'layers': g_layers, 'E': g_E, 'first': g_first, 'last': g_last}
+      if not tied:   # the two copies of E add each other's part
         g['E'] = g['E'] + lax.ppermute(g['E'], 'stage', [(0, k - 1), (k - 1, 0)])
       g = lax.pmean(g, 'data')
       # Which parts have a gradient at iteration t (module j: batch t-2(K-1)+j >= 0).
-      layer_valid = t - 2 * (k - 1) + layer_module[me] >= 0               # [n]
+      layer_valid = b0 + layer_module[me] >= 0               # [n]
       loss_valid = t >= k - 1
-      valid = {'E': owns['E'][me] & loss_valid, 'first': owns['first'][me] & (t >= 2 * (k - 1)),
+      valid = {'E': owns['E'][me] & loss_valid, 'first': owns['first'][me] & (b0 >= 0),
                'last': owns['last'][me] & loss_valid}
       # Global norm of what is applied at t: each tensor with a gradient, counted once.
-      sq_layers_N = jax.vmap(lambda a: optax.tree.norm(a, squared=True))(g['layers'])
+      sq_layers_N = jax.vmap(lambda v: optax.tree.norm(v, squared=True))(g['layers'])
       sq_norm = jnp.sum(jnp.where(layer_valid, sq_layers_N, 0.0))
       for name, counted in (('E', counts_E[me] & loss_valid), ('first', valid['first']),
                             ('last', valid['last'])):
@@ -472,7 +423,12 @@ class Pipeline:
         np_, no = adam(g[name], opt[name], p[name])
         new_p[name] = keep(valid[name], np_, p[name])
         new_opt[name] = keep(valid[name], no, opt[name])
-      ex = lambda tree: _tmap(lambda a: a[None], tree)
+      if stored:
+        flat = jnp.concatenate(entry)
+        entry = jnp.pad(flat, (0, hist.shape[1] - flat.shape[0]))
+      else:
+        entry = a_in
+      ex = lambda tree: _tmap(lambda v: v[None], tree)
       new_state = {'step': t + 1, 'params': ex(new_p), 'opt': ex(new_opt),
                    'act_in': new_act[None], 'grad_in': new_grad[None],
                    'hist': lax.dynamic_update_index_in_dim(hist, entry, slot_now, 0)[None],
@@ -483,8 +439,7 @@ class Pipeline:
       if 'hist_mem' in state:
         new_state['hist_mem'] = lax.dynamic_update_index_in_dim(
             state['hist_mem'][0], mem, slot_now, 0)[None]
-      is_loss_stage = me == lay.stage_of(k - 1)
-      loss = lax.pmean(lax.psum(jnp.where(is_loss_stage, loss, 0.0), 'stage'), 'data')
+      loss = lax.pmean(lax.psum(jnp.where(is_last, loss, 0.0), 'stage'), 'data')
       return new_state, {'loss': loss, 'loss_valid': loss_valid, 'grad_norm': grad_norm}
 
     specs = self._specs()
