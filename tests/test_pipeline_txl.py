@@ -75,3 +75,32 @@ def test_pieces_draw_dropout_from_the_key():
     _close(module_outputs(key), dropped, rtol=0, atol=0)
     for a, b in zip(plain, dropped):
       assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_module_masks_do_not_depend_on_how_it_is_cut():
+  """Both families: a module run as blocks [0, 1) then [1, 3) (first_layer=1), as the SPMD
+  program's segments do, draws the masks of one call over all 3 blocks (block i: layer_key
+  of the module's key and i), and a run from block 0 draws other ones."""
+  from accel.models.transformer import TransformerConfig
+  common = dict(vocab_size=32, num_layers=3, d_model=16, num_heads=2, d_ff=32,
+                dropout_rate=0.1)
+  tokens = jnp.ones((2, 8), jnp.int32)
+  key = jax.random.key(3)
+  for cfg in (TransformerConfig(max_len=8, **common), txl.TransformerXLConfig(mem_len=4, **common)):
+    mp = families.for_config(cfg)
+    layers = mp.split(jax.jit(mp.init_params)(jax.random.key(0), tokens))['layers']
+    mem = mp.zero_memory(3, 2)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    cut = lambda m, a, b: None if m is None else m[a:b]
+
+    @jax.jit
+    def whole_and_cut(x):
+      whole = mp.blocks(layers, x, mem, key)
+      h, m0 = mp.blocks(pieces.slice_layers(layers, 0, 1), x, cut(mem, 0, 1), key)
+      h, m1 = mp.blocks(pieces.slice_layers(layers, 1, 3), h, cut(mem, 1, 3), key, 1)
+      from_0 = mp.blocks(pieces.slice_layers(layers, 1, 3), x, cut(mem, 1, 3), key)[0]
+      from_1 = mp.blocks(pieces.slice_layers(layers, 1, 3), x, cut(mem, 1, 3), key, 1)[0]
+      return whole, (h, None if mem is None else jnp.concatenate([m0, m1])), from_0, from_1
+    whole, pieced, from_0, from_1 = whole_and_cut(x)
+    _close(pieced, whole, rtol=0, atol=1e-6)
+    assert float(jnp.abs(from_0 - from_1).max()) > 1e-4

@@ -78,8 +78,9 @@ memory length M, so the memory of the module is n_j B M D):
   each module needs.
 
 Dropout: module j draws the masks of batch b from a key that is a function of (seed, b,
-j) and the data shard (`pieces.dropout_key`), so its delayed backward, 'stored' or
-'recompute', uses the masks its forward used.
+j) and the data shard (`pieces.dropout_key`; its block i from fold_in of that key and i,
+`pieces.layer_key`, however the module is cut into calls), so its delayed backward,
+'stored' or 'recompute', uses the masks its forward used.
 Gradient clipping (optimizer.clip_norm = c > 0): every gradient applied at iteration t,
 all modules' and the tied table's, is scaled by min(1, c / their global norm)
 (`clipping`); these are gradients of different batches.

@@ -3,9 +3,28 @@
 One call of `Pipeline.step` is one iteration t of the algorithm in `accel.pipeline`'s
 docstring, for every stage at once, inside `jax.shard_map`:
 
-  1. every stage runs its own modules (`lax.switch` on its stage index: tied-ring stage 0
-     runs module 0 and module K-1, other stages one module): the forward of the newest
-     batch that reached it, and a local jax.vjp for the backward of an older batch;
+  1. every stage runs the same ops, with no conditional: its local stack of n blocks is
+     cut into segments A = layers[:a] and B = layers[a:], and the roles differ only in
+     values selected by `jnp.where` on masks of lax.axis_index('stage'). (A `lax.switch`
+     on the stage index made XLA:GPU copy the branch index to the host and block the
+     host's launch thread until the GPU reached it, every step: results/
+     pipeline_gpu_profile.md.)
+       Tied ring (S = K-1, a = n_last): stage 0's A is module K-1 (input: the activation
+       received, batch t-(K-1); loss and backward in the same iteration, delay 0), its
+       B module 0 (input: the embedding of batch t; backward delayed 2(K-1)); stage
+       s >= 1 runs module s as A then B on batch t-s (backward delayed 2(K-1-s)).
+       Untied (S = K, a = n, B empty): A is module s; stage 0's input is the embedding,
+       stage K-1's A is the fresh one (loss, delay 0), the others are delayed.
+     Forward: a_out = A(a_in), b_out = B(where(stage 0, embed(batch t), a_out)), sent on.
+     The head (LN_f, logits, loss and its gradient) runs on a_out on every stage and is
+     used on the loss stage only: for a byte vocabulary negligible, for a large vocabulary
+     an extra V x D matmul (forward and backward) on every other stage. Likewise every
+     stage embeds (and, with Features Replay, re-embeds) and back-propagates the
+     embedding, used on stage 0 only.
+     Backward: dx_B = B's delayed vjp (the history), g_A = where(loss stage, head
+     gradient, dx_B) (untied: the received gradient), dx_A = A's vjp, fresh from this
+     iteration's forward on the loss stage, delayed from the history elsewhere, sent back;
+     the embedding's backward takes stage 0's dx_B (untied: dx_A).
   2. `lax.ppermute` sends the forward outputs to the next stage and the input-gradients
      to the previous one (ring S-1 -> 0 in the tied layout); they arrive as next
      iteration's inboxes;
@@ -16,8 +35,10 @@ docstring, for every stage at once, inside `jax.shard_map`:
 
 Dropout: module j's forward of batch b, and its backward of b (re-run or rebuilt from the
 stored residuals: the masks are re-derived from the key), use the key
-`pieces.dropout_key(rng, b, j, lax.axis_index('data'))`: each data shard draws its own
-masks, so the masks depend on the mesh; with a data axis of 1 they are the reference's.
+`pieces.dropout_key(rng, b, j, lax.axis_index('data'))` (block i of the module:
+`pieces.layer_key` of it and i, so segment B, which starts at block a of its module,
+draws what one call over the whole module draws): each data shard draws its own masks, so
+the masks depend on the mesh; with a data axis of 1 they are the reference's.
 
 State, every array with a leading stage axis S (sharded over 'stage'; the batch axes over
 'data'):
@@ -28,16 +49,19 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
   opt      optimizer state per layer (vmap over n: each layer counts its own updates,
            which equals per-module Adam since Adam is elementwise) and per owned tensor.
   act_in, grad_in   [S, B, L, D]: the messages received at the end of the last iteration.
-  hist     [S, R, ...], R = 2(K-1): ring over the batches of the stage's delayed module,
+  hist     [S, R, ...], R = 2(K-1): ring over the batches of the stage's delayed module
+           (module s on stage s; the untied last stage writes entries it never reads),
            slot b mod R for batch b; module j writes batch t-j and reads batch t-2(K-1)+j,
-           d_j = 2(K-1-j) <= R iterations apart. What a slot holds:
-           'recompute': the module's block input [B, L, D] (module 0: none needed, it
-             re-embeds its tokens);
-           'stored': the residuals of the module's jax.vjp as its forward ran (the Dense
-             outputs, the block inputs and the weights, `_block_vjp`), packed into one
-             float32 vector of the largest role's size (`_residual_size`). The backward
-             rebuilds the vjp from them: no second pass through the Dense layers. The
-             dropout key, the one residual that is not packed, is derived again.
+           d_j = 2(K-1-j) <= R iterations apart (stage 0, d_0 = R: the same slot, read
+           from the incoming state before it is written). What a slot holds:
+           'recompute': A's input a_in [B, L, D] (module 0: none needed, it re-embeds its
+             tokens; B re-runs on A's re-run output);
+           'stored': the residuals of A's and of B's jax.vjp as their forward ran (the
+             Dense outputs, the block inputs and the weights, `_block_vjp`), packed into
+             one float32 vector (`_residual_size`; tied stage 0 stores A's too, unread).
+             The backward rebuilds the vjp from them: no second pass through the Dense
+             layers. The dropout key, the one residual that is not packed, is derived
+             again.
   tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
            t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
   mem      (models with a recurrence memory) [S, n, B, M, D]: each stage the memory of
