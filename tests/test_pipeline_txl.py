@@ -13,6 +13,7 @@ import optax
 
 from accel.losses import cross_entropy
 from accel.models import transformer_xl as txl
+from accel.models.transformer import TransformerConfig
 from accel.pipeline import families, pieces
 from accel.pipeline.layout import Layout
 from accel.pipeline.reference import Reference
@@ -81,7 +82,6 @@ def test_module_masks_do_not_depend_on_how_it_is_cut():
   """Both families: a module run as blocks [0, 1) then [1, 3) (first_layer=1), as the SPMD
   program's segments do, draws the masks of one call over all 3 blocks (block i: layer_key
   of the module's key and i), and a run from block 0 draws other ones."""
-  from accel.models.transformer import TransformerConfig
   common = dict(vocab_size=32, num_layers=3, d_model=16, num_heads=2, d_ff=32,
                 dropout_rate=0.1)
   tokens = jnp.ones((2, 8), jnp.int32)
