@@ -74,8 +74,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
   before = tree_digest(os.path.join(workdir, 'checkpoints'))
   real = train.optim.build_optimizer
 
-  def exploding(opt_cfg, total_steps):
-    tx, schedule = real(opt_cfg, total_steps)
+  def exploding(opt_cfg, total_steps, **kwargs):
+    tx, schedule = real(opt_cfg, total_steps, **kwargs)
 
     def update(grads, state, params):   # same state as tx, so the checkpoint restores
       updates, state = tx.update(grads, state, params)
