@@ -1,5 +1,6 @@
 """The single-device Ouroboros reference: layout, zero-delay equivalence, tied gradient,
 dropout masks per (batch, module), the global-norm clip."""
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,45 +196,53 @@ def test_spmd_step_runs_in_bfloat16():
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(state['params']))
 
 
-def test_stored_gradient_is_that_of_the_weights_each_module_ran_with():
-  """'stored' (DDG): the gradient module j applies at iteration t is of batch
-  b = t - 2(K-1) + j (module K-1: b = t - (K-1)) through the weights every module had when
-  b passed it: module i's at the start of iteration b + i; E in module 0's lookup at b, in
-  the logits at b + K-1. Oracle: plain jax.grad of that composed model, no schedule code."""
+@functools.partial(jax.jit, static_argnums=0)
+def _grads_of_batch(mp, mods, E_in, E_out, batch):
+  """jax.grad of one batch's loss through modules `mods`, E at the lookup and the logits."""
+  def loss(mods, E_in, E_out):
+    x = mp.embed(E_in, mods[0]['first'], batch['inputs'])
+    for m in mods:
+      x, _ = mp.blocks(m['layers'], x, None)
+    return mp.head_loss(E_out, mods[-1]['last'], x, batch['targets'])
+  return jax.grad(loss, argnums=(0, 1, 2))(mods, E_in, E_out)
+
+
+@pytest.mark.parametrize('forward_locked', [False, True])
+def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_locked):
+  """'stored': every gradient module j applies is jax.grad of its batch b through the
+  weights every module had when b passed it, E in module 0's lookup and in the logits
+  likewise. Oracle: plain jax.grad of that composed model, no schedule code.
+  Pipelined (Ouroboros): b = t - 2(K-1) + j (module K-1: t - (K-1)), module i's weights at
+  the start of iteration b + i. Forward-locked (DDG): b = t - (K-1-j), every module's at b."""
   cfg, layout = TransformerConfig(**{**CFG3.__dict__, 'dropout_rate': 0.0}), LAYOUT3
   k = layout.num_modules
-  ref = Reference(cfg, layout, _adam(1e-2), 'stored')
+  ref = Reference(cfg, layout, _adam(1e-2), 'stored', forward_locked=forward_locked)
   state = ref.init(_params(cfg))
-  mp, batches, snaps, metrics = ref.model_pieces, _batches(2 * k + 1, cfg), [], []
+  batches, snaps, metrics = _batches(2 * k + 1, cfg), [], []
   for batch in batches:
     snaps.append((list(state['modules']), state['E']))   # weights at the start of t
     state, m = ref.step(state, batch)
     metrics.append(m)
-
-  @jax.jit
-  def grads_of_batch(mods, E_in, E_out, batch):
-    def loss(mods, E_in, E_out):
-      x = mp.embed(E_in, mods[0]['first'], batch['inputs'])
-      for m in mods:
-        x, _ = mp.blocks(m['layers'], x, None)
-      return mp.head_loss(E_out, mods[-1]['last'], x, batch['targets'])
-    return jax.grad(loss, argnums=(0, 1, 2))(mods, E_in, E_out)
+  ran_at = (lambda b, i: b) if forward_locked else (lambda b, i: b + i)
 
   def oracle(b):
-    return grads_of_batch([snaps[b + i][0][i] for i in range(k)], snaps[b][1],
-                          snaps[b + k - 1][1], batches[b])
+    return _grads_of_batch(ref.model_pieces, [snaps[ran_at(b, i)][0][i] for i in range(k)],
+                           snaps[b][1], snaps[ran_at(b, k - 1)][1], batches[b])
 
   checked = 0
   for t, m in enumerate(metrics):
     for j in range(k):
-      b = t - (k - 1) if j == k - 1 else t - 2 * (k - 1) + j
+      b = ref.bwd_batch(j, t) if j < k - 1 else ref.fwd_batch(j, t)
+      assert b == (t - (k - 1 - j) if forward_locked else
+                   t - (k - 1) if j == k - 1 else t - 2 * (k - 1) + j)
       if b < 0:
         assert m['grads'][j] is None
         continue
       _close(m['grads'][j], oracle(b)[0][j])
       checked += 1
-    b_out, b_in = t - (k - 1), t - 2 * (k - 1)
+    b_out, b_in = ref.fwd_batch(k - 1, t), ref.bwd_batch(0, t)
     if b_in >= 0:   # E: the output-side part of b_out plus the input-side part of b_in
       _close(m['grad_E'][0], oracle(b_out)[2])
       _close(m['grad_E'][1], oracle(b_in)[1])
-  assert checked == 5 + 4 + 3   # modules 2, 1, 0: every gradient after their warm-up
+  # every gradient after each module's warm-up (delays 0, 1, 2 or 0, 2, 4 iterations)
+  assert checked == (7 + 6 + 5 if forward_locked else 5 + 4 + 3)

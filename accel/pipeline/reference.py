@@ -17,6 +17,12 @@ read, and re-runs the forward with the current weights and the same dropout key,
 `pieces.dropout_key(rng, b, j)` (data shard 0).
 With dropout, `synchronous=True` equals jax.grad of `pieces.full_loss` with module j's
 masks from that key for batch t. Gradient clipping: `accel.pipeline.clipping`.
+
+`forward_locked=True` runs DDG's schedule instead (Huo et al. 2018, papers.md section 1):
+the forward of batch t passes every module within iteration t (on devices, each would wait
+for the previous one's forward) and module j back-propagates batch t-(K-1-j), so module j's
+weights are K-1-j updates stale instead of 2(K-1-j). Reference only, no SPMD program: it
+measures what the pipelined forward's extra staleness costs (experiments/pipeline_staleness.py).
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ class Reference:
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, synchronous: bool = False, rng=None,
-               clip_norm: float = 0.0):
+               clip_norm: float = 0.0, forward_locked: bool = False):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip."""
     if backward_weights not in ('stored', 'recompute'):
@@ -79,6 +85,7 @@ class Reference:
     self.cfg = self.model_pieces.cfg
     self.layout, self.tx = layout, tx
     self.backward_weights, self.synchronous = backward_weights, synchronous
+    self.forward_locked = forward_locked
     self.rng = rng if cfg.dropout_rate else None
     self.clip_norm = clip_norm
     self._k = layout.num_modules
@@ -108,10 +115,14 @@ class Reference:
     return self.model_pieces.join(state['E'], mods[0]['first'], layers, mods[-1]['last'])
 
   def fwd_batch(self, j: int, t: int) -> int:
-    return t if self.synchronous else t - j
+    return t if self.synchronous or self.forward_locked else t - j
 
   def bwd_batch(self, j: int, t: int) -> int:
-    return t if self.synchronous else t - self.layout.delay(j) - j
+    if self.synchronous:
+      return t
+    if self.forward_locked:
+      return t - (self._k - 1 - j)
+    return t - self.layout.delay(j) - j
 
   def key(self, j: int, b: int):
     """Module j's dropout key for batch b (None without dropout)."""
