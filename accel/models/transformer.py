@@ -41,7 +41,6 @@ class TransformerConfig:
   causal: bool = True
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
   scan_layers: bool = False
-  scan_unroll: int = 1              # blocks per loop iteration (num_layers: no loop left)
   remat: bool = False
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
   dot_general: DotGeneral = lax.dot_general
@@ -161,8 +160,7 @@ class BlockStack(nn.Module):
         body = nn.remat(body, prevent_cse=False, static_argnums=())
       scanned = nn.scan(body, variable_axes={'params': 0},
                         split_rngs={'params': True, 'dropout': True},
-                        length=self.num_layers,
-                        unroll=max(1, min(cfg.scan_unroll, self.num_layers)))
+                        length=self.num_layers)
       xs = (gates_L, keep_probs_L) if switchable else None
       x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(x_BxLxD, xs)
       return x_BxLxD

@@ -29,11 +29,8 @@ from accel.models.transformer import BlockStack, TransformerConfig, TransformerL
 
 
 def scan_config(cfg: TransformerConfig) -> TransformerConfig:
-  """The pipeline slices the layer axis, so blocks use the scanned parameter layout, and
-  unrolled: a stage runs few blocks, and a loop over them costs step time on GPU (GPT-2
-  small on one H200: 371k tokens/s scanned vs 474k looped, README "Measured").
-  """
-  return dataclasses.replace(cfg, scan_layers=True, scan_unroll=cfg.num_layers)
+  """The pipeline slices the layer axis, so the parameters use the scanned layout."""
+  return dataclasses.replace(cfg, scan_layers=True)
 
 
 def dropout_key(rng, batch, module, shard=0):
@@ -67,6 +64,9 @@ def embed(cfg, E_VxD, P_MxD, tokens_BxL, key=None):
 def blocks(cfg, layers, x_BxLxD, key=None, first_layer=0):
   """Blocks first_layer .. first_layer+n-1 of a module whose key is `key`; `layers` leaves
   are [n, ...] (n may be 0: identity). Block i drops with `layer_key(key, first_layer + i)`.
+  The blocks run one at a time (unrolled): a stage runs few of them, and a loop over them
+  costs step time on GPU (GPT-2 small on one H200: 371k tokens/s scanned vs 474k looped,
+  README "Measured").
   """
   for i in range(jax.tree_util.tree_leaves(layers)[0].shape[0]):
     x_BxLxD = BlockStack(cfg, 1).apply({'params': {'layers': slice_layers(layers, i, i + 1)}},

@@ -306,11 +306,8 @@ class Pipeline:
       _, vjp = jax.vjp(lambda e, f: mp.embed(e, f, tok, key), E, first)
       return vjp(g)
 
-    def pick(mask, new, old):
-      """`new` where mask (a per-stage scalar), else `old`, leaf by leaf (None stays None)."""
-      return _tmap(lambda x, y: jnp.where(mask, x, y), new, old)
-
     def keep(mask, new, old):
+      """`new` where mask (a scalar, or one entry per leading index), else `old`."""
       return _tmap(lambda x, y: jnp.where(
           mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, y), new, old)
 
@@ -400,7 +397,7 @@ class Pipeline:
         if not tied:
           a_in_b = jnp.where(is_first, x_emb_b, a_in_b)
         a_re, vjp_a_b, _ = _block_vjp(mp, layers_a, a_in_b,
-                                      pick(is_last, mem_a, _slice_mem(mem_hist_b, 0, a)),
+                                      keep(is_last, mem_a, _slice_mem(mem_hist_b, 0, a)),
                                       key_a_bwd)
         if tied:
           _, vjp_b_b, _ = _block_vjp(mp, layers_b, jnp.where(is_first, x_emb_b, a_re),
