@@ -101,11 +101,22 @@ def batches(data: np.ndarray, batch: int, seq: int, seed: int):
 
 
 def model_cfg(st, vocab):
-  """Scan layout (the pipeline slices the layer axis), unrolled for every variant alike."""
+  """Scan layout (the pipeline slices the layer axis); every variant runs its blocks
+  through `pieces.blocks`, one at a time."""
   return TransformerConfig(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
                            num_heads=st['num_heads'], d_ff=st['d_ff'], max_len=st['seq'],
-                           dtype=jnp.dtype(st['dtype']), scan_layers=True,
-                           scan_unroll=st['num_layers'])
+                           dtype=jnp.dtype(st['dtype']), scan_layers=True)
+
+
+def init_params(cfg, st):
+  """The benchmark's initial TransformerLM params (seed 0)."""
+  return TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
+                                 )['params']
+
+
+def selected(name: str, only: str) -> bool:
+  """Whether --only (comma-separated name parts; empty: all) keeps variant `name`."""
+  return not only or any(part in name for part in only.split(','))
 
 
 def variants(cfg, tx, devs, st):
@@ -272,11 +283,9 @@ def main():
                                            st['big_vocab'])]
   for model, vocab in models[:1] if args.balanced_only else models:
     cfg = model_cfg(st, vocab)
-    params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
-                                     )['params']
+    params = init_params(cfg, st)
     built = {name: v for name, v in variants(cfg, tx_bench, devs, st).items()
-             if name == 'single device' or not args.only or
-             any(part in name for part in args.only.split(','))}
+             if name == 'single device' or selected(name, args.only)}
     # Throughput does not depend on the token values: the big vocabulary reads random ids.
     source = data[:split] if vocab == 256 else np.random.default_rng(0).integers(
         0, vocab, 1_000_000).astype(np.int32)
@@ -291,14 +300,13 @@ def main():
 
   # Part 2: loss after fixed token budgets (balanced model), the schedule spanning each.
   cfg = model_cfg(st, 256)
-  params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
-                                   )['params']
+  params = init_params(cfg, st)
   record['loss'] = []
   for steps in st['train_steps']:
     tx = optax.adam(schedule(st, steps))
     built = {name: v for name, v in variants(cfg, tx, devs, st).items()
-             if name == 'single device' or (name.startswith('Ouroboros') and (
-                 not args.only or any(part in name for part in args.only.split(','))))}
+             if name == 'single device' or (name.startswith('Ouroboros') and
+                                            selected(name, args.only))}
     record['loss'].append(train_and_eval(built, params, data, split, st, steps, devs))
 
   # Part 3: overlap of transfers and compute in the compiled Ouroboros step.

@@ -19,30 +19,27 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
-import tqdm
 
 from accel import benchmarking
-from accel.models.transformer import TransformerLM
-from accel.pipeline import pieces
 from accel.pipeline.layout import Layout
 from accel.pipeline.reference import Reference
-from experiments.bench_pipeline import SETTINGS, batches, corpus_bytes, model_cfg
+from experiments.bench_pipeline import (SETTINGS, corpus_bytes, init_params, model_cfg,
+                                        train_and_eval)
 
 SCHEDULES = {'synchronous': dict(synchronous=True), 'forward-locked (DDG)':
              dict(forward_locked=True), 'pipelined (Ouroboros)': {}}
 
 
-def train(cfg, layout, schedule, params, data, st, steps):
+def variant(cfg, layout, schedule, steps, st):
+  """(init(params), step(state, batch) -> (state, loss), to_model(state)) of one schedule."""
   ref = Reference(cfg, layout, optax.adam(optax.cosine_decay_schedule(st['lr'], steps)),
                   'stored', **SCHEDULES[schedule])
-  state = ref.init(params)
-  it = batches(data, st['batch'], st['seq'], 7)
-  for _ in tqdm.trange(steps, desc=f'K={layout.num_modules} {schedule}', leave=False):
-    state, _ = ref.step(state, next(it))
-  return ref.model_params(state)
+
+  def run(state, batch):
+    state, metrics = ref.step(state, batch)
+    return state, metrics['loss']
+  return ref.init, run, ref.model_params
 
 
 def main():
@@ -55,21 +52,16 @@ def main():
   st['lr'] = args.lr or st['lr']
   data = corpus_bytes(1_000_000)
   split = int(0.95 * len(data))
-  eval_batches = [b for _, b in zip(range(8), batches(data[split:], st['batch'], st['seq'],
-                                                       123))]
   rows = []
   for k in (2, 3):
     layout = Layout(st['num_layers'] - st['num_layers'] % k, k, False)
-    kcfg = model_cfg(dict(st, num_layers=layout.num_layers), 256)
-    kparams = TransformerLM(kcfg).init(jax.random.key(0), jnp.zeros((1, st['seq']),
-                                                                    jnp.int32))['params']
-    k_eval = jax.jit(lambda p, b, c=kcfg: pieces.full_loss(c, p, b['inputs'], b['targets']))
-    for schedule in SCHEDULES:
-      final = train(kcfg, layout, schedule, kparams, data[:split], st, args.steps)
-      bpb = float(np.mean([k_eval(final, b) for b in eval_batches])) / np.log(2)
-      rows.append({'K': k, 'layers': layout.num_layers, 'schedule': schedule,
-                   'eval_bits_per_byte': bpb})
-      print(rows[-1], flush=True)
+    kst = dict(st, num_layers=layout.num_layers)
+    cfg = model_cfg(kst, 256)
+    built = {schedule: variant(cfg, layout, schedule, args.steps, kst) for schedule in SCHEDULES}
+    runs = train_and_eval(built, init_params(cfg, kst), data, split, kst, args.steps,
+                          jax.devices()[:1])['runs']
+    rows += [{'K': k, 'layers': layout.num_layers, 'schedule': schedule,
+              'eval_bits_per_byte': run['eval_bits_per_byte']} for schedule, run in runs.items()]
   record = benchmarking.provenance()
   record.update(settings=dict(st, steps=args.steps), rows=rows)
   lines = ['# Weight staleness: synchronous vs forward-locked (DDG) vs pipelined (Ouroboros)', '',
