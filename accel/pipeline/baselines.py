@@ -4,7 +4,10 @@ All three compute exactly the synchronous gradient of the mean loss over the glo
 (so they train like a single device, up to float32 rounding); they differ in how the work
 is spread:
   `data_parallel`   jit over a ('data',) mesh: batch sharded, weights replicated, XLA adds
-                    the gradient all-reduce.
+                    the gradient all-reduce. Any model family (`families`); with a
+                    recurrence memory (Transformer-XL) the memory [N, B, M, D] is carried
+                    from step to step, sharded with the batch: segment training
+                    (`accel.segment_lm`) on contiguous batches.
   `gpipe`           GPipe (Huo et al. are not involved; Huang et al. 2019): the blocks cut
                     into S stages of n = L/S (stacked [S, n, ...] over 'stage'), the batch
                     into M micro-batches; forward ticks i = 0..M+S-2, stage s runs
@@ -13,6 +16,7 @@ is spread:
                     Embedding, final LN, logits and loss run on every stage (replicated,
                     masked to the last stage's outputs): cheap for byte vocabularies,
                     and an extra cost for large ones that this baseline accepts.
+                    TransformerLM only (no memory per micro-batch).
   naive model parallelism = `gpipe` with M = 1: stages in sequence, backward-locked.
 """
 from __future__ import annotations
@@ -23,16 +27,16 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import pieces
+from accel.pipeline import families, pieces
 
 _tmap = jax.tree_util.tree_map
 
 
-def _baseline_config(cfg):
+def _baseline_pieces(cfg):
   """The baselines run the model deterministically: they refuse dropout, not ignore it."""
   if cfg.dropout_rate:
     raise ValueError('the synchronous baselines run without dropout; set dropout_rate=0')
-  return pieces.scan_config(cfg)
+  return families.for_config(cfg)
 
 
 def _adam_step(cfg, tx, loss_fn):
@@ -43,17 +47,37 @@ def _adam_step(cfg, tx, loss_fn):
   return step
 
 
-def data_parallel(cfg, tx, mesh: jax.sharding.Mesh, axis: str = 'data'):
-  """Returns (init(params) -> (params, opt), step(params, opt, batch) -> (params, opt, loss))."""
-  cfg = _baseline_config(cfg)
+def data_parallel(cfg, tx, mesh: jax.sharding.Mesh, batch_size: int = 0, axis: str = 'data'):
+  """Returns (init(params) -> (params, opt, mem),
+  step(params, opt, mem, batch) -> (params, opt, mem, loss)).
+
+  mem: the recurrence memory of all layers at a fresh stream, zeros [N, batch_size, M, D]
+  sharded over `axis` with the batch rows (batch_size: the global batch); None for a model
+  without one. The loss is the model's, through its pieces (`families`): head_loss of
+  blocks(layers, embed(tokens), mem).
+  """
+  mp = _baseline_pieces(cfg)
+  if mp.has_memory and not batch_size:
+    raise ValueError('a model with a recurrence memory needs the batch_size of its rows')
   repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-  loss_fn = lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets'])
-  step = jax.jit(_adam_step(cfg, tx, loss_fn), donate_argnums=(0, 1),
-                 in_shardings=(repl, repl, batch_sh), out_shardings=(repl, repl, repl))
+  mem_sh = NamedSharding(mesh, P(None, axis))
+
+  def step(params, opt_state, mem, batch):
+    def loss_fn(p):
+      parts = mp.split(p)
+      x_BxLxD = mp.embed(parts['E'], parts['first'], batch['inputs'])
+      h_BxLxD, new_mem = mp.blocks(parts['layers'], x_BxLxD, mem)
+      return mp.head_loss(parts['E'], parts['last'], h_BxLxD, batch['targets']), new_mem
+    (loss, mem), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, mem, loss
+  step = jax.jit(step, donate_argnums=(0, 1, 2), in_shardings=(repl, repl, mem_sh, batch_sh),
+                 out_shardings=(repl, repl, mem_sh, repl))
 
   def init(params):   # a copy: the step donates its inputs
     params = _tmap(jnp.copy, params)
-    return jax.device_put((params, tx.init(params)), repl)
+    mem = mp.zero_memory(mp.cfg.num_layers, batch_size)
+    return (*jax.device_put((params, tx.init(params)), repl), jax.device_put(mem, mem_sh))
   return init, step
 
 
@@ -63,8 +87,10 @@ def gpipe(cfg, tx, mesh: jax.sharding.Mesh, num_microbatches: int):
   Params are the TransformerLM (scan layout) params with the layer axis reshaped to
   [S, n, ...]; `to_model` undoes it.
   """
-  cfg = _baseline_config(cfg)
-  s, m = mesh.shape['stage'], num_microbatches
+  mp = _baseline_pieces(cfg)
+  if not isinstance(mp, pieces.TransformerLMPieces):
+    raise ValueError(f'gpipe runs the TransformerLM only, not {type(cfg).__name__}')
+  cfg, s, m = mp.cfg, mesh.shape['stage'], num_microbatches
 
   def pipeline_loss(params, batch):
     me = lax.axis_index('stage')
