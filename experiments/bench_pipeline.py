@@ -2,6 +2,8 @@
 
   python -m experiments.bench_pipeline --quick --out results   # CPU, 2 simulated devices
   python -m experiments.bench_pipeline --out results           # 2 GPUs (~3 min on H200s)
+  python -m experiments.bench_pipeline --model transformer_xl --out results   # Transformer-XL
+  python -m experiments.bench_pipeline --quick --model transformer_xl --out results
 
 Part 1, throughput (tokens/s, global batch the same for every variant, all on the same
 2 devices; median of 3 windows, variants timed round-robin): a balanced model (byte vocabulary: the blocks dominate) and an unbalanced
@@ -12,7 +14,18 @@ synchronous training and by Ouroboros; held-out loss in bits per byte.
 Part 3, overlap: in the compiled Ouroboros step, how much compute XLA scheduled between
 each asynchronous collective-permute start and its done.
 
-Writes DIR/bench_pipeline_{cpu,gpu}.json and .md.
+--model transformer_xl: the same sizes (GPU: 8 layers, d_model 512, 8 heads, d_ff 2048,
+segment = memory = 512, batch 16; --quick: the tiny model, memory = segment = 64), PreLN
+as configs/ouroboros_txl.py's cpu preset, no dropout, byte vocabulary only. Part 1 times
+single device and data parallel (segment training, the memory carried from step to step;
+data parallel shards it with the batch rows: `baselines.data_parallel`) and the four
+Ouroboros variants (each stage the memory of its own layers); no GPipe or naive model
+parallelism (the GPipe baseline carries no memory per micro-batch). No part 2 (its batches
+are random windows, not the contiguous streams segment training needs): --train_steps
+other than 0 is an error. Part 3 as for the Transformer.
+
+Writes DIR/bench_pipeline_{cpu,gpu}.json and .md (transformer_xl:
+DIR/bench_pipeline_transformer_xl_{cpu,gpu}.*).
 """
 from __future__ import annotations
 
@@ -23,6 +36,9 @@ import os
 import re
 import sys
 import time
+
+
+MODELS = ('transformer', 'transformer_xl')
 
 
 def _args():
@@ -44,6 +60,8 @@ def _args():
   ap.add_argument('--only', default='', help='comma-separated name parts: time only the '
                   'variants whose name contains one (the single device is always timed)')
   ap.add_argument('--balanced_only', action='store_true', help='skip the large-vocabulary model')
+  ap.add_argument('--model', default='transformer', choices=MODELS,
+                  help='transformer_xl: throughput and overlap only, byte vocabulary')
   return ap.parse_args()
 
 
@@ -61,8 +79,10 @@ import optax  # noqa: E402
 import tqdm  # noqa: E402
 
 from accel import benchmarking  # noqa: E402
-from accel.models.transformer import TransformerConfig, TransformerLM  # noqa: E402
-from accel.pipeline import baselines, pieces  # noqa: E402
+from accel.errors import UserError  # noqa: E402
+from accel.models.transformer import TransformerConfig  # noqa: E402
+from accel.models.transformer_xl import TransformerXLConfig  # noqa: E402
+from accel.pipeline import baselines, families, pieces  # noqa: E402
 from accel.pipeline.layout import Layout  # noqa: E402
 from accel.pipeline.spmd import Pipeline, make_mesh  # noqa: E402
 
@@ -100,18 +120,21 @@ def batches(data: np.ndarray, batch: int, seq: int, seed: int):
     yield {'inputs': jnp.asarray(seq_BxL1[:, :-1]), 'targets': jnp.asarray(seq_BxL1[:, 1:])}
 
 
-def model_cfg(st, vocab):
+def model_cfg(st, vocab, model='transformer'):
   """Scan layout (the pipeline slices the layer axis); every variant runs its blocks
-  through `pieces.blocks`, one at a time."""
-  return TransformerConfig(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
-                           num_heads=st['num_heads'], d_ff=st['d_ff'], max_len=st['seq'],
-                           dtype=jnp.dtype(st['dtype']), scan_layers=True)
+  through the family's pieces (`pieces.blocks`, `pieces_xl`), one at a time.
+  transformer_xl: PreLN (as configs/ouroboros_txl.py's cpu preset), memory = segment."""
+  dims = dict(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
+              num_heads=st['num_heads'], d_ff=st['d_ff'], dtype=jnp.dtype(st['dtype']))
+  if model == 'transformer_xl':
+    return TransformerXLConfig(mem_len=st['seq'], pre_ln=True, **dims)
+  return TransformerConfig(max_len=st['seq'], scan_layers=True, **dims)
 
 
 def init_params(cfg, st):
-  """The benchmark's initial TransformerLM params (seed 0)."""
-  return TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, st['seq']), jnp.int32)
-                                 )['params']
+  """The benchmark's initial params of the model `cfg` configures (seed 0)."""
+  return families.for_config(cfg).init_params(jax.random.key(0),
+                                              jnp.zeros((1, st['seq']), jnp.int32))
 
 
 def selected(name: str, only: str) -> bool:
@@ -123,8 +146,8 @@ def variants(cfg, tx, devs, st):
   """name -> (init(params), step(state, batch) -> (state, loss), to_model(state), pipeline)."""
   def synchronous(init, step, to_model=lambda p: p):
     def run(state, batch):
-      params, opt, loss = step(*state, batch)
-      return (params, opt), loss
+      *state, loss = step(*state, batch)
+      return state, loss
     return init, run, lambda state: to_model(state[0]), None
 
   def ouroboros(pipe):
@@ -136,11 +159,12 @@ def variants(cfg, tx, devs, st):
 
   one = jax.sharding.Mesh(np.asarray(devs[:1]), ('data',))
   n = len(devs)
-  out = {'single device': synchronous(*baselines.data_parallel(cfg, tx, one)),
+  out = {'single device': synchronous(*baselines.data_parallel(cfg, tx, one, st['batch'])),
          'data parallel': synchronous(*baselines.data_parallel(
-             cfg, tx, jax.sharding.Mesh(np.asarray(devs), ('data',))))}
-  for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
-    out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, n, devs), m))
+             cfg, tx, jax.sharding.Mesh(np.asarray(devs), ('data',)), st['batch']))}
+  if isinstance(cfg, TransformerConfig):   # GPipe carries no memory per micro-batch
+    for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
+      out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, n, devs), m))
   for k, tied, bw in ((n, False, 'recompute'), (n, False, 'stored'), (n + 1, True, 'recompute'),
                       (n + 1, True, 'stored')):
     lay = Layout(cfg.num_layers, k, tied)
@@ -200,14 +224,19 @@ def overlap_report(pipe, params, batch, st):
 
 
 def settings(args):
-  st = dict(SETTINGS[args.quick], dtype=args.dtype)
+  st = dict(SETTINGS[args.quick], dtype=args.dtype, model=args.model)
   if args.batch:
     st['batch'] = args.batch
   if args.lr:
     st['lr'] = args.lr
   st['warmup_frac'] = args.warmup_frac
-  st['train_steps'] = ([int(x) for x in args.train_steps.split(',') if int(x)]
-                       if args.train_steps else [st['train_steps']])
+  budgets = ([int(x) for x in args.train_steps.split(',') if int(x)]
+             if args.train_steps else [st['train_steps']])
+  if args.model == 'transformer_xl':   # part 2's batches are not contiguous streams
+    if args.train_steps and budgets:
+      raise UserError('--model transformer_xl measures throughput only; give --train_steps 0')
+    budgets = []
+  st['train_steps'] = budgets
   return st
 
 
@@ -278,11 +307,12 @@ def main():
   record = benchmarking.provenance()
   record.update(settings=st, throughput={}, devices=[str(d.device_kind) for d in devs])
 
-  # Part 1: throughput.
+  # Part 1: throughput (Transformer-XL: the byte vocabulary only).
   models = [('balanced (vocab 256)', 256), (f'unbalanced (vocab {st["big_vocab"]})',
                                            st['big_vocab'])]
-  for model, vocab in models[:1] if args.balanced_only else models:
-    cfg = model_cfg(st, vocab)
+  for model, vocab in (models[:1] if args.balanced_only or args.model == 'transformer_xl'
+                       else models):
+    cfg = model_cfg(st, vocab, args.model)
     params = init_params(cfg, st)
     built = {name: v for name, v in variants(cfg, tx_bench, devs, st).items()
              if name == 'single device' or selected(name, args.only)}
@@ -299,7 +329,7 @@ def main():
     del built
 
   # Part 2: loss after fixed token budgets (balanced model), the schedule spanning each.
-  cfg = model_cfg(st, 256)
+  cfg = model_cfg(st, 256, args.model)
   params = init_params(cfg, st)
   record['loss'] = []
   for steps in st['train_steps']:
@@ -320,7 +350,8 @@ def main():
 
 def write(record, out_dir, kind):
   n = len(record['devices'])
-  lines = [f'# Ouroboros pipeline benchmark ({kind})', '',
+  xl = record['settings'].get('model') == 'transformer_xl'
+  lines = [f'# Ouroboros pipeline benchmark{", Transformer-XL" if xl else ""} ({kind})', '',
            f'`{record["command"]}` — {record["date"]}, jax {record["jax"]}, commit '
            f'{record["git_commit"]}, devices {record["devices"]}', '',
            f'Settings: `{json.dumps(record["settings"])}`', '',
@@ -328,15 +359,20 @@ def write(record, out_dir, kind):
               'shared with other jobs), so the throughput ratios say nothing about GPUs; '
               'this mode checks that every variant runs and trains.', '']
              if kind.startswith('cpu') else []),
+           *([f'Model: Transformer-XL (PreLN, memory = segment = {record["settings"]["seq"]}, '
+              'carried from step to step; Ouroboros: each stage the memory of its own '
+              'layers; data parallel: sharded with the batch rows). GPipe and naive model '
+              'parallelism not run: the GPipe baseline carries no memory per micro-batch. '
+              'No loss part: its batches are not contiguous streams.', '']
+             if xl else []),
            f'## Throughput (tokens/s, same global batch, {n} devices)', '']
-  for model, rows in record['throughput'].items():
+  for vocab_model, rows in record['throughput'].items():
     base_tp = rows['single device']
-    gp = [v for name, v in rows.items() if name.startswith('GPipe')] or [float('nan')]
-    gp = gp[0]
-    lines += [f'### {model}', '', '| variant | tokens/s | vs single | vs GPipe |',
-              '|---|---|---|---|']
-    lines += [f'| {name} | {v:.0f} | {v / base_tp:.2f}x | {v / gp:.2f}x |'
-              for name, v in rows.items()]
+    gp = [v for name, v in rows.items() if name.startswith('GPipe')]
+    lines += [f'### {vocab_model}', '', '| variant | tokens/s | vs single |' +
+              (' vs GPipe |' if gp else ''), '|---|---|---|' + ('---|' if gp else '')]
+    lines += [f'| {name} | {v:.0f} | {v / base_tp:.2f}x |' +
+              (f' {v / gp[0]:.2f}x |' if gp else '') for name, v in rows.items()]
     lines.append('')
   for budget in record['loss']:
     runs = budget['runs']
@@ -358,8 +394,12 @@ def write(record, out_dir, kind):
             f'(ops / compute ops between start and done): ' +
             (', '.join(f'{p["ops_between"]}/{p["compute_ops_between"]}'
                        for p in ov['async_pairs']) or 'none'), '']
-  benchmarking.write_results(out_dir, f'bench_pipeline_{kind}', record, '\n'.join(lines))
+  benchmarking.write_results(out_dir, f'bench_pipeline_{"transformer_xl_" if xl else ""}{kind}',
+                             record, '\n'.join(lines))
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except UserError as e:
+    sys.exit(f'error: {e}')
