@@ -30,7 +30,6 @@ DIR/bench_pipeline_transformer_xl_{cpu,gpu}.*).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -59,6 +58,8 @@ def _args():
   ap.add_argument('--tag', default='', help='suffix of the results files')
   ap.add_argument('--only', default='', help='comma-separated name parts: time only the '
                   'variants whose name contains one (the single device is always timed)')
+  ap.add_argument('--overlap', action=argparse.BooleanOptionalAction, default=True,
+                  help='part 3 (one more compile of the Ouroboros step)')
   ap.add_argument('--balanced_only', action='store_true', help='skip the large-vocabulary model')
   ap.add_argument('--model', default='transformer', choices=MODELS,
                   help='transformer_xl: throughput and overlap only, byte vocabulary')
@@ -176,7 +177,7 @@ def variants(cfg, tx, devs, st):
 def throughput(built, params, data_iter, st):
   """tokens/s per variant: median over `rounds` windows of `steps` steps, the variants
   timed round-robin so that a change in machine load hits all of them alike."""
-  states, losses = {}, {}
+  states = {}
   for name, var in built.items():
     state = var[0](params)
     for _ in range(st['warmup']):
@@ -259,9 +260,11 @@ def train_and_eval(built, params, data, split, st, steps, devs):
     state = var[0](params)
     it = batches(data[:split], st['batch'], st['seq'], 7)
     t0 = time.perf_counter()
+    cpu = devs[0].platform == 'cpu'
     for _ in tqdm.trange(steps, desc=name, leave=False):
       state, loss = var[1](state, next(it))
-      jax.block_until_ready(loss)   # one program in flight at a time (CPU collectives)
+      if cpu:   # one program in flight at a time (CPU collectives)
+        jax.block_until_ready(loss)
     p_final = jax.device_put(var[2](state), devs[0])
     ev = np.mean([float(eval_fn(p_final, jax.device_put(b, devs[0]))) for _, b in eval_batches])
     runs[name] = {'eval_bits_per_byte': ev / np.log(2), 'seconds': time.perf_counter() - t0}
@@ -327,6 +330,7 @@ def main():
       record['profile'] = profile(built, params, batches(source, st['batch'], st['seq'], 1), st,
                                   args.profile)
     del built
+    write(record, args.out, kind + args.tag)
 
   # Part 2: loss after fixed token budgets (balanced model), the schedule spanning each.
   cfg = model_cfg(st, 256, args.model)
@@ -338,8 +342,11 @@ def main():
              if name == 'single device' or (name.startswith('Ouroboros') and
                                             selected(name, args.only))}
     record['loss'].append(train_and_eval(built, params, data, split, st, steps, devs))
+    write(record, args.out, kind + args.tag)   # a run cut short keeps what it finished
 
   # Part 3: overlap of transfers and compute in the compiled Ouroboros step.
+  if not args.overlap:
+    return
   n = len(devs)
   pipe = Pipeline(cfg, Layout(cfg.num_layers, n, False), tx_bench, 'stored',
                   make_mesh(1, n, devs))
@@ -374,7 +381,7 @@ def write(record, out_dir, kind):
     lines += [f'| {name} | {v:.0f} | {v / base_tp:.2f}x |' +
               (f' {v / gp[0]:.2f}x |' if gp else '') for name, v in rows.items()]
     lines.append('')
-  for budget in record['loss']:
+  for budget in record.get('loss', []):
     runs = budget['runs']
     sync = runs['single device']['eval_bits_per_byte']
     lines += [f'## Held-out bits/byte after {budget["train_steps"]} steps '
