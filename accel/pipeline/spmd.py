@@ -57,11 +57,15 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
            'recompute': A's input a_in [B, L, D] (module 0: none needed, it re-embeds its
              tokens; B re-runs on A's re-run output);
            'stored': the residuals of A's and of B's jax.vjp as their forward ran (the
-             Dense outputs, the block inputs and the weights, `_block_vjp`), packed into
-             one float32 vector (`_residual_size`; tied stage 0 stores A's too, unread).
-             The backward rebuilds the vjp from them: no second pass through the Dense
-             layers. The dropout key, the one residual that is not packed, is derived
-             again.
+             Dense outputs, the block inputs and the weights, `_block_vjp`; tied stage 0
+             stores A's too, unread): hist = {'a': [...], 'b': [...] (tied ring)}, one
+             ring [S, R, data * size] per residual, each data shard its own, in the
+             residual's dtype (`_ring_dtype`: 16-bit floats as the unsigned integers of
+             their bits). The backward rebuilds the vjp from them: no second pass
+             through the Dense layers. The dropout key, the one residual not stored, is
+             derived again. The backward reads its slot inside its own fusions; the slot
+             is written after the backward (`_after`), so XLA updates the ring in place
+             (written before, it would copy every ring to keep the slot being read).
   tokens   inputs/targets [2K-1, B, L], replicated over 'stage': module 0 re-embeds batch
            t-2(K-1) ('recompute') and module K-1 reads the targets of batch t-(K-1).
   mem      (models with a recurrence memory) [S, n, B, M, D]: each stage the memory of
@@ -118,19 +122,13 @@ def _is_key(a) -> bool:
   return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
-def _packed_leaves(vjp):
-  """The residuals of a jax.vjp that `_pack` stores: all but the dropout key."""
+def _residuals(vjp):
+  """The residuals of a jax.vjp that the history stores: all its leaves but the dropout key."""
   return [a for a in jax.tree_util.tree_leaves(vjp) if not _is_key(a)]
 
 
-def _pack(vjp):
-  """The residual leaves of a jax.vjp, as one float32 vector."""
-  leaves = [a.astype(jnp.float32).ravel() for a in _packed_leaves(vjp)]
-  return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
-
-
-def _unpack(flat, template):
-  """A vjp with `template`'s structure whose residuals are read back from `flat`.
+def _with_residuals(template, residuals):
+  """A vjp with `template`'s structure whose residuals are `residuals` (`_residuals` order).
 
   The template is a fresh jax.vjp of the same function on arrays of the same shapes; only
   its structure is used, so XLA drops the forward it traced. Its dropout key is kept: the
@@ -138,14 +136,49 @@ def _unpack(flat, template):
   its forward ran with (`pieces.dropout_key` of batch and module).
   """
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  out, offset = [], 0
-  for a in leaves:
-    if _is_key(a):
-      out.append(a)
-      continue
-    out.append(flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
-    offset += a.size
-  return jax.tree_util.tree_unflatten(treedef, out)
+  stored = iter(residuals)
+  return jax.tree_util.tree_unflatten(treedef, [a if _is_key(a) else next(stored)
+                                                for a in leaves])
+
+
+def _ring_dtype(dtype):
+  """The dtype a residual of `dtype` is kept in: a float narrower than 32 bits as the
+  unsigned integers of its bits (XLA:CPU writes into a bfloat16 array through float32,
+  which copies the whole ring), any other as itself."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return jnp.dtype(f'uint{8 * dtype.itemsize}')
+  return dtype
+
+
+def _bitcast(v, dtype):
+  return v if v.dtype == dtype else lax.bitcast_convert_type(v, dtype)
+
+
+def _ring_read(ring, slot, like):
+  """Slot `slot` of each local ring [R, size], as an array of the shape and dtype of the
+  corresponding one of `like`."""
+  return [_bitcast(lax.dynamic_index_in_dim(leaf, slot, 0, False), v.dtype).reshape(v.shape)
+          for leaf, v in zip(ring, like)]
+
+
+def _ring_write(ring, values, slot):
+  """Each local ring [R, size] with its value (any shape of that size) written into `slot`."""
+  return [lax.dynamic_update_index_in_dim(leaf, _bitcast(v, leaf.dtype).reshape(-1), slot, 0)
+          for leaf, v in zip(ring, values)]
+
+
+def _after(index, tree):
+  """`index` (an integer scalar), made to depend on every leaf of `tree`.
+
+  XLA orders ops by data dependence only (an optimization barrier is dropped before
+  scheduling), so an op that must run after the ops computing `tree` takes this index.
+  It reads one element x of each leaf (a leaf's producer must not be cheap enough for XLA
+  to recompute that element alone: use reductions and collectives) and adds
+  (x != x) & (x == x): 0 for every x, NaN included, but not foldable.
+  """
+  x = sum(v.ravel()[0].astype(jnp.float32) for v in jax.tree_util.tree_leaves(tree))
+  return index + ((x != x) & (x == x)).astype(index.dtype)
 
 
 class Pipeline:
@@ -237,25 +270,30 @@ class Pipeline:
     mem = self.model_pieces.zero_memory(self.layout.layers_per_stage, batch_size)
     if mem is not None:    # [S, n, B, M, D]: each stage the memory of its own layers
       state['mem'] = jnp.stack([mem] * s)
-    if self.stored:
-      data = self.mesh.shape['data']
-      size = self._residual_size(stacked['layers'], batch_size // data, seq_len)
-      state['hist'] = jnp.zeros((s, r, data * size), jnp.float32)
+    if self.stored:   # per segment, per residual: [S, R, data * size]
+      data, ring = self.mesh.shape['data'], NamedSharding(self.mesh, self._specs()['hist'])
+      state['hist'] = {seg: [jnp.zeros((s, r, data * v.size), _ring_dtype(v.dtype),
+                                       device=ring) for v in leaves]
+                       for seg, leaves in self._residual_shapes(stacked['layers'],
+                                                                batch_size // data,
+                                                                seq_len).items()}
     else:
       state['hist'] = jnp.zeros((s, r, batch_size, seq_len, cfg.d_model), cfg.dtype)
       if mem is not None:  # the memory each delayed batch read, for its re-run forward
         state['hist_mem'] = jnp.zeros((s, r, *mem.shape), mem.dtype)
     return jax.device_put(state, self.shardings(state))
 
-  def _residual_size(self, layers_SxN, local_batch: int, seq_len: int) -> int:
-    """Floats in one packed history entry: the vjp residuals of segment A and of segment B.
+  def _residual_shapes(self, layers_SxN, local_batch: int, seq_len: int):
+    """{'a': [...], 'b': [...] (tied ring)}: shape and dtype of each residual of segment
+    A's and of segment B's jax.vjp on one data shard (`_residuals`), what one history
+    slot holds.
 
     Traced under the same shard_map as the step (weights varying over 'data', memory and
     keys over both axes, B's first block over 'stage'), because the residual list depends
     on it (a few scalar residuals appear there).
     """
     lay, cfg, mp, a = self.layout, self.cfg, self.model_pieces, self._a
-    n, sizes = lay.layers_per_stage, []
+    n, shapes = lay.layers_per_stage, {}
 
     def probe(layers, x):
       layers = _tmap(lambda v: lax.pcast(v[0], 'data', to='varying'), layers)
@@ -263,18 +301,19 @@ class Pipeline:
       mem = _tmap(lambda v: lax.pcast(v, ('data', 'stage'), to='varying'),
                   mp.zero_memory(n, local_batch))
       key = self._dropout_key(me, me)
-      segments = [(0, a, 0)] + ([(a, n, jnp.where(me == 0, 0, a))] if lay.tied_ring else [])
-      for start, stop, first_layer in segments:
+      segments = [('a', 0, a, 0)] + ([('b', a, n, jnp.where(me == 0, 0, a))]
+                                     if lay.tied_ring else [])
+      for seg, start, stop, first_layer in segments:
         vjp = _block_vjp(mp, pieces.slice_layers(layers, start, stop), x[0],
                          _slice_mem(mem, start, stop), key, first_layer)[1]
-        sizes.append(sum(v.size for v in _packed_leaves(vjp)))
+        shapes[seg] = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in _residuals(vjp)]
       return x
 
     data, s = self.mesh.shape['data'], lay.num_stages
     x = jax.ShapeDtypeStruct((s, data * local_batch, seq_len, cfg.d_model), cfg.dtype)
     jax.eval_shape(jax.shard_map(probe, mesh=self.mesh, in_specs=(P('stage'), P('stage', 'data')),
                                  out_specs=P('stage', 'data')), layers_SxN, x)
-    return sum(sizes)
+    return shapes
 
   def _dropout_key(self, batch, module):
     """Inside the shard_map: module's key for batch on this data shard (None: no dropout)."""
@@ -329,7 +368,8 @@ class Pipeline:
       # shard (no implicit psum); the one pmean over 'data' follows.
       p_local = _tmap(lambda v: lax.pcast(v, 'data', to='varying'), p)
       E, first, last = p_local['E'], p_local['first'], p_local['last']
-      hist = state['hist'][0]
+      # 'stored': {'a', 'b'}: lists of residual rings [R, size]; 'recompute': [R, B, L, D]
+      hist = _tmap(lambda v: v[0], state['hist'])
       mem = state['mem'][0] if mp.has_memory else None         # [n, B, M, D]
       act_in, grad_in = state['act_in'][0], state['grad_in'][0]
       # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
@@ -342,7 +382,8 @@ class Pipeline:
       # The stage's delayed module is module `me` (tied: segment B's, untied: A's);
       # history slot b mod R for its batch b.
       slot_now, slot_b = (t - me) % r, (b0 + me) % r
-      hist_b = lax.dynamic_index_in_dim(hist, slot_b, 0, False)
+      if not stored:
+        hist_b = lax.dynamic_index_in_dim(hist, slot_b, 0, False)
       # The memory the delayed batch read ('stored': in its residuals; mem is a template).
       mem_hist_b = (lax.dynamic_index_in_dim(state['hist_mem'][0], slot_b, 0, False)
                     if 'hist_mem' in state else mem)
@@ -360,14 +401,14 @@ class Pipeline:
       a_in = act_in if tied else jnp.where(is_first, x_emb, act_in)
       if stored:
         a_out, vjp_a, new_mem_a = _block_vjp(mp, layers_a, a_in, mem_a, key_a_now)
-        entry = [_pack(vjp_a)]
+        entry = {'a': _residuals(vjp_a)}
       else:
         a_out, new_mem_a = mp.blocks(layers_a, a_in, mem_a, key_a_now)
       if tied:
         b_in = jnp.where(is_first, x_emb, a_out)
         if stored:
           send_act, vjp_b, new_mem_b = _block_vjp(mp, layers_b, b_in, mem_b, key_b_now, first_b)
-          entry.append(_pack(vjp_b))
+          entry['b'] = _residuals(vjp_b)
         else:
           send_act, new_mem_b = mp.blocks(layers_b, b_in, mem_b, key_b_now, first_b)
         mem_fwd = None if mem is None else pieces.concat_layers([new_mem_a, new_mem_b])
@@ -383,14 +424,13 @@ class Pipeline:
       # Backward: B from the history (delayed), then A from the history or, on the loss
       # stage, from this iteration's forward (delay 0).
       if stored:
-        size_a = entry[0].shape[0]
-        res_a = jnp.where(is_last, entry[0], hist_b[:size_a])
-        vjp_a_b = _unpack(res_a, _block_vjp(mp, layers_a, jnp.zeros_like(a_in), mem_a,
-                                            key_a_bwd)[1])
+        hist_b = {seg: _ring_read(ring, slot_b, entry[seg]) for seg, ring in hist.items()}
+        res_a = [jnp.where(is_last, now, old) for now, old in zip(entry['a'], hist_b['a'])]
+        vjp_a_b = _with_residuals(
+            _block_vjp(mp, layers_a, jnp.zeros_like(a_in), mem_a, key_a_bwd)[1], res_a)
         if tied:
-          vjp_b_b = _unpack(hist_b[size_a:size_a + entry[1].shape[0]],
-                            _block_vjp(mp, layers_b, jnp.zeros_like(b_in), mem_b, key_b_bwd,
-                                       first_b)[1])
+          vjp_b_b = _with_residuals(_block_vjp(mp, layers_b, jnp.zeros_like(b_in), mem_b,
+                                               key_b_bwd, first_b)[1], hist_b['b'])
       else:   # Features Replay: re-run the forward on the stored input with w^t
         x_emb_b = mp.embed(E, first, tok_b, key_emb_bwd)
         a_in_b = jnp.where(is_last, a_in, hist_b)
@@ -445,15 +485,18 @@ class Pipeline:
         new_p[name] = keep(valid[name], np_, p[name])
         new_opt[name] = keep(valid[name], no, opt[name])
       if stored:
-        flat = jnp.concatenate(entry)
-        entry = jnp.pad(flat, (0, hist.shape[1] - flat.shape[0]))
+        # The backward reads slot_b inside its fusions; writing slot_now only after all of
+        # them (slot_now = slot_b on stage 0 of the tied ring) lets XLA write the ring in
+        # place instead of copying all of it to keep the old slot for those reads. Every
+        # read feeds a gradient, all of which sq_norm reduces, or the input-gradient sent.
+        slot_now = _after(slot_now, (sq_norm, new_grad))
+        new_hist = {seg: _ring_write(ring, entry[seg], slot_now) for seg, ring in hist.items()}
       else:
-        entry = a_in
+        new_hist = lax.dynamic_update_index_in_dim(hist, a_in, slot_now, 0)
       ex = lambda tree: _tmap(lambda v: v[None], tree)
       new_state = {'step': t + 1, 'params': ex(new_p), 'opt': ex(new_opt),
                    'act_in': new_act[None], 'grad_in': new_grad[None],
-                   'hist': lax.dynamic_update_index_in_dim(hist, entry, slot_now, 0)[None],
-                   'tokens': tokens}
+                   'hist': ex(new_hist), 'tokens': tokens}
       if mp.has_memory:
         # A layer's memory advances only with a real batch (module j: batch t-j >= 0).
         new_state['mem'] = keep(t - layer_module[me] >= 0, mem_fwd, mem)[None]
