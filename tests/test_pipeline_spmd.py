@@ -20,7 +20,8 @@ draws its own masks, the reference has one) and the global-norm clip (its value 
 the gradient norm at most filled iterations, so it scales them; the norm itself is
 compared too). ACCEL_PIPELINE_FULL=1 runs all 12 'lm' and 8 'txl' (K, layout, backward)
 combinations with and without dropout and clip, plus 'lm' on 2 x 4 and 4 x 2 (tied ring
-K=3) meshes and 'txl' on two 2 x S meshes.
+K=3) meshes and 'txl' on two 2 x S meshes. Two cases compile their step once more: one
+checks for conditionals, one for copies of the 'stored' history ring.
 """
 import json
 import os
@@ -47,6 +48,10 @@ CASES = FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT
 # The case whose compiled step is checked for conditionals (the stage program is the same
 # ops on every stage, roles selected by masks: spmd's docstring). In DEFAULT and FULL.
 HLO_CASE = ('lm', 4, True, 'recompute', 1, 0.1, CLIP)
+# The case whose compiled step is checked for copies of a whole 'stored' history ring
+# (stage 0 of K=2 reads the slot it then overwrites: spmd's docstring); one device, so
+# local shapes are the global ones. In DEFAULT and FULL.
+RING_CASE = ('lm', 2, True, 'stored', 1, 0.1, CLIP)
 
 
 def _model(name, num_layers, rate):
@@ -65,6 +70,24 @@ def _model(name, num_layers, rate):
                               dropout_rate=rate)
     model = TransformerXL(cfg)
   return cfg, jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+
+
+def _ring_copies(hlo, state):
+  """Ops of a compiled one-device step that copy a whole 'stored' history ring (an HLO
+  copy or a fusion named for one), among the rings whose shape no other state array has."""
+  import re
+  import jax
+  hlo_shape = lambda v: ({'float32': 'f32', 'int32': 's32', 'uint32': 'u32'}.get(
+      str(v.dtype), str(v.dtype)) + str(list(v.shape)).replace(' ', ''))
+  others = {hlo_shape(v) for key, tree in state.items() if key != 'hist'
+            for v in jax.tree_util.tree_leaves(tree)}
+  rings = {hlo_shape(v) for v in jax.tree_util.tree_leaves(state['hist'])} - others
+  assert rings
+  count = 0
+  for line in hlo.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = (\S+?)\{[^}]*\} (\S+?)\(', line)
+    count += bool(m and m.group(2) in rings and 'copy' in m.group(1) + m.group(3))
+  return count
 
 
 def _run_case(model, k, tied, bw, data, rate, clip):
@@ -110,6 +133,9 @@ def _run_case(model, k, tied, bw, data, rate, clip):
   if (model, k, tied, bw, data, rate, clip) == HLO_CASE:   # one more compilation (~5 s)
     hlo = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
     worst['conditionals'] = hlo.count(' conditional(')
+  if (model, k, tied, bw, data, rate, clip) == RING_CASE:   # one more compilation (~4 s)
+    hlo = jax.jit(pipe.step_fn, donate_argnums=0).lower(state, batch).compile().as_text()
+    worst['ring_copies'] = _ring_copies(hlo, state)
   return worst
 
 
@@ -146,6 +172,9 @@ def test_spmd_matches_reference(results, case):
   if tuple(case) == HLO_CASE:
     # A conditional makes XLA:GPU copy the branch index to the host and wait for it.
     assert worst['conditionals'] == 0, worst
+  if tuple(case) == RING_CASE:
+    # Written in place: the step reads the slot before it writes it (`spmd._after`).
+    assert worst['ring_copies'] == 0, worst
   if clip:
     assert worst['clipped'] >= k + 1, worst       # most of the K+2 filled iterations
 
