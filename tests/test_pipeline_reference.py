@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from accel.errors import UserError
 from accel.models.transformer import TransformerConfig, TransformerLM
 from accel.pipeline import pieces
 from accel.pipeline.layout import Layout
@@ -207,16 +208,21 @@ def _grads_of_batch(mp, mods, E_in, E_out, batch):
   return jax.grad(loss, argnums=(0, 1, 2))(mods, E_in, E_out)
 
 
-@pytest.mark.parametrize('forward_locked', [False, True])
-def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_locked):
+@pytest.mark.parametrize('forward_locked,prediction', [(False, 0.0), (True, 0.0),
+                                                       (False, 2.0), (True, 1.0)])
+def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_locked,
+                                                                    prediction):
   """'stored': every gradient module j applies is jax.grad of its batch b through the
   weights every module had when b passed it, E in module 0's lookup and in the logits
   likewise. Oracle: plain jax.grad of that composed model, no schedule code.
   Pipelined (Ouroboros): b = t - 2(K-1) + j (module K-1: t - (K-1)), module i's weights at
-  the start of iteration b + i. Forward-locked (DDG): b = t - (K-1-j), every module's at b."""
+  the start of iteration r = b + i. Forward-locked (DDG): b = t - (K-1-j), every module's
+  at r = b. Weight prediction s: module i ran with w_i^r + s d_i (w_i^r - w_i^{r-1}),
+  d_i = 2(K-1-i) (forward-locked: K-1-i) and E as it was."""
   cfg, layout = TransformerConfig(**{**CFG3.__dict__, 'dropout_rate': 0.0}), LAYOUT3
   k = layout.num_modules
-  ref = Reference(cfg, layout, _adam(1e-2), 'stored', forward_locked=forward_locked)
+  ref = Reference(cfg, layout, _adam(1e-2), 'stored', forward_locked=forward_locked,
+                  weight_prediction=prediction)
   state = ref.init(_params(cfg))
   batches, snaps, metrics = _batches(2 * k + 1, cfg), [], []
   for batch in batches:
@@ -224,9 +230,14 @@ def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_loc
     state, m = ref.step(state, batch)
     metrics.append(m)
   ran_at = (lambda b, i: b) if forward_locked else (lambda b, i: b + i)
+  delay = (lambda i: k - 1 - i) if forward_locked else (lambda i: 2 * (k - 1 - i))
+
+  def ran_with(i, r):
+    w, w_prev = snaps[r][0][i], snaps[max(r - 1, 0)][0][i]
+    return jax.tree_util.tree_map(lambda a, p: a + prediction * delay(i) * (a - p), w, w_prev)
 
   def oracle(b):
-    return _grads_of_batch(ref.model_pieces, [snaps[ran_at(b, i)][0][i] for i in range(k)],
+    return _grads_of_batch(ref.model_pieces, [ran_with(i, ran_at(b, i)) for i in range(k)],
                            snaps[b][1], snaps[ran_at(b, k - 1)][1], batches[b])
 
   checked = 0
@@ -246,3 +257,8 @@ def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_loc
       _close(m['grad_E'][1], oracle(b_in)[1])
   # every gradient after each module's warm-up (delays 0, 1, 2 or 0, 2, 4 iterations)
   assert checked == (7 + 6 + 5 if forward_locked else 5 + 4 + 3)
+
+
+def test_weight_prediction_needs_stored_weights():
+  with pytest.raises(UserError, match="backward_weights='stored'"):
+    Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'recompute', weight_prediction=1.0)

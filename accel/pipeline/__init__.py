@@ -77,6 +77,17 @@ memory length M, so the memory of the module is n_j B M D):
   ring holds the whole stage's n = L/S layers per slot); the reference keeps exactly what
   each module needs.
 
+Weight prediction (`pipeline.weight_prediction` = s > 0, 'stored' only; `prediction`):
+module j's forward at iteration t runs with its weights extrapolated along its last update,
+  w_hat_j = w_j^t + s * d_j * (w_j^t - w_j^{t-1}),   d_j = 2(K-1-j),
+an estimate of the weights the gradient will be applied to (SpecTrain, Chen et al. 2018,
+arXiv 1809.02839; PipeMare's discrepancy correction is related). The stored residuals are
+those of that forward, so the delayed backward is the exact gradient at w_hat_j; it is
+applied to w_j. Predicted: the blocks and module 0's own params ('first'); not the loss-side
+module (d = 0) and not the tied table E (shared by module 0 and the loss-side module).
+Memory: one more copy of each stage's block weights and 'first' (w^{t-1}, in the state,
+checkpointed); s = 0 keeps neither the copy nor any change to the program.
+
 Dropout: module j draws the masks of batch b from a key that is a function of (seed, b,
 j) and the data shard (`pieces.dropout_key`; its block i from fold_in of that key and i,
 `pieces.layer_key`, however the module is cut into calls), so its delayed backward,

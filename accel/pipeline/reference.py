@@ -18,6 +18,11 @@ read, and re-runs the forward with the current weights and the same dropout key,
 With dropout, `synchronous=True` equals jax.grad of `pieces.full_loss` with module j's
 masks from that key for batch t. Gradient clipping: `accel.pipeline.clipping`.
 
+`weight_prediction=s > 0` ('stored' only, `accel.pipeline.prediction`): module j < K-1
+runs its forward of iteration t with w_j^t + s d_j (w_j^t - w_j^{t-1}) (its own params
+'layers' and, module 0, 'first'; not E), d_j its staleness (`forward_weights`); the state
+keeps w^{t-1} ('prev_modules').
+
 `forward_locked=True` runs DDG's schedule instead (Huo et al. 2018, papers.md section 1):
 the forward of batch t passes every module within iteration t (on devices, each would wait
 for the previous one's forward) and module j back-propagates batch t-(K-1-j), so module j's
@@ -32,7 +37,7 @@ from typing import Any
 import jax
 import optax
 
-from accel.pipeline import clipping, families, pieces
+from accel.pipeline import clipping, families, pieces, prediction
 from accel.pipeline.layout import Layout
 
 
@@ -61,6 +66,7 @@ _vjp_middle = _jit(lambda mp, pm, x, mem, key: jax.vjp(
     lambda p, x_: _middle(mp, p, x_, mem, key), pm, x, has_aux=True))
 _grad_last = _jit(jax.value_and_grad(_last, argnums=(1, 2, 3), has_aux=True))
 _apply_vjp = jax.jit(lambda vjp, g: vjp(g))
+_predict = jax.jit(prediction.predict)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -74,9 +80,12 @@ class Reference:
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, synchronous: bool = False, rng=None,
-               clip_norm: float = 0.0, forward_locked: bool = False):
+               clip_norm: float = 0.0, forward_locked: bool = False,
+               weight_prediction: float = 0.0):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
-    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip."""
+    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
+    weight_prediction: s of `accel.pipeline.prediction` (0: off)."""
+    prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
     if cfg.dropout_rate and rng is None:
@@ -88,6 +97,7 @@ class Reference:
     self.forward_locked = forward_locked
     self.rng = rng if cfg.dropout_rate else None
     self.clip_norm = clip_norm
+    self.weight_prediction = weight_prediction
     self._k = layout.num_modules
 
   def init(self, params, batch_size: int = 0) -> dict[str, Any]:
@@ -104,9 +114,12 @@ class Reference:
       modules.append(pm)
     mems = [self.model_pieces.zero_memory(b - a, batch_size)
             for a, b in self.layout.module_ranges()]
-    return dict(step=0, modules=modules, E=parts['E'], mems=mems,
-                opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(parts['E']),
-                saved={}, acts={}, grads={}, batches={})
+    state = dict(step=0, modules=modules, E=parts['E'], mems=mems,
+                 opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(parts['E']),
+                 saved={}, acts={}, grads={}, batches={})
+    if self.weight_prediction:   # w^{t-1}: before any update, w^0
+      state['prev_modules'] = list(modules)
+    return state
 
   def model_params(self, state):
     """Reassembles the model's params (for evaluation and comparison)."""
@@ -123,6 +136,15 @@ class Reference:
     if self.forward_locked:
       return t - (self._k - 1 - j)
     return t - self.layout.delay(j) - j
+
+  def forward_weights(self, state, j: int):
+    """Module j's params its forward runs with at this iteration: w_j^t, or with weight
+    prediction w_j^t + s d_j (w_j^t - w_j^{t-1}) (`accel.pipeline.prediction`), d_j the
+    iterations from its forward of a batch to its backward of it (pipelined: 2(K-1-j),
+    forward-locked: K-1-j, synchronous: 0)."""
+    w = state['modules'][j]
+    steps = self.weight_prediction * (self.fwd_batch(j, 0) - self.bwd_batch(j, 0))
+    return _predict(w, state['prev_modules'][j], steps) if steps else w
 
   def key(self, j: int, b: int):
     """Module j's dropout key for batch b (None without dropout)."""
@@ -151,8 +173,9 @@ class Reference:
       x_in = batches[b]['inputs'] if j == 0 else acts.pop((j, b))
       key = self.key(j, b)
       if self.backward_weights == 'stored':
-        y, vjp, new_mem = (_vjp_first(mp, mods[j], E, x_in, mems[j], key) if j == 0
-                           else _vjp_middle(mp, mods[j], x_in, mems[j], key))
+        w = self.forward_weights(state, j)
+        y, vjp, new_mem = (_vjp_first(mp, w, E, x_in, mems[j], key) if j == 0
+                           else _vjp_middle(mp, w, x_in, mems[j], key))
         saved[(j, b)] = vjp
       else:
         y, new_mem = (_fwd_first(mp, mods[j], E, x_in, mems[j], key) if j == 0
@@ -193,6 +216,8 @@ class Reference:
     applied, applied_E = g_mod, g_E_sum
     if self.clip_norm:
       applied, applied_E = clipping.clip((g_mod, g_E_sum), grad_norm, self.clip_norm)
+    if self.weight_prediction:
+      state['prev_modules'] = list(mods)
     # Adam per module, only for modules that have a gradient this iteration.
     for j in range(k):
       if applied[j] is not None:
