@@ -2,27 +2,31 @@
 
 Runs in a subprocess with 8 simulated CPU devices (the pytest process already started jax
 with one). Each case trains 2K+1 iterations (past the warm-up of every module, so 'stored'
-and 'recompute' have diverged) on a tiny model and compares the SPMD parameters and loss
-with `Reference` after every iteration. They agree to float32 rounding, not bitwise: the
-SPMD program is compiled as one XLA computation (other fusion, other summation order), and
-the tied table's two gradient parts are added in another order. Tolerance: 2e-6 absolute
+and 'recompute' have diverged; with weight prediction 4K, `_iterations`) on a tiny model
+and compares the SPMD parameters and loss with `Reference` after every iteration. They
+agree to float32 rounding, not bitwise: the SPMD program is compiled as one XLA computation
+(other fusion, other summation order), and the tied table's two gradient parts are added in
+another order. Tolerance: 2e-6 absolute
 on parameters of size ~0.02-1.
 
 Models: 'lm' the spine's TransformerLM; 'txl' / 'txl_preln' Transformer-XL (PostLN / PreLN,
 memory 4 for segments of 8), whose modules keep the memory of their layers in the pipeline
 state: any slip in which memory a forward or a delayed backward reads shows here.
 
-Default cases (6 compilations) cover for 'lm' K = 2, 3, 4, tied and untied, 'stored' and
+Default cases (8 compilations) cover for 'lm' K = 2, 3, 4, tied and untied, 'stored' and
 'recompute', data x stage meshes (2 x 3 and 2 x 4 = all 8 devices), and for 'txl' K = 2
 tied 'stored' (PostLN, one stage holding both modules' memory) and K = 3 untied
 'recompute' (PreLN, 2 x 3 mesh); dropout (data axis 1 only: with more data shards each
 draws its own masks, the reference has one) and the global-norm clip (its value is below
 the gradient norm at most filled iterations, so it scales them; the norm itself is
-compared too). ACCEL_PIPELINE_FULL=1 runs all 12 'lm' and 8 'txl' (K, layout, backward)
-combinations with and without dropout and clip, plus 'lm' on 2 x 4 and 4 x 2 (tied ring
-K=3) meshes and 'txl' on two 2 x S meshes. Two cases compile their step once more: one
+compared too); weight prediction ('stored', `PREDICTION`): 'lm' K=4 untied on 2 x 4, s = 2,
+and K=4 tied ring with dropout and clip, s = 1. ACCEL_PIPELINE_FULL=1 runs all 12 'lm' and
+8 'txl' (K, layout, backward) combinations with and without dropout and clip, plus 'lm' on
+2 x 4 and 4 x 2 (tied ring K=3) meshes, 'txl' on two 2 x S meshes, and weight prediction
+also for 'lm' K=2 untied, K=3 tied ring and 'txl' K=3 untied. Two cases compile their step once more: one
 checks for conditionals, one for copies of the 'stored' history ring.
 """
+import functools
 import json
 import os
 import subprocess
@@ -31,27 +35,43 @@ import sys
 import pytest
 
 CLIP = 0.5
-# (model, K, tied ring, backward weights, data axis, dropout rate, clip norm)
-DEFAULT = [('lm', 2, True, 'stored', 1, 0.1, CLIP), ('lm', 3, False, 'recompute', 2, 0.0, CLIP),
-           ('lm', 4, True, 'recompute', 1, 0.1, CLIP),
-           ('lm', 4, False, 'stored', 2, 0.0, 0.0),   # data x stage = 2 x 4, 8 devices
-           ('txl', 2, True, 'stored', 1, 0.1, CLIP),
-           ('txl_preln', 3, False, 'recompute', 2, 0.0, CLIP)]
-FULL = [(model, k, tied, bw, 1, rate, clip)
+# (model, K, tied ring, backward weights, data axis, dropout rate, clip norm, weight
+# prediction s)
+# Weight prediction: shapes, dropout and clip as two s = 0 cases below, whose reference
+# compilations they share (`_TX`); only their SPMD step compiles anew.
+PREDICTION = [('lm', 4, False, 'stored', 2, 0.0, 0.0, 2.0),
+              ('lm', 4, True, 'stored', 1, 0.1, CLIP, 1.0)]
+DEFAULT = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0),
+           ('lm', 3, False, 'recompute', 2, 0.0, CLIP, 0.0),
+           ('lm', 4, True, 'recompute', 1, 0.1, CLIP, 0.0),
+           ('lm', 4, False, 'stored', 2, 0.0, 0.0, 0.0),   # data x stage = 2 x 4, 8 devices
+           ('txl', 2, True, 'stored', 1, 0.1, CLIP, 0.0),
+           ('txl_preln', 3, False, 'recompute', 2, 0.0, CLIP, 0.0)] + PREDICTION
+FULL = [(model, k, tied, bw, 1, rate, clip, 0.0)
         for model, ks in (('lm', (2, 3, 4)), ('txl', (2, 3))) for k in ks
         for tied in (True, False) for bw in ('stored', 'recompute')
         for rate, clip in ((0.0, 0.0), (0.1, CLIP))] + [
-            ('lm', 4, False, 'stored', 2, 0.0, CLIP), ('lm', 3, True, 'stored', 4, 0.0, 0.0),
-            ('txl', 3, True, 'recompute', 2, 0.0, CLIP),
-            ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0)]
+            ('lm', 4, False, 'stored', 2, 0.0, CLIP, 0.0),
+            ('lm', 3, True, 'stored', 4, 0.0, 0.0, 0.0),
+            ('txl', 3, True, 'recompute', 2, 0.0, CLIP, 0.0),
+            ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0, 0.0),
+            ('lm', 2, False, 'stored', 2, 0.0, CLIP, 2.0), ('lm', 3, True, 'stored', 1, 0.1, 0.0, 1.0),
+            ('txl', 3, False, 'stored', 1, 0.1, CLIP, 2.0)] + PREDICTION
 CASES = FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT
 # The case whose compiled step is checked for conditionals (the stage program is the same
 # ops on every stage, roles selected by masks: spmd's docstring). In DEFAULT and FULL.
-HLO_CASE = ('lm', 4, True, 'recompute', 1, 0.1, CLIP)
+HLO_CASE = ('lm', 4, True, 'recompute', 1, 0.1, CLIP, 0.0)
 # The case whose compiled step is checked for copies of a whole 'stored' history ring
 # (stage 0 of K=2 reads the slot it then overwrites: spmd's docstring); one device, so
 # local shapes are the global ones. In DEFAULT and FULL.
-RING_CASE = ('lm', 2, True, 'stored', 1, 0.1, CLIP)
+RING_CASE = ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0)
+
+
+def _iterations(k, prediction):
+  """2K+1, past every module's warm-up; with weight prediction 4K, so that module 0's
+  first predicted forward (iteration 2K-1, after its first update) is back-propagated
+  (iteration 4K-3) and applied."""
+  return 4 * k if prediction else 2 * k + 1
 
 
 def _model(name, num_layers, rate):
@@ -90,8 +110,16 @@ def _ring_copies(hlo, state):
   return count
 
 
-def _run_case(model, k, tied, bw, data, rate, clip):
-  """Returns the worst parameter / loss / gradient-norm difference over 2K+1 iterations
+@functools.cache
+def _tx():
+  """One optimizer object for every case: the reference's jits take it as a static
+  argument, so cases of the same shapes share their compilations."""
+  import optax
+  return optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
+
+
+def _run_case(model, k, tied, bw, data, rate, clip, prediction):
+  """Returns the worst parameter / loss / gradient-norm difference over `_iterations`
   and how many iterations the clip scaled."""
   import jax
   import jax.numpy as jnp
@@ -105,17 +133,17 @@ def _run_case(model, k, tied, bw, data, rate, clip):
   layout = Layout(2 * (k - 1) if tied else k, k, tied)
   cfg, params = _model(model, layout.num_layers, rate)
   rng = jax.random.key(7)
-  tx = optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
+  tx = _tx()
   devices = jax.devices()[:data * layout.num_stages]
   pipe = Pipeline(cfg, layout, tx, bw, make_mesh(data, layout.num_stages, devices), rng=rng,
-                  clip_norm=clip)
+                  clip_norm=clip, weight_prediction=prediction)
   batch_size = 2 * data
   state = pipe.init(params, batch_size, 8)
-  ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip)
+  ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip, weight_prediction=prediction)
   ref_state = ref.init(params, batch_size)
   data_rng = np.random.default_rng(1)
   worst = {'param': 0.0, 'loss': 0.0, 'grad_norm': 0.0, 'valid_losses': 0, 'clipped': 0}
-  for _ in range(2 * k + 1):
+  for _ in range(_iterations(k, prediction)):
     seq = data_rng.integers(0, 32, (batch_size, 9)).astype(np.int32)
     batch = {'inputs': jnp.asarray(seq[:, :-1]), 'targets': jnp.asarray(seq[:, 1:])}
     state, m = pipe.step(state, batch)
@@ -130,10 +158,11 @@ def _run_case(model, k, tied, bw, data, rate, clip):
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                                    pipe.model_params(state), ref.model_params(ref_state))
     worst['param'] = max(worst['param'], *jax.tree_util.tree_leaves(diffs))
-  if (model, k, tied, bw, data, rate, clip) == HLO_CASE:   # one more compilation (~5 s)
+  case = (model, k, tied, bw, data, rate, clip, prediction)
+  if case == HLO_CASE:   # one more compilation (~5 s)
     hlo = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
     worst['conditionals'] = hlo.count(' conditional(')
-  if (model, k, tied, bw, data, rate, clip) == RING_CASE:   # one more compilation (~4 s)
+  if case == RING_CASE:   # one more compilation (~4 s)
     hlo = jax.jit(pipe.step_fn, donate_argnums=0).lower(state, batch).compile().as_text()
     worst['ring_copies'] = _ring_copies(hlo, state)
   return worst
@@ -158,14 +187,16 @@ def results():
 
 def _case_id(c):
   return (f'{c[0]}-K{c[1]}-{"tied" if c[2] else "untied"}-{c[3]}-data{c[4]}'
-          f'{f"-dropout{c[5]}" if c[5] else ""}{f"-clip{c[6]}" if c[6] else ""}')
+          f'{f"-dropout{c[5]}" if c[5] else ""}{f"-clip{c[6]}" if c[6] else ""}'
+          f'{f"-prediction{c[7]}" if c[7] else ""}')
 
 
 @pytest.mark.parametrize('case', CASES, ids=_case_id)
 def test_spmd_matches_reference(results, case):
   worst = results[tuple(case)]
   k, clip = case[1], case[6]
-  assert worst['valid_losses'] == k + 2          # losses from iteration K-1 to 2K
+  iterations = _iterations(k, case[7])
+  assert worst['valid_losses'] == iterations - (k - 1)   # losses from iteration K-1 on
   assert worst['loss'] < 1e-5, worst
   assert worst['grad_norm'] < 1e-5, worst
   assert worst['param'] < 2e-6, worst
@@ -176,7 +207,7 @@ def test_spmd_matches_reference(results, case):
     # Written in place: the step reads the slot before it writes it (`spmd._after`).
     assert worst['ring_copies'] == 0, worst
   if clip:
-    assert worst['clipped'] >= k + 1, worst       # most of the K+2 filled iterations
+    assert worst['clipped'] >= iterations - k, worst   # all but one filled iteration
 
 
 if __name__ == '__main__':

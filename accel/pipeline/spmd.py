@@ -72,10 +72,17 @@ State, every array with a leading stage axis S (sharded over 'stage'; the batch 
            its own layers, advanced by each module's forward of a real batch (t - j >= 0).
   hist_mem ('recompute' with a memory) [S, R, n, B, M, D]: the stage memory at the
            forward of the batch in slot b mod R, i.e. what its delayed re-run must read.
+  prev_params  (weight prediction s > 0, `accel.pipeline.prediction`) layers [S, n, ...]
+           and first [S, ...]: w^{t-1}, the params before the last update. The forwards
+           run with w + s d (w - w^{t-1}), d per layer from its module (`_layer_steps`,
+           0 for module K-1's layers), first with d_0 = 2(K-1); E, last and the
+           backward's templates use w, as does the embedding's backward (linear in E and
+           first: its gradient does not depend on them).
 Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('recompute',
 and one extra forward per backward) or R residual sets ('stored': about 11 B L D per
 block plus the stage's weights); with a recurrence memory also n B M D live memory and,
-for 'recompute', R n B M D of memory history (in 'stored' it is in the residual sets).
+for 'recompute', R n B M D of memory history (in 'stored' it is in the residual sets); with
+weight prediction one more copy of the stage's weights (prev_params).
 
 All of this is plain static-shape state: checkpointing it checkpoints the pipeline.
 """
@@ -88,7 +95,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import clipping, families, pieces
+from accel.pipeline import clipping, families, pieces, prediction
 from accel.pipeline.layout import Layout
 
 _tmap = jax.tree_util.tree_map
@@ -186,9 +193,11 @@ class Pipeline:
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, mesh: jax.sharding.Mesh, rng=None,
-               clip_norm: float = 0.0):
+               clip_norm: float = 0.0, weight_prediction: float = 0.0):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
-    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip."""
+    clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
+    weight_prediction: s of `accel.pipeline.prediction` (0: off; 'stored' only)."""
+    prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
     if mesh.shape['stage'] != layout.num_stages:
@@ -201,6 +210,7 @@ class Pipeline:
     self.layout, self.tx, self.mesh = layout, tx, mesh
     self.rng = rng if cfg.dropout_rate else None
     self.clip_norm = clip_norm
+    self.weight_prediction = weight_prediction
     self.stored = backward_weights == 'stored'
     k, s, n = layout.num_modules, layout.num_stages, layout.layers_per_stage
     self._R = 2 * (k - 1)
@@ -210,6 +220,9 @@ class Pipeline:
     else:
       mods = [[j] * n for j in range(s)]
     self._layer_module = np.asarray(mods, np.int32)                      # [S, n]
+    # Weight prediction: s * d of each local layer, d = 2(K-1-module); module 0's 'first'.
+    self._layer_steps = (weight_prediction * 2 * (k - 1 - self._layer_module)).astype(np.float32)
+    self._first_steps = weight_prediction * layout.delay(0)
     self._last_stage = layout.stage_of(k - 1)
     self._owns_first = np.arange(s) == 0
     self._owns_last = np.arange(s) == self._last_stage
@@ -253,6 +266,8 @@ class Pipeline:
       specs['mem'] = P('stage', None, 'data')
       if not self.stored:
         specs['hist_mem'] = P('stage', None, None, 'data')
+    if self.weight_prediction:
+      specs['prev_params'] = st
     return specs
 
   def init(self, params, batch_size: int, seq_len: int):
@@ -267,6 +282,9 @@ class Pipeline:
              'opt': {'layers': init_layers(stacked['layers']), 'E': init_owned(stacked['E']),
                      'first': init_owned(stacked['first']), 'last': init_owned(stacked['last'])},
              'act_in': x(), 'grad_in': x(), 'tokens': {'inputs': tok(), 'targets': tok()}}
+    if self.weight_prediction:   # w^{t-1}: before any update, w^0 (a copy: donated apart)
+      state['prev_params'] = _tmap(jnp.copy, {'layers': stacked['layers'],
+                                              'first': stacked['first']})
     mem = self.model_pieces.zero_memory(self.layout.layers_per_stage, batch_size)
     if mem is not None:    # [S, n, B, M, D]: each stage the memory of its own layers
       state['mem'] = jnp.stack([mem] * s)
@@ -357,6 +375,7 @@ class Pipeline:
     owns = {name: jnp.asarray(v) for name, v in
             (('E', self._owns_E), ('first', self._owns_first), ('last', self._owns_last))}
     counts_E = jnp.asarray(self._counts_E)
+    layer_steps = jnp.asarray(self._layer_steps)
     dropout_key = self._dropout_key
 
     def local(state, batch):
@@ -366,8 +385,17 @@ class Pipeline:
       p, opt = sq(state['params']), sq(state['opt'])
       # Per-shard weights (varying over 'data'): each vjp below is then local to its data
       # shard (no implicit psum); the one pmean over 'data' follows.
-      p_local = _tmap(lambda v: lax.pcast(v, 'data', to='varying'), p)
+      to_local = lambda tree: _tmap(lambda v: lax.pcast(v, 'data', to='varying'), tree)
+      p_local = to_local(p)
       E, first, last = p_local['E'], p_local['first'], p_local['last']
+      # The weights the forwards run with: w, or predicted (`accel.pipeline.prediction`).
+      p_fwd = {'layers': p_local['layers'], 'first': first}
+      if 'prev_params' in state:
+        prev = sq(state['prev_params'])
+        p_fwd = to_local({'layers': prediction.predict(p['layers'], prev['layers'],
+                                                       layer_steps[me]),
+                          'first': prediction.predict(p['first'], prev['first'],
+                                                      self._first_steps)})
       # 'stored': {'a', 'b'}: lists of residual rings [R, size]; 'recompute': [R, B, L, D]
       hist = _tmap(lambda v: v[0], state['hist'])
       mem = state['mem'][0] if mp.has_memory else None         # [n, B, M, D]
@@ -389,6 +417,8 @@ class Pipeline:
                     if 'hist_mem' in state else mem)
       layers_a = pieces.slice_layers(p_local['layers'], 0, a)
       layers_b = pieces.slice_layers(p_local['layers'], a, n)
+      layers_a_fwd = pieces.slice_layers(p_fwd['layers'], 0, a)
+      layers_b_fwd = pieces.slice_layers(p_fwd['layers'], a, n)
       mem_a, mem_b = _slice_mem(mem, 0, a), _slice_mem(mem, a, n)
       mod_a = module_a[me]
       first_b = jnp.where(is_first, 0, a)     # B's first block within its module
@@ -397,17 +427,18 @@ class Pipeline:
       key_emb_now, key_emb_bwd = dropout_key(t, 0), dropout_key(b0, 0)
 
       # Forward: a_out = A(a_in); tied: b_out = B(where(stage 0, embed(batch t), a_out)).
-      x_emb = mp.embed(E, first, batch['inputs'], key_emb_now)
+      x_emb = mp.embed(E, p_fwd['first'], batch['inputs'], key_emb_now)
       a_in = act_in if tied else jnp.where(is_first, x_emb, act_in)
       if stored:
-        a_out, vjp_a, new_mem_a = _block_vjp(mp, layers_a, a_in, mem_a, key_a_now)
+        a_out, vjp_a, new_mem_a = _block_vjp(mp, layers_a_fwd, a_in, mem_a, key_a_now)
         entry = {'a': _residuals(vjp_a)}
       else:
         a_out, new_mem_a = mp.blocks(layers_a, a_in, mem_a, key_a_now)
       if tied:
         b_in = jnp.where(is_first, x_emb, a_out)
         if stored:
-          send_act, vjp_b, new_mem_b = _block_vjp(mp, layers_b, b_in, mem_b, key_b_now, first_b)
+          send_act, vjp_b, new_mem_b = _block_vjp(mp, layers_b_fwd, b_in, mem_b, key_b_now,
+                                                  first_b)
           entry['b'] = _residuals(vjp_b)
         else:
           send_act, new_mem_b = mp.blocks(layers_b, b_in, mem_b, key_b_now, first_b)
@@ -500,6 +531,8 @@ class Pipeline:
       if mp.has_memory:
         # A layer's memory advances only with a real batch (module j: batch t-j >= 0).
         new_state['mem'] = keep(t - layer_module[me] >= 0, mem_fwd, mem)[None]
+      if 'prev_params' in state:
+        new_state['prev_params'] = ex({'layers': p['layers'], 'first': p['first']})
       if 'hist_mem' in state:
         new_state['hist_mem'] = lax.dynamic_update_index_in_dim(
             state['hist_mem'][0], mem, slot_now, 0)[None]
