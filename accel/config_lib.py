@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.num_modules = 2                 # K
   c.pipeline.tied_ring = True                # K modules on K-1 stages; False: K on K
   c.pipeline.backward_weights = 'recompute'  # 'recompute' (Features Replay) | 'stored' (DDG)
+  c.pipeline.weight_prediction = 0.0         # s > 0 ('stored'): accel/pipeline/prediction.py
   return c
 
 

@@ -8,6 +8,7 @@ Command (each preset):
   python -m experiments.train --config configs/ouroboros_lm.py:paper --workdir runs/ouro_paper
 Switches: --config.pipeline.num_modules=4 --config.pipeline.tied_ring=False
           --config.pipeline.backward_weights=stored
+          --config.pipeline.weight_prediction=2 (with stored)
 The pipeline uses num_modules-1 stages (tied ring) or num_modules (untied); the remaining
 factor of the device count becomes the data-parallel axis.
 
@@ -27,6 +28,9 @@ gpu:   K=3 tied ring on 2 GPUs, 12 layers d_model 512 on enwik8 (modules of 3, 6
 paper: the Transformer-XL base enwik8 sizes of papers.md (12 layers, d_model 512, 8 heads,
   d_inner 2048, segment 512, batch 22, 400k steps), here with the plain Transformer and
   K=4 tied ring on 3 stages (the paper's machine had 4 V100s).
+Weight prediction (pipeline.weight_prediction = s, default 0.0 = off; 'stored' only): each
+delayed module runs its forward with its weights extrapolated s * delay steps along its last
+update (SpecTrain, accel/pipeline/prediction.py), which narrows the delayed-gradient gap.
 Measured 2026-11-28 on the shared 2-core CPU machine:
   smoke: 20 steps, train loss 5.07, eval loss 5.06 nats (7.29 bits per byte).
   cpu:   300 steps in ~95 s, eval loss 3.09 nats = 4.46 bits per byte; the same config
@@ -43,6 +47,7 @@ def get_config(arg: str = 'cpu'):
   c.pipeline.enabled = True
   c.pipeline.tied_ring = True
   c.pipeline.backward_weights = 'recompute'
+  c.pipeline.weight_prediction = 0.0
   c.model.dropout_rate = 0.0
   c.optimizer.name = 'adam'
   c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8

@@ -9,7 +9,8 @@ stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
 
 The state is a `TrainState`: params and opt_state stage-stacked, `mutable` the pipeline's
 history (inboxes, the ring of inputs or vjp residuals, the token ring) and, for
-Transformer-XL, the recurrence memory (and the memory each delayed batch read), so
+Transformer-XL, the recurrence memory (and the memory each delayed batch read), with
+pipeline.weight_prediction > 0 the params before the last update, so
 checkpoints hold it and a resumed run continues the very same iterations.
 
 Metrics: 'loss' is the loss of batch t-(K-1), the batch the loss-side module trained on
@@ -39,7 +40,7 @@ from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
 from accel.train import Trainer, TrainState, train_rng
 
-_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem')
+_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem', 'prev_params')
 
 
 def _check(config, task):
@@ -70,7 +71,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
                     f'{data_size}')
   pmesh = make_mesh(data_size, stages, devices)
   pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh, rng=train_rng(config),
-                  clip_norm=config.optimizer.clip_norm)
+                  clip_norm=config.optimizer.clip_norm,
+                  weight_prediction=pc.weight_prediction)
   eval_task = dataclasses.replace(task, model=model_pieces.model())
   batch_sharding = NamedSharding(pmesh, P('data'))
 
