@@ -11,6 +11,9 @@ one (large vocabulary: the tied softmax makes the loss-side stage heavier).
 Part 2, loss after a fixed token budget: the balanced model trained for the same number
 of steps on the same batches (bytes of Python's own standard-library sources) by
 synchronous training and by Ouroboros; held-out loss in bits per byte.
+--prediction s adds the 'stored' Ouroboros variants with weight prediction s
+(accel/pipeline/prediction.py), 'Ouroboros K=N untied stored pred s' and 'K=N+1 tied ring
+stored pred s', to parts 1 and 2 (select them with --only 'stored pred').
 Part 3, overlap: in the compiled Ouroboros step, how much compute XLA scheduled between
 each asynchronous collective-permute start and its done.
 
@@ -61,6 +64,9 @@ def _args():
   ap.add_argument('--overlap', action=argparse.BooleanOptionalAction, default=True,
                   help='part 3 (one more compile of the Ouroboros step)')
   ap.add_argument('--balanced_only', action='store_true', help='skip the large-vocabulary model')
+  ap.add_argument('--prediction', type=float, default=0.0,
+                  help="weight prediction s > 0 (accel/pipeline/prediction.py): add the "
+                  "'stored' Ouroboros variants with it, named '... stored pred s'")
   ap.add_argument('--model', default='transformer', choices=MODELS,
                   help='transformer_xl: throughput and overlap only, byte vocabulary')
   return ap.parse_args()
@@ -166,11 +172,16 @@ def variants(cfg, tx, devs, st):
   if isinstance(cfg, TransformerConfig):   # GPipe carries no memory per micro-batch
     for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
       out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, n, devs), m))
-  for k, tied, bw in ((n, False, 'recompute'), (n, False, 'stored'), (n + 1, True, 'recompute'),
-                      (n + 1, True, 'stored')):
+  s = st['prediction']
+  for k, tied, bw, pred in ((n, False, 'recompute', 0.0), (n, False, 'stored', 0.0),
+                            *([(n, False, 'stored', s)] if s else []),
+                            (n + 1, True, 'recompute', 0.0), (n + 1, True, 'stored', 0.0),
+                            *([(n + 1, True, 'stored', s)] if s else [])):
     lay = Layout(cfg.num_layers, k, tied)
-    pipe = Pipeline(cfg, lay, tx, bw, make_mesh(1, lay.num_stages, devs[:lay.num_stages]))
-    out[f'Ouroboros K={k} {"tied ring" if tied else "untied"} {bw}'] = ouroboros(pipe)
+    pipe = Pipeline(cfg, lay, tx, bw, make_mesh(1, lay.num_stages, devs[:lay.num_stages]),
+                    weight_prediction=pred)
+    out[f'Ouroboros K={k} {"tied ring" if tied else "untied"} {bw}'
+        f'{f" pred {pred:g}" if pred else ""}'] = ouroboros(pipe)
   return out
 
 
@@ -225,7 +236,8 @@ def overlap_report(pipe, params, batch, st):
 
 
 def settings(args):
-  st = dict(SETTINGS[args.quick], dtype=args.dtype, model=args.model)
+  st = dict(SETTINGS[args.quick], dtype=args.dtype, model=args.model,
+            prediction=args.prediction)
   if args.batch:
     st['batch'] = args.batch
   if args.lr:
