@@ -220,8 +220,9 @@ class Pipeline:
     else:
       mods = [[j] * n for j in range(s)]
     self._layer_module = np.asarray(mods, np.int32)                      # [S, n]
-    # Weight prediction: s * d of each local layer, d = 2(K-1-module); module 0's 'first'.
-    self._layer_steps = (weight_prediction * 2 * (k - 1 - self._layer_module)).astype(np.float32)
+    # Weight prediction: s * d of each local layer, d its module's delay; module 0's 'first'.
+    self._layer_steps = (weight_prediction * np.vectorize(layout.delay)(self._layer_module)
+                         ).astype(np.float32)
     self._first_steps = weight_prediction * layout.delay(0)
     self._last_stage = layout.stage_of(k - 1)
     self._owns_first = np.arange(s) == 0
@@ -397,7 +398,7 @@ class Pipeline:
                           'first': prediction.predict(p['first'], prev['first'],
                                                       self._first_steps)})
       # 'stored': {'a', 'b'}: lists of residual rings [R, size]; 'recompute': [R, B, L, D]
-      hist = _tmap(lambda v: v[0], state['hist'])
+      hist = sq(state['hist'])
       mem = state['mem'][0] if mp.has_memory else None         # [n, B, M, D]
       act_in, grad_in = state['act_in'][0], state['grad_in'][0]
       # Token ring: write batch t, read batches t-(K-1) (targets) and t-2(K-1) (module 0).
