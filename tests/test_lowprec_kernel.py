@@ -9,6 +9,7 @@ import pytest
 from accel.lowprec import chunked as C
 from accel.lowprec import formats as F
 from accel.lowprec import kernel as Kn
+from accel.lowprec import rounding as R
 from tests.test_lowprec_formats import _probe_values
 
 
@@ -16,7 +17,7 @@ from tests.test_lowprec_formats import _probe_values
                                  F.FloatFormat(5, 4, subnormals=False, overflow='saturate')])
 def test_kernel_rounding_is_quantize(fmt):
   x = np.concatenate([_probe_values(fmt, n=8000), [np.inf, -np.inf, np.nan, 1e38, -3e38]]).astype(np.float32)
-  got = np.asarray(jax.jit(lambda v: Kn.round_nearest(v, fmt))(x)).view(np.uint32)
+  got = np.asarray(jax.jit(lambda v: R.round_nearest(v, fmt))(x)).view(np.uint32)
   want = np.asarray(jax.jit(lambda v: F.quantize(v, fmt))(x)).view(np.uint32)
   np.testing.assert_array_equal(got, want)
 
@@ -48,10 +49,10 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
 
 
 def test_range_check_and_grid():
-  assert C.on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
-  assert not C.on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
-  assert not C.on_subnormal_grid(F.E4M3, F.E5M2, F.FP16)  # products below e5m2's grid
-  ok = lambda a, k: bool(C.range_ok(np.float32(a), np.float32(1.0), k, F.FP32, F.E6M9))
+  assert R.on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
+  assert not R.on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
+  assert not R.on_subnormal_grid(F.E4M3, F.E5M2, F.FP16)  # products below e5m2's grid
+  ok = lambda a, k: bool(R.range_ok(np.float32(a), np.float32(1.0), k, F.FP32, F.E6M9))
   assert ok(1000.0, 4096) and not ok(1000.0, 2 ** 22) and not ok(np.inf, 1)
 
 

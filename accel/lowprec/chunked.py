@@ -17,7 +17,7 @@ Every addition is correctly rounded (the result is rnd_acc of the exact sum): th
 sum followed by rounding is already correct when both addends carry at most as many
 significant bits as acc_fmt and acc_fmt has at most 11 (then an inexact float32 sum means
 the smaller addend lies below a quarter ulp of the result); otherwise the float32 sum is
-made sticky (round-to-odd, from the exact TwoSum error) before rounding, correct for
+made sticky (round-to-odd from the exact TwoSum error, rounding.py) before rounding, correct for
 accumulators of up to 22 significant bits. Products are computed in float32, which is
 exact for operands holding 24 significant bits or fewer between them (FP8, bf16, fp16
 operands); wider operands are rounded to float32 before rnd_mul. Stochastic rounding in
@@ -33,43 +33,19 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from accel.lowprec.formats import FP32, FloatFormat, get_format, quantize
+from accel.lowprec.rounding import (add_rounded, needs_sticky, on_subnormal_grid, product_bits,
+                                     range_ok, round_mantissa)
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 
 
-def _sticky_sum(a: jax.Array, b: jax.Array) -> jax.Array:
-  """float32 a + b rounded to odd: the float32 RNE sum, moved one ulp towards the exact
-  sum when that is not representable and the RNE result is even (TwoSum error)."""
-  s = a + b
-  bb = s - a
-  err = (a - (s - bb)) + (b - bb)
-  bits = lax.bitcast_convert_type(s, jnp.int32)
-  towards = jnp.where((err > 0) == (s > 0), 1, -1)
-  fix = (err != 0) & ((bits & 1) == 0)
-  return lax.bitcast_convert_type(jnp.where(fix, bits + towards, bits), jnp.float32)
 
 
-def needs_sticky(acc_fmt: FloatFormat, addend_bits: int) -> bool:
-  """Whether float32 addition then rounding to acc_fmt could double-round."""
-  if acc_fmt.is_float32:
-    return False
-  if acc_fmt.significant_bits > 22:
-    raise ValueError(f'accumulators of 23 significant bits are not emulated: {acc_fmt}')
-  return addend_bits > acc_fmt.significant_bits or acc_fmt.significant_bits > 11
 
 
-def add_rounded(acc: jax.Array, x: jax.Array, acc_fmt: FloatFormat, addend_bits: int = 24,
-                rounding: str = 'nearest', key: jax.Array | None = None) -> jax.Array:
-  """rnd_acc(acc + x) for acc in acc_fmt and x of at most `addend_bits` significant bits."""
-  if acc_fmt.is_float32:
-    return acc + x
-  if rounding == 'nearest' and needs_sticky(acc_fmt, addend_bits):
-    return quantize(_sticky_sum(acc, x), acc_fmt)
-  return quantize(acc + x, acc_fmt, rounding, key)
 
 
 def canonical_operands(lhs, rhs, dimension_numbers):
@@ -107,34 +83,10 @@ def _keys(key, rounding, *shape):
   return jnp.zeros(shape, jnp.uint32)   # unused placeholder carried through the scans
 
 
-def round_mantissa(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-  """x rounded to fmt's significant bits, ties to even, by Veltkamp splitting:
-  c = x * (2^s + 1); x_hi = c - (c - x)  (s = 23 - man_bits). c is formed as x * 2^s + x
-  (the product is exact), so a compiler that contracts multiply-adds into FMAs (GPU
-  backends do) cannot change it. Correct in fmt's normal range only: no subnormals, no
-  overflow (see `range_ok`)."""
-  if fmt.is_float32:
-    return x
-  c = x * np.float32(2.0 ** (23 - fmt.man_bits)) + x
-  return c - (c - x)
 
 
-def on_subnormal_grid(operand_fmt: FloatFormat, mul_fmt: FloatFormat, acc_fmt: FloatFormat):
-  """Whether every product lies on mul_fmt's subnormal grid and every product and sum on
-  acc_fmt's, so that values below min_normal never need rounding."""
-  finest = operand_fmt.min_positive ** 2
-  if not mul_fmt.is_float32:
-    if not (mul_fmt.subnormals and finest >= mul_fmt.min_positive):
-      return False
-    finest = min(finest, mul_fmt.min_positive)
-  return acc_fmt.subnormals and finest >= acc_fmt.min_positive
 
 
-def range_ok(a, b, k, mul_fmt, acc_fmt):
-  """Runtime check: |products| and every partial sum stay below half of the largest
-  finite values (sum of |a_i b_i| <= max|a| max|b| K; rounding adds less than 2x)."""
-  bound = jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(b))
-  return (bound * k <= acc_fmt.max / 2) & (bound <= mul_fmt.max / 2)
 
 
 def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, operand_fmt, mul_fmt, acc_fmt, rounding, key):
@@ -199,9 +151,6 @@ def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
   return total
 
 
-def product_bits(operand_fmt: FloatFormat, mul_fmt: FloatFormat) -> int:
-  """Significant bits a rounded product can carry."""
-  return min(2 * operand_fmt.significant_bits, mul_fmt.significant_bits, 24)
 
 
 def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DimensionNumbers,
@@ -250,7 +199,7 @@ def _pallas_BxMxN(lhs_BxMxK, rhs_BxKxN, operand_fmt, mul_fmt, acc_fmt, chunk_siz
                   rounding):
   """The kernels' result, or None where 'fast' chunks do not fit the matrix units (a
   power of two >= 16): the JAX path then computes the same thing."""
-  from accel.lowprec import kernel  # pylint: disable=g-import-not-at-top (kernel imports this)
+  from accel.lowprec import kernel  # pylint: disable=g-import-not-at-top (loads Pallas: 0.5 s)
   chunk = min(chunk_size, lhs_BxMxK.shape[2])
   if mode == 'fast' and chunk == 1:
     mode, mul_fmt = 'exact', FP32            # as in the JAX path

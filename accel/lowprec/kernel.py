@@ -5,7 +5,7 @@ the chunk sum and the running total in registers; every product is rounded to mu
 every addition to acc_fmt, as `chunked_dot_general(mode='exact')` with nearest rounding,
 bit for bit. Where the operands' products lie on the accumulator's subnormal grid and a
 run-time bound on their magnitudes rules out overflow (FP8 operands into e6m9 or fp16),
-each rounding is the 3-flop Veltkamp split `chunked.round_mantissa`, so a multiply-add
+each rounding is the 3-flop Veltkamp split `rounding.round_mantissa`, so a multiply-add
 costs 5 float32 operations; otherwise it is `round_nearest`: int32 bit operations for the
 normal range and float32's own rounding for the fixed-spacing range below min_normal (the
 float32 sum |x| + 2^(q+23) is |x| rounded to a multiple of 2^q, ties to even, plus
@@ -15,7 +15,7 @@ bf16, which makes every product exact, float32 accumulation), rounded to acc_fmt
 added to the running total in acc_fmt.
 
 Only round-to-nearest accumulators whose float32 sum-then-round is already correct
-(`chunked.needs_sticky` false: acc_fmt of at most 11 significant bits, products no wider)
+(`rounding.needs_sticky` false: acc_fmt of at most 11 significant bits, products no wider)
 are supported; the JAX path in chunked.py covers everything else and runs on every
 backend. On CPU the kernels run with `interpret=True` (the tests).
 """
@@ -29,33 +29,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from accel.lowprec.chunked import (needs_sticky, on_subnormal_grid, product_bits, range_ok,
-                                    round_mantissa)
 from accel.lowprec.formats import FP32, FloatFormat, get_format
+from accel.lowprec.rounding import (needs_sticky, on_subnormal_grid, product_bits, range_ok,
+                                     round_mantissa, round_nearest)
 
 
-def round_nearest(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-  """quantize(x, fmt, 'nearest') from int32/float32 elementwise ops a GPU kernel lowers."""
-  if fmt.is_float32:
-    return x
-  s = 23 - fmt.man_bits
-  bits = lax.bitcast_convert_type(x, jnp.int32)
-  mag = bits & np.int32(0x7FFFFFFF)
-  sign = bits ^ mag
-  half_m1 = np.int32((1 << (s - 1)) - 1) if s > 0 else np.int32(0)
-  r = (mag + half_m1 + ((mag >> s) & 1)) & np.int32(~((1 << s) - 1))
-  if not (fmt.exp_bits == 8 and fmt.subnormals):
-    q = fmt.emin - (fmt.man_bits if fmt.subnormals else 0)
-    magic = np.float32(2.0 ** (q + 23))
-    absx = lax.bitcast_convert_type(mag, jnp.float32)
-    steps = lax.bitcast_convert_type(absx + magic, jnp.int32) - magic.view(np.int32)
-    below = lax.bitcast_convert_type(steps.astype(jnp.float32) * np.float32(2.0 ** q), jnp.int32)
-    r = jnp.where(mag < np.int32(np.float32(fmt.min_normal).view(np.int32)), below, r)
-  max_bits = np.int32(np.float32(fmt.max).view(np.int32))
-  over = max_bits if fmt.overflow == 'saturate' else np.int32(0x7F800000)
-  r = jnp.where(r > max_bits, over, r)
-  r = jnp.where(mag > np.int32(0x7F800000), mag, r)     # NaN (r may have wrapped)
-  return lax.bitcast_convert_type(r | sign, jnp.float32)
 
 
 def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, in_range,

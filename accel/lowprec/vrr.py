@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from accel.lowprec.chunked import add_rounded
+from accel.lowprec.rounding import add_rounded
 from accel.lowprec.formats import FloatFormat
 from accel.lowprec.gemm import accumulation_lengths
 
