@@ -5,8 +5,10 @@ e6m9 in chunks; weights, gradients and SGD momentum live in e6m9 with stochastic
 in the update; the first conv and the classifier stay float32 (lowprec.exempt_first_last).
 Batch norm runs in float32. 'fast' GEMM mode (chunk sums in float32, rounded to e6m9,
 added in e6m9; with chunk 1 exactly sequential e6m9 accumulation). Offline data:
-scikit-learn's 8x8 digits (data.name=digits); CIFAR-10 is not an accel data source yet, so
-there is no CIFAR preset.
+scikit-learn's 8x8 digits (data.name=digits); the paper's CIFAR-10 is
+--config.data.name=cifar10 (accel/data/images.py: 50,000 train, evaluated on the 10,000
+test images; pixels / 255, no augmentation; downloaded on first use, or
+cifar-10-python.tar.gz put into $ACCEL_DATA_DIR/downloads/manual/).
 
 The config argument is 'PRESET[,VARIANT]':
   PRESET   smoke (ResNet-8, seconds) | cpu (ResNet-8, batch 32, 600 steps) |
@@ -16,6 +18,8 @@ The config argument is 'PRESET[,VARIANT]':
 
 Commands:
   python -m experiments.train --config configs/fp8_resnet.py:cpu,fp8 --workdir runs/fp8_resnet
+  python -m experiments.train --config configs/fp8_resnet.py:gpu,fp8 \
+      --config.data.name=cifar10 --workdir runs/fp8_resnet_cifar10
   python -m experiments.sweep --config configs/fp8_resnet.py:cpu \
       --sweep_dir runs/fp8_resnet_cpu --metrics eval/loss,eval/accuracy
 Expected (cpu preset, 2 shared CPU cores, 2026-11-28; results/lowprec_fp8_resnet_cpu.md):

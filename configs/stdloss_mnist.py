@@ -3,7 +3,10 @@ r"""Standardization loss vs normalization baselines, the paper's MNIST setup.
 Collins, Ballé, Shlens 2019, section 4.1 (papers.md section 4): a CNN of 3 conv layers with
 32/16/8 filters, 5x5, stride 2 (or an MLP of 3x100), plain SGD lr 1e-3, batch 128,
 1000 steps, weight decay 4e-5, lambda 1.0. Offline the images are scikit-learn's 8x8
-digits (data.name=digits: 1437 train / 360 validation), not MNIST's 28x28.
+digits (data.name=digits: 1437 train / 360 validation), not MNIST's 28x28; the paper's
+MNIST is --config.data.name=mnist (accel/data/images.py: 60,000 train, evaluated on the
+10,000 test images, 83 full batches of 120 = 9,960 of them; downloaded on first use, or
+the four idx .gz files put into $ACCEL_DATA_DIR/downloads/manual/).
 
 The config argument is 'PRESET[,MODEL][,VARIANT]':
   PRESET  smoke (seconds, for tests) | cpu (the paper's hyperparameters on digits)
@@ -15,6 +18,8 @@ takes under a minute on CPU.
 
 Commands:
   python -m experiments.train --config configs/stdloss_mnist.py:cpu,cnn,stdloss
+  python -m experiments.train --config configs/stdloss_mnist.py:cpu,cnn,stdloss \
+      --config.data.name=mnist --workdir runs/stdloss_mnist_cnn   # the paper's data
   python -m experiments.train --config configs/stdloss_mnist.py:cpu,mlp,batch
   python -m experiments.stdloss_speedup --models cnn --variants none,batch,group,layer,stdloss \
       --out results                                              # 25 runs, ~18 min on CPU

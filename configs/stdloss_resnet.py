@@ -3,8 +3,8 @@ r"""Standardization loss vs normalization baselines on a CIFAR-style ResNet.
 Collins, Ballé, Shlens 2019 (papers.md section 4) apply the loss to every pre-activation
 of ResNet-50 on ImageNet with lambda = 1e-6; this is the CIFAR ResNet (He et al. 2016,
 depth 6n+2, accel/models/cnn.py) with the same switch. Offline stand-in data: scikit-learn's
-8x8 digits (data.name=digits); CIFAR-10 is not yet an accel data source, so there is no
-gpu/paper preset.
+8x8 digits (data.name=digits); CIFAR-10 is --config.data.name=cifar10 (accel/data/images.py;
+evaluated on its test split; pixels / 255, no augmentation). There is no gpu/paper preset.
 
 The config argument is 'PRESET[,VARIANT]':
   PRESET  smoke (ResNet-8, seconds) | cpu (ResNet-20, 1500 steps)
@@ -17,6 +17,8 @@ Commands:
   python -m experiments.train --config configs/stdloss_resnet.py:cpu,stdloss
   python -m experiments.train --config configs/stdloss_resnet.py:cpu,batch \
       --config.model.depth=32 --config.stdloss.weight=1e-4
+  python -m experiments.train --config configs/stdloss_resnet.py:cpu,stdloss \
+      --config.data.name=cifar10 --workdir runs/stdloss_resnet_cifar10
 Measured (cpu, seed 0, 2026-11-28, results/stdloss_resnet_cpu.md): validation accuracy
 after 1500 steps none 98.3 %, batch 98.1 %, stdloss 99.7 %; all three saturate within 200
 steps, so this stand-in shows the plumbing, not a speedup.

@@ -47,8 +47,11 @@ def _fake_zip(path, members: dict):
 
 
 @pytest.mark.parametrize('name', ['enwik8', 'text8'])
-def test_character_corpus_split_90_5_5_from_the_manual_dir(tmp_path, name):
+def test_character_corpus_split_90_5_5_from_the_manual_dir(tmp_path, monkeypatch, name):
   """A 2000-byte fake: train = first 1800, validation = next 100, test = last 100."""
+  # the published 90M / 5M / 5M, scaled to the fake; refused at the published sizes
+  monkeypatch.setitem(corpora.PUBLISHED_SIZES, name,
+                      {'train': 1800, 'validation': 100, 'test': 100})
   rng = np.random.default_rng(0)
   alphabet = (np.arange(256, dtype=np.uint8) if name == 'enwik8' else
               np.frombuffer(b'abcdefghijklmnopqrstuvwxyz ', np.uint8))
@@ -67,6 +70,21 @@ def test_character_corpus_split_90_5_5_from_the_manual_dir(tmp_path, name):
   assert built.info.vocab_size == 256
   np.testing.assert_array_equal(built.train(0)['inputs'][1],
                                 np.frombuffer(data[600:608], np.uint8))
+  # a prepared dataset is checked when read, too
+  monkeypatch.setitem(corpora.PUBLISHED_SIZES, name, {'train': 1800, 'validation': 99})
+  with pytest.raises(UserError, match=r'validation 100 \(published: 99\)'):
+    input_pipeline.build(config)
+
+
+def test_corpus_of_other_sizes_is_refused_before_anything_is_written(tmp_path):
+  prepared = tmp_path / 'tfds'
+  _fake_zip(prepared / 'downloads' / 'manual' / 'text8.zip', {'text8': b'ab cd ' * 100})
+  config = _config('text8')
+  config.data.dir = str(prepared)
+  with pytest.raises(UserError, match='train 540 .published: 90000000.*canonical archive'):
+    input_pipeline.build(config)
+  assert not (prepared / 'text8').exists() or not any(
+      p.name[0].isdigit() for p in (prepared / 'text8').iterdir())
 
 
 def test_wikitext103_vocabulary_and_ids(tmp_path, monkeypatch):
@@ -78,6 +96,9 @@ def test_wikitext103_vocabulary_and_ids(tmp_path, monkeypatch):
             {'wikitext-103/wiki.train.tokens': train, 'wikitext-103/wiki.valid.tokens': valid,
              'wikitext-103/wiki.test.tokens': test})
   monkeypatch.setattr(corpora, 'CHUNK', 4)     # several records per split
+  # with one '<eos>' per line, as the published 103,227,021 / 217,646 / 245,569 count
+  monkeypatch.setitem(corpora.PUBLISHED_SIZES, 'wikitext103',
+                      {'train': 14, 'validation': 3, 'test': 3, 'vocab': 8})
   config = _config('wikitext103', seq_len=2, batch=2, order='contiguous')
   config.data.dir, config.eval_batch_size = str(prepared), 1
   built = input_pipeline.build(config)

@@ -3,7 +3,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from accel.data import builders, input_pipeline
+from accel.data import builders, input_pipeline, preparation
 from accel.errors import UserError
 
 
@@ -20,8 +20,8 @@ def test_user_text_round_trips_bytes_and_splits_per_file(tmp_path):
   for name, text in texts.items():
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text, encoding='utf-8')
-  builder = builders.prepare(builders.UserText(path=str(tmp_path), file_format='array_record',
-                                               data_dir=str(prepared)))
+  builder = preparation.prepare(builders.UserText, path=str(tmp_path),
+                                file_format='array_record', data_dir=str(prepared))
   train = input_pipeline.byte_stream(builder.as_data_source('train'))
   val = input_pipeline.byte_stream(builder.as_data_source('validation'))
   expected_train, expected_val = b'', b''

@@ -9,11 +9,11 @@
   80/20 split.
 
 Prepared once into `data_dir` (config `data.dir`, else $ACCEL_DATA_DIR, else
-~/.cache/accel/tfds) and read afterwards through `tfds.data_source`; TensorFlow never loads.
+~/.cache/accel/tfds) by `accel.data.preparation.prepare` and read afterwards through
+`tfds.data_source`; TensorFlow never loads.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import os
@@ -160,18 +160,3 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, images, labels, indices):
     for i in indices:
       yield int(i), {'image': images[i], 'label': int(labels[i])}
-
-
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Writes the array_record files once; later calls only read the metadata.
-
-  Under an exclusive file lock beside the dataset's folder: runs started side by side (a
-  parallel sweep) would otherwise prepare it together and collide renaming it into place.
-  """
-  os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
-  with open(builder.data_dir + '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    builder.download_and_prepare()
-  if not builder.info.splits:   # another process prepared it after this builder was made
-    builder.info.read_from_directory(builder.data_dir)
-  return builder

@@ -11,6 +11,11 @@
   occurrence); '<unk>' is an ordinary word of the corpus, and any other word outside the
   vocabulary maps to it. The vocabulary is stored in the dataset's metadata.
 
+Sizes: preparation refuses (UserError, nothing written) a source whose splits do not have
+the published sizes (`PUBLISHED_SIZES`; elements per split, and WikiText-103's vocabulary),
+and records each split's size in the metadata; `split_stream` checks a prepared split
+against both when it is read. Tests with small fakes replace `PUBLISHED_SIZES[name]`.
+
 Records: {'bytes' (uint8) | 'tokens' (int32): one chunk, 'doc': the split's file, 'chunk': i};
 `stream(source)` concatenates a split back into one array.
 
@@ -27,6 +32,7 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from accel.data import downloads
 from accel.errors import UserError
 
 CHUNK = 1 << 20                   # elements per record
@@ -41,6 +47,16 @@ WIKITEXT_FILES = {'train': 'wikitext-103/wiki.train.tokens',
                   'test': 'wikitext-103/wiki.test.tokens'}
 EOS, UNK = '<eos>', '<unk>'
 BYTE_VOCAB = 256
+# Elements per split as published: enwik8 / text8 bytes (Transformer-XL's prep_enwik8.py /
+# prep_text8.py, 90M / 5M / 5M); WikiText-103 tokens with one '<eos>' per line, as
+# Merity et al. 2016 (Table 1) count them (so do torchtext and the Transformer-XL loader),
+# and its vocabulary of 267,735 words.
+PUBLISHED_SIZES = {
+    'enwik8': {'train': 90_000_000, 'validation': 5_000_000, 'test': 5_000_000},
+    'text8': {'train': 90_000_000, 'validation': 5_000_000, 'test': 5_000_000},
+    'wikitext103': {'train': 103_227_021, 'validation': 217_646, 'test': 245_569,
+                    'vocab': 267_735},
+}
 
 
 def _features(field: str, dtype) -> tfds.features.FeaturesDict:
@@ -52,20 +68,18 @@ def _features(field: str, dtype) -> tfds.features.FeaturesDict:
 
 
 def _archive(dl_manager, name: str):
-  """The archive of `name`: the manual dir's copy if there is one, else downloaded."""
-  filename = URLS[name].rsplit('/', 1)[1]
-  try:
-    local = dl_manager.manual_dir / filename
-  except AssertionError:          # no manual dir (or an empty one)
-    local = None
-  if local is not None and local.exists():
-    return local
-  try:
-    return dl_manager.download(URLS[name])
-  except Exception as e:  # pylint: disable=broad-except (network errors come in many types)
-    raise UserError(f'could not download {URLS[name]} ({type(e).__name__}); without a '
-                    f'network put {filename} into the tfds manual dir (default '
-                    f'{dl_manager.download_dir / "manual"})') from e
+  return downloads.fetch(dl_manager, URLS[name])
+
+
+def check_sizes(name: str, sizes: dict[str, int], expected: dict[str, int] | None = None,
+                where: str = '') -> None:
+  """UserError unless `sizes` (split or 'vocab' -> count) are the published ones."""
+  expected = PUBLISHED_SIZES[name] if expected is None else expected
+  wrong = [f'{k} {sizes.get(k)} (published: {v})' for k, v in expected.items()
+           if sizes.get(k) != v]
+  if wrong:
+    raise UserError(f'{where or name} does not have the published sizes of {name}: '
+                    f'{", ".join(wrong)}; is it the canonical archive ({URLS[name]})?')
 
 
 def _records(field: str, doc: str, array: np.ndarray):
@@ -75,23 +89,31 @@ def _records(field: str, doc: str, array: np.ndarray):
 
 class _CharacterCorpus(tfds.core.GeneratorBasedBuilder):
   """One file of 10^8 characters in a zip archive, split 90 / 5 / 5 (module docstring)."""
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'split sizes checked and kept in the metadata'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Optional: put the archive (see accel.data.corpora.URLS) into the manual dir to '
       'avoid the download.')
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=_features('bytes', np.uint8),
-                                 description=__doc__)
+                                 description=__doc__, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
     name = self.name
-    with zipfile.ZipFile(_archive(dl_manager, name)) as archive:
-      data = np.frombuffer(archive.read(name), np.uint8)
+    path = _archive(dl_manager, name)
+    try:
+      with zipfile.ZipFile(path) as archive:
+        data = np.frombuffer(archive.read(name), np.uint8)
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
+      raise downloads.corrupt(path, e) from e
     held_out = len(data) // 20
     parts = {'train': data[:len(data) - 2 * held_out],
              'validation': data[len(data) - 2 * held_out:len(data) - held_out],
              'test': data[len(data) - held_out:]}
+    sizes = {split: len(part) for split, part in parts.items()}
+    check_sizes(name, sizes, where=str(path))
+    self.info.metadata['split_sizes'] = sizes
     return {split: self._generate_examples(f'{name}.{split}', part)
             for split, part in parts.items()}
 
@@ -126,7 +148,8 @@ def build_vocab(lines) -> list[str]:
 
 class Wikitext103(tfds.core.GeneratorBasedBuilder):
   """WikiText-103, word level, ids of the train vocabulary (metadata['vocab'])."""
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = _CharacterCorpus.RELEASE_NOTES
   MANUAL_DOWNLOAD_INSTRUCTIONS = _CharacterCorpus.MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _info(self):
@@ -135,9 +158,16 @@ class Wikitext103(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     path = _archive(dl_manager, 'wikitext103')
-    with zipfile.ZipFile(path) as archive:
-      vocab = build_vocab(_lines(archive, WIKITEXT_FILES['train']))
+    try:
+      with zipfile.ZipFile(path) as archive:
+        vocab = build_vocab(_lines(archive, WIKITEXT_FILES['train']))
+        sizes = {split: sum(len(_words(line)) for line in _lines(archive, inner))
+                 for split, inner in WIKITEXT_FILES.items()}
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError, UnicodeDecodeError) as e:
+      raise downloads.corrupt(path, e) from e
+    check_sizes('wikitext103', {**sizes, 'vocab': len(vocab)}, where=str(path))
     self.info.metadata['vocab'] = vocab
+    self.info.metadata['split_sizes'] = sizes
     ids = {w: i for i, w in enumerate(vocab)}
     if UNK not in ids:
       raise UserError(f'{path}: the train split has no {UNK} token')
@@ -162,6 +192,18 @@ def stream(source) -> np.ndarray:
   chunks = [source[i] for _, i in records]
   field = 'bytes' if 'bytes' in chunks[0] else 'tokens'
   return np.concatenate([c[field] for c in chunks])
+
+
+def split_stream(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """`stream` of a prepared split, checked against its recorded and published sizes."""
+  array = stream(builder.as_data_source(split))
+  recorded = builder.info.metadata['split_sizes']
+  if len(array) != recorded[split]:
+    raise UserError(f'{builder.data_dir}: split {split} holds {len(array)} elements, its '
+                    f'preparation wrote {recorded[split]}; delete the folder and run again')
+  check_sizes(builder.name, {**recorded, 'vocab': vocab_size(builder)},
+              where=builder.data_dir)
+  return array
 
 
 def vocab_size(builder: tfds.core.DatasetBuilder) -> int:

@@ -8,13 +8,16 @@ With `data.order = 'contiguous'` (segment-recurrent LMs) `ContiguousBatches` rea
 consecutive windows of B fixed rows of the stream instead: row b of step t+1 continues row b of
 step t.
 
+Evaluation reads the 'validation' split, or 'test' where a dataset has none (`eval_split`).
+
 Batches: LM {'inputs': int32 BxL, 'targets': int32 BxL} (targets = inputs shifted by one);
-images {'image': float32 BxHxWxC, 'label': int32 B}; text classification {'inputs': int32 BxL,
+images {'image': float32 BxHxWxC in [0, 1], 'label': int32 B}; text classification {'inputs': int32 BxL,
 'label': int32 B}.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import grain
@@ -22,12 +25,12 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from accel.data import builders, corpora, genre
+from accel.data import builders, corpora, genre, images, preparation
 from accel.errors import UserError
 
 TEXT_DATASETS = ('shakespeare', 'text') + corpora.NAMES   # enwik8, text8, wikitext103
 TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',)
-IMAGE_DATASETS = ('digits',)
+IMAGE_DATASETS = ('digits',) + tuple(images.BUILDERS)   # mnist, cifar10
 BYTE_VOCAB = 256
 
 
@@ -88,18 +91,26 @@ class Data:
 
 
 def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
-  kwargs = dict(data_dir=builders.default_data_dir(data_cfg.get('dir') or None),
-                file_format='array_record')
+  prepare = functools.partial(
+      preparation.prepare, data_dir=builders.default_data_dir(data_cfg.get('dir') or None),
+      file_format='array_record')
   if name in ('shakespeare', 'shakespeare_genre'):
-    return builders.prepare(builders.Shakespeare(**kwargs))
+    return prepare(builders.Shakespeare)
   if name == 'text':
-    return builders.prepare(builders.UserText(path=data_cfg.path, **kwargs))
+    return prepare(builders.UserText, path=data_cfg.path)
   if name == 'digits':
-    return builders.prepare(builders.Digits(**kwargs))
+    return prepare(builders.Digits)
+  if name in images.BUILDERS:
+    return prepare(images.BUILDERS[name])
   if name in corpora.NAMES:
-    return builders.prepare(corpora.BUILDERS[name](**kwargs))
+    return prepare(corpora.BUILDERS[name])
   raise UserError(f'unknown data.name {name!r}; known: '
                   f'{", ".join(TEXT_DATASETS + TEXT_CLASSIFICATION_DATASETS + IMAGE_DATASETS)}')
+
+
+def eval_split(builder: tfds.core.DatasetBuilder) -> str:
+  """'validation', or 'test' for data published without one (MNIST, CIFAR-10)."""
+  return 'validation' if 'validation' in builder.info.splits else 'test'
 
 
 def byte_stream(source) -> np.ndarray:
@@ -127,7 +138,10 @@ def _collate_lm(windows: list) -> dict:
 
 
 def _collate_images(examples: list) -> dict:
-  return {'image': np.stack([e['image'] for e in examples]).astype(np.float32),
+  """float32 images; uint8 pixels (MNIST, CIFAR-10) scaled to [0, 1] by 1/255."""
+  images_BxHxWxC = np.stack([e['image'] for e in examples])
+  scale = 1 / 255 if images_BxHxWxC.dtype == np.uint8 else 1.0
+  return {'image': images_BxHxWxC.astype(np.float32) * np.float32(scale),
           'label': np.asarray([e['label'] for e in examples], np.int32)}
 
 
@@ -160,17 +174,20 @@ def build(config) -> Data:
     raise UserError(f'batch_size {batch} is not divisible by {jax.process_count()} processes')
   builder = _builder(name, data_cfg)
   train_src = builder.as_data_source('train')
-  val_src = builder.as_data_source('validation')
+  val_src = builder.as_data_source(eval_split(builder))
   order = data_cfg.get('order', 'shuffled')
   if order not in ('shuffled', 'contiguous') or (order == 'contiguous' and
                                                  name not in TEXT_DATASETS):
     raise UserError(f'data.order {order!r} is not available for data.name {name!r} '
                     f"(shuffled: any data; contiguous: {', '.join(TEXT_DATASETS)})")
   if name in TEXT_DATASETS:
-    stream = corpora.stream if name in corpora.NAMES else byte_stream
-    train_stream = stream(train_src)
+    if name in corpora.NAMES:
+      train_stream = corpora.split_stream(builder, 'train')
+      val_stream = corpora.split_stream(builder, 'validation')
+    else:
+      train_stream, val_stream = byte_stream(train_src), byte_stream(val_src)
     train = _lm_windows(train_stream, data_cfg.seq_len)
-    val = _lm_windows(stream(val_src), data_cfg.seq_len)
+    val = _lm_windows(val_stream, data_cfg.seq_len)
     vocab = corpora.vocab_size(builder) if name in corpora.NAMES else BYTE_VOCAB
     info = DatasetInfo('lm', vocab_size=vocab, num_train_examples=len(train))
     collate = _collate_lm
