@@ -204,7 +204,7 @@ def test_spmd_matches_reference(results, case):
     # A conditional makes XLA:GPU copy the branch index to the host and wait for it.
     assert worst['conditionals'] == 0, worst
   if tuple(case) == RING_CASE:
-    # Written in place: the step reads the slot before it writes it (`spmd._after`).
+    # Written in place: the step reads the slot before it writes it (`spmd.ring.after`).
     assert worst['ring_copies'] == 0, worst
   if clip:
     assert worst['clipped'] >= iterations - k, worst   # all but one filled iteration

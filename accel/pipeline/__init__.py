@@ -68,7 +68,7 @@ memory length M, so the memory of the module is n_j B M D):
   'stored'    R_j sets of vjp residuals of the module's forward as it ran, the weights
               as they were included. The reference keeps jax.vjp's full residuals; the
               SPMD program keeps only the Dense outputs (about 11 B L D per PreLN block,
-              `spmd._block_vjp`) and re-derives attention scores and elementwise
+              `spmd.ring.block_vjp`) and re-derives attention scores and elementwise
               intermediates from them in the backward (the same values: same inputs,
               same weights, same ops), instead of ~50 B L D + 5 B H L L per block.
               Transformer-XL: the memory read is among the residuals (n_j B M D per set)
