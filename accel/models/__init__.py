@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from accel import mlm
 from accel.errors import UserError
-from accel.models import cnn, transformer_xl
+from accel.models import adaptive_softmax, cnn, transformer_xl
 from accel.models.encoder import MaskedLM, SequenceClassifier
 from accel.models.transformer import TransformerConfig, TransformerLM
 
@@ -72,10 +72,11 @@ def _transformer_xl(config, info, **overrides):
   if m.d_model % m.num_heads:
     raise UserError(f'model.d_model {m.d_model} is not divisible by model.num_heads '
                     f'{m.num_heads}')
+  cutoffs = adaptive_softmax.check_cutoffs(m.get('adaptive_cutoffs', ()), info.vocab_size)
   return transformer_xl.TransformerXL(transformer_xl.TransformerXLConfig(
       vocab_size=info.vocab_size, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, d_ff=m.d_ff, mem_len=m.mem_len, dropout_rate=m.dropout_rate,
-      pre_ln=m.pre_ln, dtype=dtype(m.dtype), **overrides))
+      pre_ln=m.pre_ln, dtype=dtype(m.dtype), adaptive_cutoffs=cutoffs, **overrides))
 
 
 # name -> builder(config, dataset_info, **overrides) -> nn.Module

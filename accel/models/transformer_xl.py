@@ -21,7 +21,8 @@ Blocks: PostLN (the original)  h = LN1(x + Attn(x, mem));   out = LN2(h + FF(h))
         PreLN                  h = x + Attn(LN1(x), LN1(mem)); out = h + FF(LN2(h)), and LN_f
                                before the output.
 FF(x) = W2 relu(W1 x + b1) + b2. Embedding E[tokens] * sqrt(D); output logits = h E^T + b
-(tied). Dropout (rate `dropout_rate`) after the embedding, the attention output, the FF
+(tied), or with `adaptive_cutoffs` the adaptive softmax's log-probabilities
+(`accel.models.adaptive_softmax`, div_val 1, tied: the WikiText-103 model). Dropout (rate `dropout_rate`) after the embedding, the attention output, the FF
 hidden and output, and the last hidden state (the public code's `dropout`; its `dropatt` and
 the dropout on R are not modelled).
 
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from accel.models import adaptive_softmax
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -59,6 +62,7 @@ class TransformerXLConfig:
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
   dot_general: DotGeneral = lax.dot_general
   head_dot_general: DotGeneral = lax.dot_general
+  adaptive_cutoffs: tuple = ()      # () plain softmax; else the adaptive softmax's cutoffs
 
 
 def _dense(cfg: TransformerXLConfig, features: int, name: str, use_bias: bool) -> nn.Dense:
@@ -226,7 +230,7 @@ class TransformerXL(nn.Module):
   """Transformer-XL LM with tied embeddings.
 
   `embed`, `layers` and `logits` each need only their own parameters (token_embed;
-  stack; token_embed, out_bias and final_ln), so pipeline stages apply them on their pieces.
+  stack; token_embed, out_bias, final_ln and adaptive_clusters), so pipeline stages apply them on their pieces.
   `segment(tokens, mems)` is pure: (logits_BxLxV, new_mems_NxBxMxD). `__call__` keeps the
   memory in the 'mems' collection (mems/memory/hidden, [N, B, M, D]): it attends to the stored
   memory and, when 'mems' is mutable, stores the next one, so a training loop carries it
@@ -241,6 +245,8 @@ class TransformerXL(nn.Module):
     self.out_bias = _OutputBias(cfg.vocab_size)
     self.stack = XLBlockStack(cfg, cfg.num_layers)
     self.final_ln = nn.LayerNorm(dtype=cfg.dtype) if cfg.pre_ln else None
+    self.adaptive_clusters = (adaptive_softmax.ClusterTokens(
+        len(cfg.adaptive_cutoffs), cfg.head_dot_general) if cfg.adaptive_cutoffs else None)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.memory = _Memory(cfg)
 
@@ -253,13 +259,18 @@ class TransformerXL(nn.Module):
     return self.stack(x_BxLxD, mems_NxBxMxD, deterministic)
 
   def logits(self, h_BxLxD, deterministic: bool = True):
-    """logits = (LN_f)(dropout(h)) E^T + b (LN_f only for PreLN)."""
+    """logits = (LN_f)(dropout(h)) E^T + b (LN_f only for PreLN); with the adaptive softmax
+    its log-probabilities over the same word logits."""
     h_BxLxD = self.dropout(h_BxLxD, deterministic=deterministic)
     if self.final_ln is not None:
       h_BxLxD = self.final_ln(h_BxLxD)
     table_VxD = self.token_embed.embedding.astype(self.cfg.dtype)
     logits_BxLxV = self.cfg.head_dot_general(h_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
-    return self.out_bias(logits_BxLxV.astype(jnp.float32))
+    logits_BxLxV = self.out_bias(logits_BxLxV.astype(jnp.float32))
+    if self.adaptive_clusters is None:
+      return logits_BxLxV
+    return adaptive_softmax.log_probs(logits_BxLxV, self.adaptive_clusters(h_BxLxD),
+                                      self.cfg.adaptive_cutoffs)
 
   def segment(self, tokens_BxL, mems_NxBxMxD, deterministic: bool = True):
     x_BxLxD = self.embed(tokens_BxL, deterministic)

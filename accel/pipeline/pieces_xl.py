@@ -4,7 +4,9 @@ Parameters of `accel.models.transformer_xl.TransformerXL` (blocks already in the
   E_VxD  = params['token_embed']['embedding']   (tied: input lookup and output logits)
   layers = params['stack']['layers']            (every leaf has a leading layer axis)
   first  = {}                                   (relative positions: no position table)
-  last   = {'out_bias': .., 'final_ln': ..}     (final_ln only for PreLN)
+  last   = {'out_bias': .., 'final_ln': .., 'adaptive_clusters': ..}
+                                                (final_ln only for PreLN, adaptive_clusters
+                                                only with the adaptive softmax)
 Module functions (Dai et al. 2019, sections 3.2-3.3; the model's own methods, so the
 pipeline computes exactly the model `accel.segment_lm` trains):
   embed      x = E[tokens] * sqrt(D)
@@ -47,7 +49,8 @@ class TransformerXLPieces:
     return TransformerXL(self.cfg).init(rng, tokens_BxL)['params']
 
   def split(self, params) -> dict:
-    last = {name: params[name] for name in ('out_bias', 'final_ln') if name in params}
+    last = {name: params[name] for name in ('out_bias', 'final_ln', 'adaptive_clusters')
+            if name in params}
     return {'E': params['token_embed']['embedding'], 'first': {},
             'layers': params['stack']['layers'], 'last': last}
 
