@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ''               # data.name=text: a UTF-8 file or a folder of them
   c.data.dir = ''                # prepared datasets; '' -> $ACCEL_DATA_DIR or ~/.cache/accel
   c.data.seq_len = 256
+  c.data.tokenizer = ''          # '' | 'bytes' (the corpus's own units) | 'bpe' | 'wordpiece'
+                                 # | 'words': trained on train (accel/data/tokenization.py)
+  c.data.vocab_size = 0          # the trained tokenizer's vocabulary size
   c.data.order = 'shuffled'      # 'shuffled' windows | 'contiguous' streams (row b of step t+1
                                  # continues row b of step t; segment-recurrent models)
 

@@ -1,7 +1,8 @@
 """Tasks of a BERT-style encoder (`model.name=bert`): MLM pretraining and classification.
 
-- `MaskedLMTask` (data of kind 'lm'): tokens = [CLS] + the first seq_len - 1 bytes of a
-  window, masked as in BERT by `accel.mlm` with a key of (seed, step); loss = mean
+- `MaskedLMTask` (data of kind 'lm'): tokens = [CLS] + the first seq_len - 1 tokens of a
+  window (bytes, or the ids of `data.tokenizer`: the data's `vocab`), masked as in BERT by
+  `accel.mlm` with a key of (seed, step) (whole words for WordPiece); loss = mean
   cross-entropy over the selected positions. Evaluation masks with a fixed key.
 - `TextClassificationTask` (kind 'text_classification', e.g. `shakespeare_genre`): the same
   [CLS] + bytes input, loss = mean cross-entropy of the class. With
@@ -19,23 +20,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from accel import mlm
+from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
 from accel.tasks import ClassificationTask, Task
 
 _MASK_STREAM = 0x4D4C4D   # separates the masking key from dropout's
 
 
-def encoder_tokens(batch) -> jax.Array:
-  """[CLS] + bytes, seq_len tokens in all (the last byte of the window is not used)."""
-  return mlm.with_cls(batch['inputs'][:, :-1])
+def encoder_tokens(batch, vocab: Vocabulary = BYTES) -> jax.Array:
+  """[CLS] + tokens, seq_len in all (the last token of the window is not used)."""
+  return mlm.with_cls(batch['inputs'][:, :-1], vocab)
 
 
+@dataclasses.dataclass
 class MaskedLMTask(Task):
-  """BERT masked language modelling (`accel.mlm`)."""
+  """BERT masked language modelling (`accel.mlm`) over the data's vocabulary."""
+  vocab: Vocabulary = BYTES
 
   def _masked(self, batch, rng):
     inputs, targets, weights = mlm.mask_tokens(jax.random.fold_in(rng, _MASK_STREAM),
-                                               encoder_tokens(batch))
+                                               encoder_tokens(batch, self.vocab), self.vocab)
     return {'mlm_inputs': inputs, 'mlm_targets': targets, 'mlm_weights': weights}
 
   def init(self, rng, batch):
@@ -106,7 +110,7 @@ class TextClassificationTask(ClassificationTask):
 
 def build_task(config, info, model) -> Task:
   if info.kind == 'lm':
-    return MaskedLMTask(config, model)
+    return MaskedLMTask(config, model, vocab=info.vocab)
   if info.kind == 'text_classification':
     workdir = config.get('finetune', {}).get('pretrained_workdir', '')
     return TextClassificationTask(config, model, pretrained=(

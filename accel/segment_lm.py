@@ -46,6 +46,7 @@ class SegmentLMTask(tasks.LanguageModelTask):
     return self.objective(logits_BxLxV, batch)[1]
 
 
-def build_task(config, model) -> SegmentLMTask:
-  return SegmentLMTask(config, model, mutable_collections=('mems',))
+def build_task(config, model, bytes_per_token: float = 1.0) -> SegmentLMTask:
+  return SegmentLMTask(config, model, mutable_collections=('mems',),
+                       bytes_per_token=bytes_per_token)
 

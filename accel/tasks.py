@@ -68,8 +68,12 @@ class Task:
     raise NotImplementedError
 
 
+@dataclasses.dataclass
 class LanguageModelTask(Task):
-  """Next-token prediction. loss = mean CE in nats; bits per byte = loss / ln 2 (bytes)."""
+  """Next-token prediction. loss = mean CE in nats per token; perplexity = exp(loss);
+  bits per byte = loss / ln 2 / bytes_per_token (1 for bytes; a lossless subword
+  tokenizer's ratio, `accel.data.tokenization`), reported only where bytes_per_token > 0."""
+  bytes_per_token: float = 1.0
 
   def inputs(self, batch):
     return batch['inputs']
@@ -77,8 +81,10 @@ class LanguageModelTask(Task):
   def objective(self, logits_BxLxV, batch):
     loss = cross_entropy(logits_BxLxV, batch['targets']).mean()
     accuracy = (logits_BxLxV.argmax(-1) == batch['targets']).mean()
-    return loss, {'loss': loss, 'accuracy': accuracy, 'bits_per_byte': loss / LN2,
-                  'perplexity': jnp.exp(loss)}
+    metrics = {'loss': loss, 'accuracy': accuracy, 'perplexity': jnp.exp(loss)}
+    if self.bytes_per_token:
+      metrics['bits_per_byte'] = loss / LN2 / self.bytes_per_token
+    return loss, metrics
 
   def tokens_per_example(self):
     return self.config.data.seq_len
@@ -108,12 +114,12 @@ def build_task(config, info) -> Task:
   model = models.build_model(config, info, **model_overrides(config))
   if config.model.name == 'transformer_xl':
     from accel import segment_lm  # pylint: disable=g-import-not-at-top (it imports Task)
-    return segment_lm.build_task(config, model)
+    return segment_lm.build_task(config, model, info.bytes_per_token)
   if config.model.name == 'bert':
     from accel import encoder_tasks  # pylint: disable=g-import-not-at-top (it imports Task)
     return encoder_tasks.build_task(config, info, model)
   if info.kind == 'lm':
-    return LanguageModelTask(config, model)
+    return LanguageModelTask(config, model, bytes_per_token=info.bytes_per_token)
   if info.kind == 'image':
     return ClassificationTask(config, model, mutable_collections=('batch_stats',))
   raise UserError(f'no task for data of kind {info.kind!r}')

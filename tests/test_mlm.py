@@ -11,12 +11,12 @@ from configs import pld_bert, pld_bert_finetune
 
 
 def _bytes(shape, seed=0):
-  return jax.random.randint(jax.random.key(seed), shape, 0, mlm.BYTE_VOCAB)
+  return jax.random.randint(jax.random.key(seed), shape, 0, mlm.BYTES.text_stop)
 
 
 def test_masking_proportions():
   tokens = mlm.with_cls(_bytes((256, 127)))                     # 256 rows of 128 tokens
-  tokens = tokens.at[:, -7:].set(mlm.PAD_ID)                    # padded tail: 120 maskable
+  tokens = tokens.at[:, -7:].set(mlm.BYTES.pad)                    # padded tail: 120 maskable
   inputs, targets, weights = map(np.asarray, mlm.mask_tokens(jax.random.key(1), tokens))
   tokens = np.asarray(tokens)
   np.testing.assert_array_equal(targets, tokens)
@@ -27,10 +27,10 @@ def test_masking_proportions():
   np.testing.assert_array_equal(inputs[weights == 0], tokens[weights == 0])
   sel_in, sel_tok = inputs[weights == 1], tokens[weights == 1]
   n = sel_in.size                                                # 4608 selected tokens
-  masked = (sel_in == mlm.MASK_ID).mean()
-  changed = ((sel_in != mlm.MASK_ID) & (sel_in != sel_tok)).mean()
+  masked = (sel_in == mlm.BYTES.mask).mean()
+  changed = ((sel_in != mlm.BYTES.mask) & (sel_in != sel_tok)).mean()
   kept = (sel_in == sel_tok).mean()
-  assert np.all(sel_in[sel_in != mlm.MASK_ID] < mlm.BYTE_VOCAB)   # random tokens are bytes
+  assert np.all(sel_in[sel_in != mlm.BYTES.mask] < mlm.BYTES.text_stop)   # random tokens are bytes
   # Expected: 0.8 masked; 0.1 random, of which 1/256 equal the original; so 0.1 * 255/256
   # changed and 0.1 + 0.1/256 unchanged. Binomial bounds of 4 sigma.
   for got, want in [(masked, 0.8), (changed, 0.1 * 255 / 256), (kept, 0.1 + 0.1 / 256)]:
@@ -49,7 +49,7 @@ def test_masking_is_a_function_of_the_key():
 def test_loss_counts_only_selected_positions():
   targets = _bytes((2, 8))
   weights = jnp.zeros((2, 8)).at[0, 3].set(1.0).at[1, 5].set(1.0)
-  logits = jax.random.normal(jax.random.key(2), (2, 8, mlm.VOCAB_SIZE))
+  logits = jax.random.normal(jax.random.key(2), (2, 8, mlm.BYTES.size))
   loss, accuracy = mlm.mlm_loss(logits, targets, weights)
   logp = jax.nn.log_softmax(logits)
   want = -(logp[0, 3, targets[0, 3]] + logp[1, 5, targets[1, 5]]) / 2

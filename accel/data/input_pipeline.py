@@ -25,22 +25,25 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from accel.data import builders, corpora, genre, images, preparation
+from accel.data import builders, corpora, genre, images, preparation, tokenization
+from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
 
 TEXT_DATASETS = ('shakespeare', 'text') + corpora.NAMES   # enwik8, text8, wikitext103
 TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',)
 IMAGE_DATASETS = ('digits',) + tuple(images.BUILDERS)   # mnist, cifar10
-BYTE_VOCAB = 256
+BYTE_VOCAB = BYTES.text_stop
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   kind: str                       # 'lm' | 'image' | 'text_classification'
-  vocab_size: int = 0             # lm, text_classification
+  vocab_size: int = 0             # lm (a decoder's softmax), text_classification
   num_classes: int = 0            # image, text_classification
   image_shape: tuple = ()         # image
   num_train_examples: int = 0
+  vocab: Vocabulary = BYTES       # lm, text_classification: the ids an encoder sees
+  bytes_per_token: float = 1.0    # lm: bits/byte = bits/token / this; 0: not meaningful
 
 
 @dataclasses.dataclass
@@ -164,6 +167,31 @@ def _eval_batches(dataset: grain.MapDataset, batch: int, num_batches: int, colla
   return batches
 
 
+def _lm_streams(builder, data_cfg) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+  """(train, validation) token streams in `data.tokenizer` and their DatasetInfo."""
+  name, kind = data_cfg.name, data_cfg.get('tokenizer', '')
+  if name in corpora.NAMES:
+    streams = [corpora.split_stream(builder, s) for s in ('train', 'validation')]
+  else:
+    streams = [byte_stream(builder.as_data_source(s)) for s in ('train', 'validation')]
+  if name == 'wikitext103':
+    if kind:
+      raise UserError(f'data.tokenizer={kind!r}: WikiText-103 uses its own word-level '
+                      "vocabulary (leave data.tokenizer='')")
+    size = corpora.vocab_size(builder)
+    return *streams, DatasetInfo('lm', vocab_size=size, vocab=Vocabulary.after_text(size),
+                                 bytes_per_token=0.0)
+  if kind in ('', 'bytes'):
+    return *streams, DatasetInfo('lm', vocab_size=BYTE_VOCAB)
+  done = tokenization.tokenized(
+      kind, data_cfg.get('vocab_size', 0), builder.info.full_name,
+      builders.default_data_dir(data_cfg.get('dir') or None),
+      dict(zip(('train', 'validation'), streams)))
+  return done.ids['train'], done.ids['validation'], DatasetInfo(
+      'lm', vocab_size=done.vocabulary.size, vocab=done.vocabulary,
+      bytes_per_token=done.bytes_per_token['validation'] if done.lossless else 0.0)
+
+
 def build(config) -> Data:
   """Data for `config.data.name`, batched by `config.batch_size`, seeded by `config.seed`."""
   data_cfg = config.data
@@ -180,16 +208,14 @@ def build(config) -> Data:
                                                  name not in TEXT_DATASETS):
     raise UserError(f'data.order {order!r} is not available for data.name {name!r} '
                     f"(shuffled: any data; contiguous: {', '.join(TEXT_DATASETS)})")
+  if data_cfg.get('tokenizer', '') not in ('', 'bytes') and name not in TEXT_DATASETS:
+    raise UserError(f'data.tokenizer is for the language-modelling text '
+                    f'({", ".join(TEXT_DATASETS)}), not data.name {name!r}')
   if name in TEXT_DATASETS:
-    if name in corpora.NAMES:
-      train_stream = corpora.split_stream(builder, 'train')
-      val_stream = corpora.split_stream(builder, 'validation')
-    else:
-      train_stream, val_stream = byte_stream(train_src), byte_stream(val_src)
+    train_stream, val_stream, info = _lm_streams(builder, data_cfg)
     train = _lm_windows(train_stream, data_cfg.seq_len)
     val = _lm_windows(val_stream, data_cfg.seq_len)
-    vocab = corpora.vocab_size(builder) if name in corpora.NAMES else BYTE_VOCAB
-    info = DatasetInfo('lm', vocab_size=vocab, num_train_examples=len(train))
+    info = dataclasses.replace(info, num_train_examples=len(train))
     collate = _collate_lm
   elif name in TEXT_CLASSIFICATION_DATASETS:
     train, val = genre.passage_datasets(train_src, val_src,

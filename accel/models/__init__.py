@@ -10,7 +10,6 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from accel import mlm
 from accel.errors import UserError
 from accel.models import adaptive_softmax, cnn, transformer_xl
 from accel.models.encoder import MaskedLM, SequenceClassifier
@@ -59,7 +58,7 @@ def _image_classifier(config, info, **overrides):
 
 def _bert(config, info, **overrides):
   """Bidirectional encoder: masked LM on text, [CLS] classifier on text classification."""
-  cfg = transformer_config(config.model, vocab_size=mlm.VOCAB_SIZE,
+  cfg = transformer_config(config.model, vocab_size=info.vocab.size,
                            max_len=config.data.seq_len, causal=False, **overrides)
   if info.kind == 'text_classification':
     return SequenceClassifier(cfg, info.num_classes)
