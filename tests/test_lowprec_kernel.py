@@ -36,12 +36,16 @@ E5, E4 = ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn
     ('exact', 1, F.E6M9, 6, E5, F.E5M2, F.FP32), ('exact', 8, F.E6M9, 6, E5, F.E5M2, F.FP32),
     ('exact', 64, F.FP16, 6, E5, F.E5M2, F.FP32), ('exact', 4, F.FP16, 4, E4, F.E4M3, F.E5M2),
     ('exact', 4, F.E6M9, 3, E4, F.E4M3, F.FloatFormat(5, 4)),
-    ('fast', 8, F.E6M9, 3, E5, F.E5M2, F.FP32), ('fast', 16, F.BF16, 3, E5, F.E5M2, F.FP32)])
+    ('fast', 32, F.E6M9, 3, E5, F.E5M2, F.FP32), ('fast', 16, F.BF16, 3, E5, F.E5M2, F.FP32)])
 def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dtype, op, mul):
+  """Tiles of 2 x 2 per 'thread' (16 x 8 blocks, 32 threads, 4 along N), unrolled by 2;
+  'fast' over 2 chunks with the next chunk's dot overlapped, over 3 without."""
   rng = np.random.default_rng(chunk)
   a, b = _operands(rng, (20, 40), dtype, spread), _operands(rng, (40, 12), dtype, spread)
+  tiling = Kn.Tiling(block_m=16, block_n=8, num_warps=1, threads_n=4, unroll=2,
+                     overlap=chunk != 16)
   got = Kn.chunked_matmul(a, b, mul_fmt=mul, acc_fmt=acc, chunk_size=chunk, mode=mode,
-                          operand_fmt=op, block_m=8, block_n=8, unroll=2, interpret=True)
+                          operand_fmt=op, tiling=tiling, interpret=True)
   want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=op, mul_fmt=mul,
                                acc_fmt=acc, chunk_size=chunk, mode=mode)
   assert got.shape == (20, 12)
@@ -86,13 +90,12 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 
 @pytest.mark.parametrize('mode', ['exact', 'fast'])
 def test_kernels_lower_to_triton_for_gpu(mode):
-  """Cross-lowering on CPU runs the Pallas -> Triton lowering of every bench configuration
-  (and both rounding paths of 'exact'), so unsupported operations show up here."""
+  """Cross-lowering on CPU runs the Pallas -> Triton lowering of every tiling the GPU
+  benchmark sweeps (both rounding paths, the PTX included), so unsupported operations
+  show up here."""
   from experiments import bench_lowprec
   a = jax.ShapeDtypeStruct((256, 256), np.float32)
-  for bm, bn, warps, stages, unroll in bench_lowprec.KERNEL_CONFIGS[mode]:
-    f = functools.partial(Kn.chunked_matmul, acc_fmt=F.E6M9, chunk_size=64, mode=mode,
-                          operand_fmt=F.E5M2, block_m=bm, block_n=bn, num_warps=warps,
-                          num_stages=stages, unroll=unroll)
-    text = jax.jit(f).trace(a, a).lower(lowering_platforms=('cuda',)).as_text()
-    assert 'triton' in text
+  for tiling in bench_lowprec.TILINGS[mode]:
+    text = jax.jit(bench_lowprec.pallas(mode, tiling, interpret=False)).trace(a, a).lower(
+        lowering_platforms=('cuda',)).as_text()
+    assert text.count('triton') >= 2

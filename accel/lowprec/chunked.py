@@ -9,9 +9,10 @@ For each output element, with the contracted axis cut into chunks of `chunk_size
                      total = rnd_acc(total + chunk)
 
 'exact' runs exactly this (every product rounded to mul_fmt, every addition to acc_fmt);
-'fast' computes each chunk sum with one float32 matmul, rounds it to acc_fmt and then
-adds the chunk sums as above. chunk_size = 1 is plain sequential accumulation in acc_fmt;
-chunk_size >= K is one chunk.
+'fast' computes each chunk sum with one float32 matmul (its products are exact for the
+operand formats the kernels take; the order of its additions is the matmul's), rounds it
+to acc_fmt and then adds the chunk sums as above. chunk_size = 1 is plain sequential
+accumulation in acc_fmt; chunk_size >= K is one chunk.
 
 Every addition is correctly rounded (the result is rnd_acc of the exact sum): the float32
 sum followed by rounding is already correct when both addends carry at most as many
@@ -167,7 +168,8 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Dimen
   applies in 'exact' mode ('fast' products are float32). The result is float32 (values of
   acc_fmt) unless preferred_element_type says otherwise. impl: 'jax' (every backend) or
   'pallas' (kernel.py: nearest rounding and the settings `kernel.supported` lists;
-  interpreted off GPU), bit-identical.
+  interpreted off GPU), bit-identical ('fast': wherever each chunk's float32 sum is exact,
+  as kernel.py says).
   """
   del precision
   operand_fmt, mul_fmt, acc_fmt = get_format(operand_fmt), get_format(mul_fmt), get_format(acc_fmt)

@@ -1,26 +1,41 @@
-"""Pallas GPU kernels for the chunked matmul of chunked.py: C_MxN = A_MxK @ B_KxN.
+"""Pallas GPU kernels (Triton) for the chunked matmul of chunked.py: C_MxN = A_MxK @ B_KxN.
 
 'exact': each program owns a (block_m, block_n) tile of C and walks K in order, keeping
 the chunk sum and the running total in registers; every product is rounded to mul_fmt and
 every addition to acc_fmt, as `chunked_dot_general(mode='exact')` with nearest rounding,
-bit for bit. Where the operands' products lie on the accumulator's subnormal grid and a
-run-time bound on their magnitudes rules out overflow (FP8 operands into e6m9 or fp16),
-each rounding is the 3-flop Veltkamp split `rounding.round_mantissa`, so a multiply-add
-costs 5 float32 operations; otherwise it is `round_nearest`: int32 bit operations for the
-normal range and float32's own rounding for the fixed-spacing range below min_normal (the
-float32 sum |x| + 2^(q+23) is |x| rounded to a multiple of 2^q, ties to even, plus
-2^(q+23); its bit pattern minus that of 2^(q+23) counts the multiples).
-'fast': each chunk is one matrix-unit dot (bf16 operands where the operand format fits in
-bf16, which makes every product exact, float32 accumulation), rounded to acc_fmt and
-added to the running total in acc_fmt.
+bit for bit. The tile is held as (R, C, Tm, Tn) with m = r*Tm + tm, n = c*Tn + tn: Triton's
+default layout then puts one thread on each (tm, tn) and gives it an R x C sub-tile, so an
+element step loads R values of A and C of B (straight from L1: fewer elements than threads
+keeps Triton from staging them through shared memory) for R*C multiply-adds.
+Where the operands' products lie on the accumulator's subnormal grid and a run-time bound
+on their magnitudes rules out overflow (FP8 operands into e6m9 or fp16), each rounding is
+the Veltkamp split `rounding.round_mantissa`; with float32 products (exact for FP8
+operands) a multiply-add is then 4 float32 instructions:
+
+  x = fma(a, b, part);  c = fma(x, 2^s, x);  d = c - x;  part = c - d     (s = 23 - m)
+
+(`Tiling.ptx` writes them as PTX, so that no compiler setting can split the FMAs);
+otherwise every rounding is `rounding.round_nearest` (integer bit operations).
+
+'fast': each chunk is one matrix-unit dot (bf16 operands, which hold every supported
+operand format exactly, so every product is exact; float32 accumulation),
+rounded to acc_fmt and added to the running total in acc_fmt: 7 float32 instructions per
+output and chunk with the Veltkamp rounding. `Tiling.overlap` issues the dot of the next
+chunk before the current one is rounded, so the matrix units and the rounding overlap.
+The chunk sums equal the JAX path's float32 chunk sums, hence the results are bit-identical,
+wherever every chunk's sum of products is exact in float32 (e.g. e5m2 operands whose
+exponents span at most 6 binades: products on a 2^q grid, chunk sums below 2^(q+24));
+elsewhere a chunk sum may differ in its last float32 bits by the order (and, for the
+matrix units, the alignment) of its additions, which can change the rounded chunk sum.
 
 Only round-to-nearest accumulators whose float32 sum-then-round is already correct
 (`rounding.needs_sticky` false: acc_fmt of at most 11 significant bits, products no wider)
 are supported; the JAX path in chunked.py covers everything else and runs on every
-backend. On CPU the kernels run with `interpret=True` (the tests).
+backend. On CPU the kernels run with `interpret=True` (the tests), the PTX as jnp.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,55 +49,30 @@ from accel.lowprec.rounding import (needs_sticky, on_subnormal_grid, product_bit
                                      round_mantissa, round_nearest)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a kernel cuts C into programs and schedules them (experiments/bench_lowprec.py
+  sweeps these on the GPU). threads_n and unroll apply to 'exact', overlap to
+  'fast'; num_warps * 32 threads, num_stages of software pipelining (Triton)."""
+  block_m: int = 128
+  block_n: int = 128
+  num_warps: int = 8
+  num_stages: int = 1
+  threads_n: int = 16        # exact: threads along N (Tn); Tm = 32 * num_warps / Tn along M
+  unroll: int = 8            # exact: K elements per loop iteration
+  overlap: bool = True       # fast: the next chunk's dot issued before this chunk is rounded
+  ptx: bool = True           # the in-range rounding as explicit fma.rn / sub.rn
 
 
-def _exact_kernel(aT_ref, b_ref, o_ref, *, num_chunks, chunk, mul_fmt, acc_fmt, in_range,
-                  unroll):
-  """in_range: every product and sum is known to stay within the normal range of acc_fmt
-  or on its subnormal grid, so rounding is `round_mantissa` (3 flops) instead of the
-  general `round_nearest`."""
-  bm, bn = aT_ref.shape[1], b_ref.shape[1]
-  rnd = round_mantissa if in_range else round_nearest
-
-  def element(k, part):
-    a_M = aT_ref[k, :]
-    b_N = b_ref[k, :]
-    prod = rnd(a_M[:, None] * b_N[None, :], mul_fmt)
-    return rnd(part + prod, acc_fmt)
-
-  def chunk_body(c, total):
-    # `unroll` elements per loop iteration, written out (Triton lowers no unrolled scan).
-    def group(g, part):
-      for u in range(unroll):
-        part = element(c * chunk + g * unroll + u, part)
-      return part
-    part = lax.fori_loop(0, chunk // unroll, group, jnp.zeros((bm, bn), jnp.float32))
-    for r in range(chunk % unroll):
-      part = element(c * chunk + (chunk // unroll) * unroll + r, part)
-    return rnd(total + part, acc_fmt)
-
-  o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
-
-
-def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, acc_fmt, precision):
-  bm, bn = a_ref.shape[0], b_ref.shape[1]
-
-  def chunk_body(c, total):
-    a = a_ref[:, pl.ds(c * chunk, chunk)]
-    b = b_ref[pl.ds(c * chunk, chunk), :]
-    part = jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
-    return round_nearest(total + round_nearest(part, acc_fmt), acc_fmt)
-
-  o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((bm, bn), jnp.float32))
+DEFAULT_TILING = {
+    'exact': Tiling(128, 128, num_warps=8, num_stages=1, threads_n=16, unroll=8),
+    'fast': Tiling(128, 128, num_warps=8, num_stages=3, overlap=True),
+}
 
 
 def matrix_unit_chunk(chunk: int) -> bool:
   """Whether 'fast' can give a chunk to the matrix units (a power of two >= 16)."""
   return chunk >= 16 and chunk & (chunk - 1) == 0
-
-
-def _pad_to(x, multiples):
-  return jnp.pad(x, [(0, -d % m) for d, m in zip(x.shape, multiples)])
 
 
 def supported(operand_fmt, mul_fmt, acc_fmt, rounding: str = 'nearest') -> bool:
@@ -91,68 +81,174 @@ def supported(operand_fmt, mul_fmt, acc_fmt, rounding: str = 'nearest') -> bool:
   return rounding == 'nearest' and not needs_sticky(acc_fmt, product_bits(operand_fmt, mul_fmt))
 
 
+def _hex(x: float) -> str:
+  return '0f' + format(np.float32(x).view(np.uint32), '08X')
+
+
+def _ptx(asm: str, *args):
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  shape = jnp.broadcast_shapes(*(a.shape for a in args))
+  args = [jnp.broadcast_to(a, shape) for a in args]
+  [out] = pltriton.elementwise_inline_asm(
+      asm, args=args, constraints='=f' + ',f' * len(args), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return out
+
+
+def _veltkamp_ptx(fmt: FloatFormat, x: str, out: str) -> str:
+  """PTX: out = round_mantissa(x, fmt), i.e. c = fma(x, 2^s, x); out = c - (c - x)."""
+  return (f' fma.rn.f32 c, {x}, {_hex(2.0 ** (23 - fmt.man_bits))}, {x};\n'
+          f' sub.rn.f32 d, c, {x};\n sub.rn.f32 {out}, c, d;\n')
+
+
+def _rounded_ops(in_range: bool, ptx: bool, mul_fmt: FloatFormat, acc_fmt: FloatFormat):
+  """mul_add(part, a, b) = rnd_acc(part + rnd_mul(a b)), add(x, y) = rnd_acc(x + y) and
+  fold(total, part) = add(total, rnd_acc(part)), rnd the Veltkamp split when in_range."""
+  if in_range and ptx and mul_fmt.is_float32 and not acc_fmt.is_float32:
+    regs = '{ .reg .f32 x, p, c, d;\n'
+    mul_add = lambda part, a, b: _ptx(
+        regs + ' fma.rn.f32 x, $2, $3, $1;\n' + _veltkamp_ptx(acc_fmt, 'x', '$0') + '}',
+        part, a, b)
+    add = lambda x, y: _ptx(
+        regs + ' add.rn.f32 x, $1, $2;\n' + _veltkamp_ptx(acc_fmt, 'x', '$0') + '}', x, y)
+    fold = lambda total, part: _ptx(
+        regs + _veltkamp_ptx(acc_fmt, '$2', 'p') + ' add.rn.f32 x, $1, p;\n' +
+        _veltkamp_ptx(acc_fmt, 'x', '$0') + '}', total, part)
+    return mul_add, add, fold
+  rnd = round_mantissa if in_range else round_nearest
+  add = lambda x, y: rnd(x + y, acc_fmt)
+  return (lambda part, a, b: add(part, rnd(a * b, mul_fmt)), add,
+          lambda total, part: add(total, rnd(part, acc_fmt)))
+
+
+def _exact_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, unroll, mul_add, add):
+  """a_ref: A^T as (K, R, Tm); b_ref: B as (K, C, Tn); o_ref: the tile as (R, C, Tm, Tn)."""
+  def element(k, part):
+    return mul_add(part, a_ref[k][:, None, :, None], b_ref[k][None, :, None, :])
+
+  def chunk_body(c, total):
+    # `unroll` elements per loop iteration, written out (Triton lowers no unrolled scan).
+    def group(g, part):
+      for u in range(unroll):
+        part = element(c * chunk + g * unroll + u, part)
+      return part
+    part = lax.fori_loop(0, chunk // unroll, group, jnp.zeros(o_ref.shape, jnp.float32))
+    for r in range(chunk % unroll):
+      part = element(c * chunk + (chunk // unroll) * unroll + r, part)
+    return add(total, part)
+
+  o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, overlap, fold):
+  def dot(c):
+    a = a_ref[:, pl.ds(c * chunk, chunk)]
+    b = b_ref[pl.ds(c * chunk, chunk), :]
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+  zeros = jnp.zeros(o_ref.shape, jnp.float32)
+  if not overlap:
+    o_ref[...] = lax.fori_loop(0, num_chunks, lambda c, total: fold(total, dot(c)), zeros)
+    return
+
+  # Two chunks per iteration, so that the two chunk sums swap roles without copies.
+  def body(i, carry):
+    total, part = carry
+    nxt = dot(2 * i + 1)
+    total = fold(total, part)
+    part = dot(2 * i + 2)
+    return fold(total, nxt), part
+
+  total, part = lax.fori_loop(0, (num_chunks - 1) // 2, body, (zeros, dot(0)))
+  if num_chunks % 2 == 0:
+    total, part = fold(total, part), dot(num_chunks - 1)
+  o_ref[...] = fold(total, part)
+
+
+def _pad_to(x, multiples):
+  return jnp.pad(x, [(0, -d % m) for d, m in zip(x.shape, multiples)])
+
+
 @functools.partial(jax.jit, static_argnames=('mul_fmt', 'acc_fmt', 'chunk_size', 'mode',
-                                             'operand_fmt', 'block_m', 'block_n', 'num_warps',
-                                             'num_stages', 'unroll', 'interpret'))
+                                             'operand_fmt', 'tiling', 'interpret'))
 def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat = FP32,
                    acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64,
-                   mode: str = 'exact', operand_fmt: FloatFormat = FP32, block_m: int = 64,
-                   block_n: int = 64, num_warps: int = 4, num_stages: int = 1, unroll: int = 1,
-                   interpret: bool = False) -> jax.Array:
+                   mode: str = 'exact', operand_fmt: FloatFormat = FP32,
+                   tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
   """C = A @ B with chunk-based accumulation (module docstring); float32 result.
 
-  operand_fmt: the format A and B already hold (it bounds the products' width; 'fast'
-  feeds bf16 to the matrix units when it fits in bf16). K is zero-padded to a multiple of
-  chunk_size, M and N to the block sizes. 'exact' picks, at run time, the 3-flop
-  rounding when the operands' magnitudes rule out overflow and their products lie on the
-  accumulator's subnormal grid (e.g. e5m2/e4m3 operands, e6m9/fp16 accumulators), else
-  the general one.
+  operand_fmt: the format A and B already hold (it bounds the products' width and picks
+  the matrix units' operand type). K is zero-padded to a multiple of chunk_size, M and N
+  to the block sizes. The cheap in-range rounding is chosen at run time (`range_ok`).
+  tiling: DEFAULT_TILING[mode] when None.
   """
   mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
   operand_fmt = get_format(operand_fmt)
+  if mode not in ('exact', 'fast'):
+    raise ValueError(f'mode must be exact or fast, got {mode!r}')
   if not supported(operand_fmt, mul_fmt, acc_fmt):
     raise ValueError(f'the kernel does not support operands {operand_fmt} / mul {mul_fmt} / '
                      f'acc {acc_fmt}')
+  t = tiling or DEFAULT_TILING[mode]
   m, k = a_MxK.shape
   n = b_KxN.shape[1]
   chunk = max(1, min(chunk_size, k))
-  a = _pad_to(a_MxK.astype(jnp.float32), (block_m, chunk))
-  b = _pad_to(b_KxN.astype(jnp.float32), (chunk, block_n))
+  a = _pad_to(a_MxK.astype(jnp.float32), (t.block_m, chunk))
+  b = _pad_to(b_KxN.astype(jnp.float32), (chunk, t.block_n))
   mp, kp = a.shape
   np_ = b.shape[1]
-  grid = (mp // block_m, np_ // block_n)
-  params = dict(compiler_params=None if interpret else _triton_params(num_warps, num_stages),
-                interpret=interpret)
-  out_spec = pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))
-  b_spec = pl.BlockSpec((kp, block_n), lambda i, j: (0, j))
+  grid = (mp // t.block_m, np_ // t.block_n)
+  params = dict(compiler_params=None if interpret else _triton_params(t), interpret=interpret)
+  ptx = t.ptx and not interpret
+
   if mode == 'exact':
+    tm = 32 * t.num_warps // t.threads_n
+    if t.block_m % tm or t.block_n % t.threads_n:
+      raise ValueError(f'{t}: block_m must be a multiple of 32 * num_warps / threads_n = {tm} '
+                       f'and block_n of threads_n')
+    rows, cols = t.block_m // tm, t.block_n // t.threads_n
+    a_KxMtxRxTm = a.T.reshape(kp, grid[0], rows, tm)
+    b_KxNtxCxTn = b.reshape(kp, grid[1], cols, t.threads_n)
+
     def call(in_range):
+      mul_add, add, _ = _rounded_ops(in_range, ptx, mul_fmt, acc_fmt)
+      # The integer rounding path is slow anyway: no unrolling keeps its compile short.
       kernel = functools.partial(_exact_kernel, num_chunks=kp // chunk, chunk=chunk,
-                                 mul_fmt=mul_fmt, acc_fmt=acc_fmt, in_range=in_range,
-                                 unroll=unroll)
-      return pl.pallas_call(
-          kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
-          in_specs=[pl.BlockSpec((kp, block_m), lambda i, j: (0, i)), b_spec],
-          out_specs=out_spec, **params)(a.T, b)
-    if on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
-      out = lax.cond(range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
-    else:
-      out = call(False)
-  elif mode == 'fast':
-    fits_bf16 = operand_fmt.exp_bits <= 8 and operand_fmt.man_bits <= 7
-    dtype = jnp.bfloat16 if fits_bf16 else jnp.float32
-    precision = lax.Precision.DEFAULT if fits_bf16 else lax.Precision.HIGHEST
-    kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
-                               acc_fmt=acc_fmt, precision=precision)
-    out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32), grid=grid,
-        in_specs=[pl.BlockSpec((block_m, kp), lambda i, j: (i, 0)), b_spec],
-        out_specs=out_spec, **params)(a.astype(dtype), b.astype(dtype))
+                                 unroll=t.unroll if in_range else 1, mul_add=mul_add, add=add)
+      out = pl.pallas_call(
+          kernel, grid=grid,
+          out_shape=jax.ShapeDtypeStruct((*grid, rows, cols, tm, t.threads_n), jnp.float32),
+          in_specs=[pl.BlockSpec((kp, pl.squeezed, rows, tm), lambda i, j: (0, i, 0, 0)),
+                    pl.BlockSpec((kp, pl.squeezed, cols, t.threads_n), lambda i, j: (0, j, 0, 0))],
+          out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, rows, cols, tm, t.threads_n),
+                                 lambda i, j: (i, j, 0, 0, 0, 0)),
+          **params)(a_KxMtxRxTm, b_KxNtxCxTn)
+      return out.transpose(0, 2, 4, 1, 3, 5).reshape(mp, np_)
   else:
-    raise ValueError(f'mode must be exact or fast, got {mode!r}')
+    if not matrix_unit_chunk(chunk):
+      raise ValueError(f"'fast' chunks must be a power of two >= 16, got {chunk}")
+    if operand_fmt.exp_bits > 8 or operand_fmt.man_bits > 7:
+      raise ValueError(f'bf16 matrix units do not hold {operand_fmt} operands exactly')
+    mul_fmt = FP32
+
+    def call(in_range):
+      *_, fold = _rounded_ops(in_range, ptx, FP32, acc_fmt)
+      kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
+                                 overlap=t.overlap, fold=fold)
+      return pl.pallas_call(
+          kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+          in_specs=[pl.BlockSpec((t.block_m, kp), lambda i, j: (i, 0)),
+                    pl.BlockSpec((kp, t.block_n), lambda i, j: (0, j))],
+          out_specs=pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j)),
+          **params)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+
+  if on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
+    out = lax.cond(range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
+  else:
+    out = call(False)
   return out[:m, :n]
 
 
-def _triton_params(num_warps: int, num_stages: int):
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def _triton_params(t: Tiling):
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
