@@ -91,11 +91,12 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 @pytest.mark.parametrize('mode', ['exact', 'fast'])
 def test_kernels_lower_to_triton_for_gpu(mode):
   """Cross-lowering on CPU runs the Pallas -> Triton lowering of every tiling the GPU
-  benchmark sweeps (both rounding paths, the PTX included), so unsupported operations
-  show up here."""
+  benchmark sweeps and of the default one shrunk to a narrow problem (both rounding paths,
+  the PTX included), so unsupported operations show up here."""
   from experiments import bench_lowprec
   a = jax.ShapeDtypeStruct((256, 256), np.float32)
-  for tiling in bench_lowprec.TILINGS[mode]:
-    text = jax.jit(bench_lowprec.pallas(mode, tiling, interpret=False)).trace(a, a).lower(
+  narrow = jax.ShapeDtypeStruct((300, 64), np.float32), jax.ShapeDtypeStruct((64, 16), np.float32)
+  for tiling, operands in [(t, (a, a)) for t in bench_lowprec.TILINGS[mode]] + [(None, narrow)]:
+    text = jax.jit(bench_lowprec.pallas(mode, tiling, interpret=False)).trace(*operands).lower(
         lowering_platforms=('cuda',)).as_text()
     assert text.count('triton') >= 2

@@ -70,6 +70,26 @@ DEFAULT_TILING = {
 }
 
 
+def default_tiling(mode: str, m: int, n: int) -> Tiling:
+  """DEFAULT_TILING[mode] with its blocks shrunk to small problems (a conv's 16 output
+  channels would otherwise fill a 128-wide block with padding)."""
+  t = DEFAULT_TILING[mode]
+  pow2 = lambda x: 1 << max(0, x - 1).bit_length()
+  if mode == 'exact':
+    block_n = min(t.block_n, max(8, pow2(n)))
+    threads_n = min(t.threads_n, block_n)
+    warps = t.num_warps
+    while warps > 1 and 32 * warps // threads_n > max(8, pow2(m)):
+      warps //= 2
+    block_m = min(t.block_m, max(32 * warps // threads_n, pow2(m)))
+    return dataclasses.replace(t, block_m=block_m, block_n=block_n, num_warps=warps,
+                               threads_n=threads_n)
+  block_n = min(t.block_n, max(16, pow2(n)))
+  block_m = min(t.block_m, max(64, pow2(m)))
+  return dataclasses.replace(t, block_m=block_m, block_n=block_n,
+                             num_warps=min(t.num_warps, 4 * block_m // 64))
+
+
 def matrix_unit_chunk(chunk: int) -> bool:
   """Whether 'fast' can give a chunk to the matrix units (a power of two >= 16)."""
   return chunk >= 16 and chunk & (chunk - 1) == 0
@@ -180,7 +200,7 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   operand_fmt: the format A and B already hold (it bounds the products' width and picks
   the matrix units' operand type). K is zero-padded to a multiple of chunk_size, M and N
   to the block sizes. The cheap in-range rounding is chosen at run time (`range_ok`).
-  tiling: DEFAULT_TILING[mode] when None.
+  tiling: `default_tiling(mode, M, N)` when None.
   """
   mul_fmt, acc_fmt = get_format(mul_fmt), get_format(acc_fmt)
   operand_fmt = get_format(operand_fmt)
@@ -189,9 +209,9 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   if not supported(operand_fmt, mul_fmt, acc_fmt):
     raise ValueError(f'the kernel does not support operands {operand_fmt} / mul {mul_fmt} / '
                      f'acc {acc_fmt}')
-  t = tiling or DEFAULT_TILING[mode]
   m, k = a_MxK.shape
   n = b_KxN.shape[1]
+  t = tiling or default_tiling(mode, m, n)
   chunk = max(1, min(chunk_size, k))
   a = _pad_to(a_MxK.astype(jnp.float32), (t.block_m, chunk))
   b = _pad_to(b_KxN.astype(jnp.float32), (chunk, t.block_n))
