@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ''          # '' | 'bytes' (the corpus's own units) | 'bpe' | 'wordpiece'
                                  # | 'words': trained on train (accel/data/tokenization.py)
   c.data.vocab_size = 0          # the trained tokenizer's vocabulary size
+  c.data.tokenizer_corpus = ''   # GLUE with a trained tokenizer: the pretraining corpus
   c.data.order = 'shuffled'      # 'shuffled' windows | 'contiguous' streams (row b of step t+1
                                  # continues row b of step t; segment-recurrent models)
 

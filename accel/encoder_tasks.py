@@ -8,6 +8,11 @@
   [CLS] + bytes input, loss = mean cross-entropy of the class. With
   `finetune.pretrained_workdir` set, the encoder starts from the latest checkpoint of that
   pretraining run (only the `encoder` subtree; the pooler and classifier are new).
+- `GlueFinetuneTask` (data.name glue/<task>, `accel.data.glue`): inputs already encoded as
+  [CLS] a [SEP] b [SEP] PAD... (the model keeps attention off PAD); loss = mean cross-entropy
+  of the class, or for STS-B (a regression) mean squared error of the one output; the
+  task's own metrics (`accel.glue_metrics`) over every example of the validation split:
+  `evaluate` returns per-example values and `corpus_metrics` reduces them.
 """
 from __future__ import annotations
 
@@ -16,12 +21,15 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from accel import mlm
+from accel import glue_metrics, mlm
+from accel.data import glue
 from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
+from accel.losses import cross_entropy
 from accel.tasks import ClassificationTask, Task
 
 _MASK_STREAM = 0x4D4C4D   # separates the masking key from dropout's
@@ -108,12 +116,55 @@ class TextClassificationTask(ClassificationTask):
     return self.config.data.seq_len
 
 
+@dataclasses.dataclass
+class GlueFinetuneTask(TextClassificationTask):
+  """A GLUE task (module docstring)."""
+  spec: glue.GlueTask | None = None
+
+  def inputs(self, batch):
+    return batch['inputs']
+
+  def _per_example(self, outputs_BxC, batch):
+    """(loss_B, prediction_B): CE and argmax, or squared error and the output (STS-B)."""
+    if self.spec.regression:
+      prediction_B = outputs_BxC[:, 0]
+      return (prediction_B - batch['label']) ** 2, prediction_B
+    return cross_entropy(outputs_BxC, batch['label']), outputs_BxC.argmax(-1)
+
+  def objective(self, outputs_BxC, batch):
+    loss_B, prediction_B = self._per_example(outputs_BxC, batch)
+    weight_B = batch['weight']
+    loss = (loss_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1.0)
+    if self.spec.regression:
+      return loss, {'loss': loss}
+    accuracy = ((prediction_B == batch['label']) * weight_B).sum() / jnp.maximum(
+        weight_B.sum(), 1.0)
+    return loss, {'loss': loss, 'accuracy': accuracy}
+
+  def evaluate(self, params, mutable, batch):
+    outputs_BxC = self.apply(params, mutable, batch, jax.random.key(0), 0, False)[0]
+    loss_B, prediction_B = self._per_example(outputs_BxC, batch)
+    return {'loss': loss_B, 'prediction': prediction_B, 'label': batch['label'],
+            'weight': batch['weight']}
+
+  def corpus_metrics(self, per_example: dict) -> dict:
+    """eval metrics from the per-example values of a whole split (padding dropped)."""
+    real = per_example['weight'] > 0
+    prediction, label = per_example['prediction'][real], per_example['label'][real]
+    return {'loss': float(per_example['loss'][real].mean()),
+            **{name: glue_metrics.METRICS[name](prediction, label)
+               for name in self.spec.metrics}}
+
+
 def build_task(config, info, model) -> Task:
   if info.kind == 'lm':
     return MaskedLMTask(config, model, vocab=info.vocab)
   if info.kind == 'text_classification':
     workdir = config.get('finetune', {}).get('pretrained_workdir', '')
-    return TextClassificationTask(config, model, pretrained=(
-        load_pretrained_encoder(workdir) if workdir else None))
+    pretrained = load_pretrained_encoder(workdir) if workdir else None
+    if config.data.name in glue.NAMES:
+      return GlueFinetuneTask(config, model, pretrained=pretrained,
+                              spec=glue.TASKS[glue.task_of(config.data.name)])
+    return TextClassificationTask(config, model, pretrained=pretrained)
   raise UserError(f'model.name=bert has no task for data of kind {info.kind!r} '
                   '(use a text dataset for MLM or shakespeare_genre for classification)')

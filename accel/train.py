@@ -133,13 +133,23 @@ def _flops(compiled) -> float:
   return float((analysis or {}).get('flops', 0.0))
 
 
-def evaluate(trainer: Trainer, state, data) -> dict:
+def evaluate(trainer: Trainer, state, data, task=None) -> dict:
+  """Scalar eval metrics averaged over the batches; where the task's eval step returns
+  per-example arrays instead (corpus-level metrics: F1, correlations), they are gathered
+  over all batches and reduced by `task.corpus_metrics`."""
   sums: dict[str, float] = {}
+  per_example: dict[str, list] = {}
   batches = data.eval_batches()
   for batch in batches:
     for k, v in jax.device_get(trainer.eval_step(state, _device_batch(trainer, batch))).items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  return {f'eval/{k}': v / len(batches) for k, v in sums.items()}
+      if np.ndim(v):
+        per_example.setdefault(k, []).append(np.asarray(v))
+      else:
+        sums[k] = sums.get(k, 0.0) + float(v)
+  metrics = {k: v / len(batches) for k, v in sums.items()}
+  if per_example:
+    metrics.update(task.corpus_metrics({k: np.concatenate(v) for k, v in per_example.items()}))
+  return {f'eval/{k}': v for k, v in metrics.items()}
 
 
 def build_trainer(config, task, mesh) -> Trainer:
@@ -229,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics.update(perf)
         bar.set_postfix(loss=f'{metrics["train/loss"]:.4f}')
       if eval_now:
-        eval_metrics = evaluate(trainer, state, data)
+        eval_metrics = evaluate(trainer, state, data, task)
         summary.update(eval_metrics)
         metrics.update(eval_metrics)
       writer.write(done, metrics)

@@ -15,7 +15,8 @@ input [CLS] + seq_len - 1 bytes, MLM head tied to the embeddings; 15% of tokens 
 gradient clip 1.0, linear warm-up over 2% of the steps, as in PLD's BERT setup.
 Layer dropping: theta_bar 0.5; gamma 0.001 for the paper's 200K steps, larger for the short
 presets so that theta reaches theta_bar early (theta(t) - theta_bar = 0.5 exp(-gamma t)).
-Expected (cpu preset, 2 shared CPU cores, 2026-11-28; results/layerdrop_cpu.md and
+Expected (cpu preset, 2 shared CPU cores, 2026-11-28, with the 259-token byte vocabulary
+before SEP made it 260, so the initialisation differs now; results/layerdrop_cpu.md and
 results/layerdrop_findings.md): eval/loss (MLM, nats) 3.077 at step 400 with PLD, 3.115 for
 the baseline; 4.25 of 6 layers run at steady state, 0.72x the baseline's FLOPs per step.
 """

@@ -25,12 +25,12 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from accel.data import builders, corpora, genre, images, preparation, tokenization
+from accel.data import builders, corpora, genre, glue, images, preparation, tokenization
 from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
 
 TEXT_DATASETS = ('shakespeare', 'text') + corpora.NAMES   # enwik8, text8, wikitext103
-TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',)
+TEXT_CLASSIFICATION_DATASETS = ('shakespeare_genre',) + glue.NAMES   # glue/cola, ...
 IMAGE_DATASETS = ('digits',) + tuple(images.BUILDERS)   # mnist, cifar10
 BYTE_VOCAB = BYTES.text_stop
 
@@ -107,6 +107,8 @@ def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
     return prepare(images.BUILDERS[name])
   if name in corpora.NAMES:
     return prepare(corpora.BUILDERS[name])
+  if name in glue.NAMES:
+    return prepare(glue.Glue, config=glue.task_of(name))
   raise UserError(f'unknown data.name {name!r}; known: '
                   f'{", ".join(TEXT_DATASETS + TEXT_CLASSIFICATION_DATASETS + IMAGE_DATASETS)}')
 
@@ -167,13 +169,40 @@ def _eval_batches(dataset: grain.MapDataset, batch: int, num_batches: int, colla
   return batches
 
 
+def _text_streams(builder, name: str) -> list[np.ndarray]:
+  """The train and validation text of a TEXT_DATASETS builder (bytes, WikiText-103 ids)."""
+  if name in corpora.NAMES:
+    return [corpora.split_stream(builder, s) for s in ('train', 'validation')]
+  return [byte_stream(builder.as_data_source(s)) for s in ('train', 'validation')]
+
+
+def _tokenized(builder, data_cfg, streams) -> tokenization.Tokenized:
+  return tokenization.tokenized(
+      data_cfg.tokenizer, data_cfg.get('vocab_size', 0), builder.info.full_name,
+      builders.default_data_dir(data_cfg.get('dir') or None),
+      dict(zip(('train', 'validation'), streams)))
+
+
+def _glue_encoding(data_cfg) -> tuple[Vocabulary, Callable[[str], list]]:
+  """GLUE text in the encoder's vocabulary: bytes, or the `data.tokenizer` trained on the
+  pretraining corpus `data.tokenizer_corpus` (the same folder its pretraining used)."""
+  if data_cfg.get('tokenizer', '') in ('', 'bytes'):
+    return BYTES, glue.byte_ids
+  corpus = data_cfg.get('tokenizer_corpus', '')
+  if corpus not in TEXT_DATASETS or corpus == 'wikitext103':
+    raise UserError(f'data.tokenizer={data_cfg.tokenizer} on GLUE needs '
+                    'data.tokenizer_corpus, the corpus the encoder was pretrained on (one of '
+                    f'{", ".join(n for n in TEXT_DATASETS if n != "wikitext103")})')
+  builder = _builder(corpus, data_cfg)
+  done = _tokenized(builder, data_cfg, _text_streams(builder, corpus))
+  tokenizer = tokenization.load(done.folder)
+  return done.vocabulary, lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def _lm_streams(builder, data_cfg) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
   """(train, validation) token streams in `data.tokenizer` and their DatasetInfo."""
   name, kind = data_cfg.name, data_cfg.get('tokenizer', '')
-  if name in corpora.NAMES:
-    streams = [corpora.split_stream(builder, s) for s in ('train', 'validation')]
-  else:
-    streams = [byte_stream(builder.as_data_source(s)) for s in ('train', 'validation')]
+  streams = _text_streams(builder, name)
   if name == 'wikitext103':
     if kind:
       raise UserError(f'data.tokenizer={kind!r}: WikiText-103 uses its own word-level '
@@ -183,10 +212,7 @@ def _lm_streams(builder, data_cfg) -> tuple[np.ndarray, np.ndarray, DatasetInfo]
                                  bytes_per_token=0.0)
   if kind in ('', 'bytes'):
     return *streams, DatasetInfo('lm', vocab_size=BYTE_VOCAB)
-  done = tokenization.tokenized(
-      kind, data_cfg.get('vocab_size', 0), builder.info.full_name,
-      builders.default_data_dir(data_cfg.get('dir') or None),
-      dict(zip(('train', 'validation'), streams)))
+  done = _tokenized(builder, data_cfg, streams)
   return done.ids['train'], done.ids['validation'], DatasetInfo(
       'lm', vocab_size=done.vocabulary.size, vocab=done.vocabulary,
       bytes_per_token=done.bytes_per_token['validation'] if done.lossless else 0.0)
@@ -208,15 +234,25 @@ def build(config) -> Data:
                                                  name not in TEXT_DATASETS):
     raise UserError(f'data.order {order!r} is not available for data.name {name!r} '
                     f"(shuffled: any data; contiguous: {', '.join(TEXT_DATASETS)})")
-  if data_cfg.get('tokenizer', '') not in ('', 'bytes') and name not in TEXT_DATASETS:
+  if data_cfg.get('tokenizer', '') not in ('', 'bytes') and name not in (TEXT_DATASETS +
+                                                                          glue.NAMES):
     raise UserError(f'data.tokenizer is for the language-modelling text '
-                    f'({", ".join(TEXT_DATASETS)}), not data.name {name!r}')
+                    f'({", ".join(TEXT_DATASETS)}) and GLUE, not data.name {name!r}')
   if name in TEXT_DATASETS:
     train_stream, val_stream, info = _lm_streams(builder, data_cfg)
     train = _lm_windows(train_stream, data_cfg.seq_len)
     val = _lm_windows(val_stream, data_cfg.seq_len)
     info = dataclasses.replace(info, num_train_examples=len(train))
     collate = _collate_lm
+  elif name in glue.NAMES:
+    task = glue.task_of(name)
+    vocab, to_ids = _glue_encoding(data_cfg)
+    train = glue.dataset(train_src, task, vocab, data_cfg.seq_len, to_ids)
+    val = glue.dataset(val_src, task, vocab, data_cfg.seq_len, to_ids,
+                       pad_to_multiple=eval_batch)
+    info = DatasetInfo('text_classification', vocab_size=vocab.size, vocab=vocab,
+                       num_classes=glue.num_classes(builder), num_train_examples=len(train))
+    collate = glue.collate
   elif name in TEXT_CLASSIFICATION_DATASETS:
     train, val = genre.passage_datasets(train_src, val_src,
                                         builder.info.features['genre'].names, data_cfg.seq_len)

@@ -112,6 +112,11 @@ def vocabulary(tokenizer, kind: str) -> Vocabulary:
                     word_start=word_start)
 
 
+def load(folder: str):
+  """The trained tokenizer saved in `folder`."""
+  return _require_tokenizers().Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+
+
 def _complete(folder: str, splits) -> dict | None:
   """info.json of a complete folder, else None."""
   try:
@@ -162,7 +167,7 @@ def tokenized(kind: str, vocab_size: int, corpus: str, data_dir: str,
     if info is None:
       _train_and_write(kind, vocab_size, splits, folder)
       info = _complete(folder, splits)
-  tokenizer = _require_tokenizers().Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+  tokenizer = load(folder)
   return Tokenized(
       ids={split: np.load(os.path.join(folder, f'{split}.npy')) for split in splits},
       vocabulary=vocabulary(tokenizer, kind),

@@ -60,8 +60,8 @@ def _bert(config, info, **overrides):
   """Bidirectional encoder: masked LM on text, [CLS] classifier on text classification."""
   cfg = transformer_config(config.model, vocab_size=info.vocab.size,
                            max_len=config.data.seq_len, causal=False, **overrides)
-  if info.kind == 'text_classification':
-    return SequenceClassifier(cfg, info.num_classes)
+  if info.kind == 'text_classification':       # num_classes 1: a regression (STS-B)
+    return SequenceClassifier(cfg, info.num_classes, pad_id=info.vocab.pad)
   return MaskedLM(cfg)
 
 

@@ -6,7 +6,8 @@ from a pretrained masked LM by copying that subtree (`accel.encoder_tasks`).
 - `MaskedLM`: logits_BxLxV = LN_f(Blocks(E[tokens] + P)) @ E^T, the output projection
   tied to the token embedding (BERT section 3.1; PLD pretraining, papers.md section 2).
 - `SequenceClassifier`: logits_BxC = W_c tanh(W_p LN_f(h)[:, 0] + b_p) + b_c, the BERT
-  pooler on the first ([CLS]) position (BERT section 4), LN_f only for PreLN.
+  pooler on the first ([CLS]) position (BERT section 4), LN_f only for PreLN; C = 1 for a
+  regression (STS-B). With `pad_id` no position attends to PAD tokens (padded GLUE pairs).
 
 Both accept the layer-dropping gates of `TransformerLM` (`accel.layerdrop`).
 """
@@ -33,13 +34,15 @@ class SequenceClassifier(nn.Module):
   """Class logits from the encoder's [CLS] position through a tanh pooler."""
   cfg: TransformerConfig
   num_classes: int
+  pad_id: int | None = None
 
   @nn.compact
   def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
     cfg = self.cfg
     encoder = TransformerLM(cfg, name='encoder')
+    key_mask_BxL = None if self.pad_id is None else tokens_BxL != self.pad_id
     h_BxLxD = encoder.features(tokens_BxL, train=train, gates_L=gates_L,
-                               keep_probs_L=keep_probs_L)
+                               keep_probs_L=keep_probs_L, key_mask_BxL=key_mask_BxL)
     if encoder.final_ln is not None:
       h_BxLxD = encoder.final_ln(h_BxLxD)
     pooled_BxD = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.dtype, name='pooler')(

@@ -13,6 +13,8 @@ Hooks the methods attach to, without forking this file:
   every pre-activation (`accel.stdloss`).
 - `embed`, `BlockStack` over a layer range and `logits` are separate methods, so a
   pipeline (`accel.pipeline`) can run them on different stages.
+Padding: `key_mask_BxL` (True = a real token; None = every token) keeps attention off the
+PAD keys of padded inputs (an encoder on GLUE pairs): scores of masked keys are -inf.
 """
 from __future__ import annotations
 
@@ -56,15 +58,17 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, deterministic: bool,
+               key_mask_BxL: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
     b, l, _ = x_BxLxD.shape
     qkv_BxLx3D = _dense(cfg, 3 * cfg.d_model, 'qkv')(x_BxLxD)
     qkv_BxLx3xHxK = qkv_BxLx3D.reshape(b, l, 3, cfg.num_heads, head_dim)
     q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
     out_BxLxHxK = jax.nn.dot_product_attention(
-        q, k, v, is_causal=cfg.causal, implementation=cfg.attention_impl)
+        q, k, v, mask=mask, is_causal=cfg.causal, implementation=cfg.attention_impl)
     out_BxLxD = out_BxLxHxK.reshape(b, l, cfg.d_model)
     out_BxLxD = _dense(cfg, cfg.d_model, 'out')(out_BxLxD)
     return nn.Dropout(cfg.dropout_rate)(out_BxLxD, deterministic=deterministic)
@@ -91,7 +95,8 @@ class Block(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, residual_scale=1.0, deterministic: bool = True):
+  def __call__(self, x_BxLxD, residual_scale=1.0, deterministic: bool = True,
+               key_mask_BxL=None):
     cfg = self.cfg
     ln1 = nn.LayerNorm(dtype=cfg.dtype, name='ln1')
     ln2 = nn.LayerNorm(dtype=cfg.dtype, name='ln2')
@@ -99,9 +104,9 @@ class Block(nn.Module):
     mlp = MLP(cfg, name='mlp')
     scale = jnp.asarray(residual_scale, cfg.dtype)
     if cfg.pre_ln:
-      h_BxLxD = x_BxLxD + scale * attn(ln1(x_BxLxD), deterministic)
+      h_BxLxD = x_BxLxD + scale * attn(ln1(x_BxLxD), deterministic, key_mask_BxL)
       return h_BxLxD + scale * mlp(ln2(h_BxLxD), deterministic)
-    h_BxLxD = ln1(x_BxLxD + scale * attn(x_BxLxD, deterministic))
+    h_BxLxD = ln1(x_BxLxD + scale * attn(x_BxLxD, deterministic, key_mask_BxL))
     return ln2(h_BxLxD + scale * mlp(h_BxLxD, deterministic))
 
 
@@ -111,17 +116,17 @@ class Block(nn.Module):
 SWITCHABLE_REMAT_POLICY = jax.checkpoint_policies.dots_saveable
 
 
-def _switchable(block: Block, x, gate, keep_prob, deterministic):
+def _switchable(block: Block, x, gate, keep_prob, deterministic, key_mask_BxL=None):
   """Runs `block` with its sublayers scaled by 1/keep_prob if `gate`, else identity.
 
   `nn.cond` lowers to `lax.cond` on a scalar predicate, so a skipped block runs no
   compute (papers.md section 2: a mask would still pay for it).
   """
-  kept = nn.remat(lambda mdl, x, scale: mdl(x, scale, deterministic),
+  kept = nn.remat(lambda mdl, x, scale, mask: mdl(x, scale, deterministic, mask),
                   policy=SWITCHABLE_REMAT_POLICY)
   return nn.cond(
       gate,
-      lambda mdl, x: kept(mdl, x, 1.0 / keep_prob),
+      lambda mdl, x: kept(mdl, x, 1.0 / keep_prob, key_mask_BxL),
       lambda mdl, x: x,
       block, x)
 
@@ -133,12 +138,12 @@ class _ScanBody(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, gate_and_prob):
+  def __call__(self, x, gate_and_prob, key_mask_BxL):
     block = Block(self.cfg, name='block')
     if self.switchable:
       gate, keep_prob = gate_and_prob
-      return _switchable(block, x, gate, keep_prob, self.deterministic), None
-    return block(x, 1.0, self.deterministic), None
+      return _switchable(block, x, gate, keep_prob, self.deterministic, key_mask_BxL), None
+    return block(x, 1.0, self.deterministic, key_mask_BxL), None
 
 
 class BlockStack(nn.Module):
@@ -151,7 +156,7 @@ class BlockStack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, gates_L=None, keep_probs_L=None,
-               deterministic: bool = True):
+               deterministic: bool = True, key_mask_BxL=None):
     cfg = self.cfg
     switchable = gates_L is not None
     if cfg.scan_layers:
@@ -160,17 +165,19 @@ class BlockStack(nn.Module):
         body = nn.remat(body, prevent_cse=False, static_argnums=())
       scanned = nn.scan(body, variable_axes={'params': 0},
                         split_rngs={'params': True, 'dropout': True},
-                        length=self.num_layers)
+                        in_axes=(0, nn.broadcast), length=self.num_layers)
       xs = (gates_L, keep_probs_L) if switchable else None
-      x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(x_BxLxD, xs)
+      x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(
+          x_BxLxD, xs, key_mask_BxL)
       return x_BxLxD
     block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
     for i in range(self.num_layers):
       block = block_cls(cfg, name=f'block_{i}')
       if switchable:
-        x_BxLxD = _switchable(block, x_BxLxD, gates_L[i], keep_probs_L[i], deterministic)
+        x_BxLxD = _switchable(block, x_BxLxD, gates_L[i], keep_probs_L[i], deterministic,
+                              key_mask_BxL)
       else:
-        x_BxLxD = block(x_BxLxD, 1.0, deterministic)
+        x_BxLxD = block(x_BxLxD, 1.0, deterministic, key_mask_BxL)
     return x_BxLxD
 
 
@@ -204,10 +211,12 @@ class TransformerLM(nn.Module):
         x_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
     return logits_BxLxV   # compute dtype; losses upcast (a float32 copy of BxLxV is costly)
 
-  def features(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+  def features(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None,
+               key_mask_BxL=None):
     """Final hidden states (before the final LayerNorm)."""
     x_BxLxD = self.embed(tokens_BxL, deterministic=not train)
-    return self.stack(x_BxLxD, gates_L, keep_probs_L, deterministic=not train)
+    return self.stack(x_BxLxD, gates_L, keep_probs_L, deterministic=not train,
+                      key_mask_BxL=key_mask_BxL)
 
   def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
     return self.logits(self.features(tokens_BxL, train=train, gates_L=gates_L,
