@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from accel import glue_metrics, models, train
-from accel.data import glue, input_pipeline
+from accel.data import glue, input_pipeline, tokenization
 from accel.data.vocabulary import BYTES
 from accel.errors import UserError
 from configs import pld_bert_finetune
@@ -175,3 +175,25 @@ def test_finetuning_on_stsb_reports_its_correlations(tmp_path):
   # two dev examples: any two distinct predictions correlate +-1 with the two scores
   assert abs(summary['eval/pearson']) == pytest.approx(1.0) and \
       abs(summary['eval/spearman']) == pytest.approx(1.0)
+
+
+def test_a_subword_encoder_reads_glue_in_its_pretraining_tokenizer(tmp_path):
+  write_fake_glue(tmp_path / 'tfds' / 'downloads' / 'manual', 'rte')
+  (tmp_path / 'corpus').mkdir()
+  (tmp_path / 'corpus' / 'a.txt').write_text(' '.join(' '.join(p) for p in PAIRS) * 20)
+  config = _config(tmp_path, 'rte', seq_len=64)
+  config.data.update(dict(tokenizer='wordpiece', vocab_size=100, tokenizer_corpus='text',
+                          path=str(tmp_path / 'corpus')))
+  data = input_pipeline.build(config)
+  vocab = data.info.vocab
+  assert (vocab.pad, vocab.cls, vocab.sep) == (0, 2, 3) and data.info.vocab_size == vocab.size
+  (folder,) = (tmp_path / 'tfds' / 'tokenizers').glob('user_text/*/*/wordpiece-100')
+  tokenizer = tokenization.load(str(folder))
+  first, second = PAIRS[3]
+  ids = [vocab.cls, *tokenizer.encode(first, add_special_tokens=False).ids, vocab.sep,
+         *tokenizer.encode(second, add_special_tokens=False).ids, vocab.sep]
+  rows = data.eval_batches()[0]['inputs'].tolist()
+  assert ids + [vocab.pad] * (64 - len(ids)) in rows
+  config.data.tokenizer_corpus = ''
+  with pytest.raises(UserError, match='tokenizer_corpus'):
+    input_pipeline.build(config)

@@ -173,3 +173,32 @@ def test_interrupted_or_damaged_preparation_is_prepared_again(tmp_path, small_sp
   builder = prepare()
   assert preparation.problems(builder) == []
   np.testing.assert_array_equal(_split(builder, 'train')[1], reference[1])
+
+
+def test_downloads_from_the_url_without_a_manual_dir(tmp_path, small_splits, monkeypatch):
+  """tfds's downloader (no TensorFlow) fetches the idx files from an HTTP server on this
+  machine standing in for the canonical URL; with the server gone it is a UserError."""
+  import functools
+  import http.server
+  import threading
+  served = tmp_path / 'served'
+  write_fake_mnist(served)
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(_manual(served)))
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setattr(images, 'MNIST_URL', f'http://127.0.0.1:{server.server_port}/')
+  try:
+    builder = preparation.prepare(images.Mnist, data_dir=str(tmp_path / 'tfds'),
+                                  file_format='array_record')
+  finally:
+    server.shutdown()
+    server.server_close()
+  assert builder.info.splits['train'].num_examples == MNIST_SIZES['train']
+  # tfds retries a refused connection with backoff for minutes; once is enough here
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(downloader, 'MAX_RETRIES', 0)
+  with pytest.raises(UserError, match='could not download .*put train-images-idx3-ubyte.gz '
+                                      'into the tfds manual dir'):
+    preparation.prepare(images.Mnist, data_dir=str(tmp_path / 'other'),
+                        file_format='array_record')
