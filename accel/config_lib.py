@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stdloss.exclude = 'logits$'  # regex; '' = none
   c.stdloss.moments = 'global'   # 'global' | 'per_device'
 
-  c.lowprec = ml_collections.ConfigDict()   # accel/lowprec/hooks.py
+  c.lowprec = ml_collections.ConfigDict()   # accel/lowprec/method.py
   c.lowprec.enabled = False
   for gemm in ('fwd', 'bwd_data', 'bwd_weight'):   # the three GEMMs of every Dense/Conv
     c.lowprec[gemm] = ml_collections.ConfigDict(dict(

@@ -19,11 +19,14 @@ actually executed are `executed_flops(step_flops, block_flops, L, layers_run)`, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from accel.method import Method, StepPlan
 from accel.models.transformer import SWITCHABLE_REMAT_POLICY, Block, TransformerConfig
 
 # Separates the gate stream from every other use of `seed` (init, dropout, data).
@@ -75,18 +78,6 @@ def step_gates(ld_config: Any, num_layers: int, seed: int, step, train: bool):
       'layerdrop/layers_run': jnp.sum(gates_L).astype(jnp.float32)}
 
 
-def apply_kwargs(config, step, train: bool) -> tuple[dict, dict]:
-  """The task hook: (model.apply kwargs, metrics); ({}, {}) unless `layerdrop.enabled`.
-
-  Metrics are returned for training steps only; evaluation runs every layer, unscaled.
-  """
-  if not config.layerdrop.enabled:
-    return {}, {}
-  gates_L, keep_probs_L, metrics = step_gates(config.layerdrop, config.model.num_layers,
-                                              config.seed, step, train)
-  return {'gates_L': gates_L, 'keep_probs_L': keep_probs_L}, (metrics if train else {})
-
-
 def expected_layers(num_layers: int, theta_value) -> jax.Array:
   """E[layers run] = sum_l p_l = L - (1 - theta) (L + 1) / 2 (8.75 for L=12, theta=0.5)."""
   return num_layers - (1.0 - theta_value) * (num_layers + 1) / 2.0
@@ -118,15 +109,34 @@ def executed_flops(step_flops, block_flops, num_layers: int, layers_run):
   return step_flops - (num_layers - layers_run) * block_flops
 
 
-def flops_per_step_fn(config, model, compiled_flops: float):
-  """The loop's hook: logged train metrics -> FLOPs of that step (per device, as XLA's).
+class LayerDrop(Method):
+  """The method: gates drawn on the host for each train step, given to the model's blocks.
 
-  Without layer dropping the compiled cost; with it, less one block's forward + backward
-  (at the per-device batch) for every block the logged step dropped.
+  plan(step): `step_gates` evaluated on the host's CPU (the same bits as on any device:
+  jax.random is backend independent), as model inputs `gates_L` / `keep_probs_L`, and the
+  metrics `layerdrop/theta` and `layerdrop/layers_run` (blocks executed this step).
+  With theta_bar >= 1 the plan is empty: the baseline's program.
   """
-  if not config.layerdrop.enabled:
-    return lambda metrics: compiled_flops
-  block = block_train_flops(model.cfg, config.batch_size // jax.device_count(),
-                            config.data.seq_len)
-  return lambda metrics: executed_flops(compiled_flops, block, config.model.num_layers,
-                                        metrics['train/layerdrop/layers_run'])
+  block = 'layerdrop'
+  models = ('transformer_lm', 'bert')
+
+  def plan(self, config, step: int) -> StepPlan:
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):
+      gates_L, keep_probs_L, metrics = step_gates(config.layerdrop, config.model.num_layers,
+                                                  config.seed, step, train=True)
+      kwargs = {} if gates_L is None else {'gates_L': np.asarray(gates_L),
+                                           'keep_probs_L': np.asarray(keep_probs_L)}
+      return StepPlan(kwargs, {k: float(v) for k, v in metrics.items()})
+
+  def executed_flops(self, config, model, program_flops: float, plan: StepPlan) -> float:
+    """The compiled cost (a conditional counts its costliest branch: all L blocks) less one
+    block's forward + backward (at the per-device batch) for every block the step dropped."""
+    block = _block_train_flops_cached(model.cfg, config.batch_size // jax.device_count(),
+                                      config.data.seq_len)
+    return executed_flops(program_flops, block, config.model.num_layers,
+                          plan.metrics['layerdrop/layers_run'])
+
+
+_block_train_flops_cached = functools.lru_cache(maxsize=8)(block_train_flops)
+
+METHOD = LayerDrop()

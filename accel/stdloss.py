@@ -33,8 +33,8 @@ passes the output through an identity whose backward adds weight * dL/dy to the
 cotangent: the parameters get exactly the gradient of weight * L (a block skipped by layer
 drop gets none), but L's value and the layer's statistics are not available.
 
-Training (`task_hook`, called by `accel.tasks.Task.apply`): with `config.stdloss.enabled`
-and train=True, the model's apply runs under `capture` and the task loss gets
+Training (`METHOD.wrap_apply`, through `accel.methods.Enabled` in `accel.tasks.Task.apply`):
+with `config.stdloss.enabled`, the model's training apply runs under `capture` and the task loss gets
 `stdloss.weight` * the summed layer losses; metrics 'stdloss/loss' (unweighted) and per
 layer 'stdloss/<path>/mean_abs_mu' and '.../mean_var' come with every step (a few
 scalars; the loop logs them every `log_every` steps). Layers inside lifted transforms get
@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from accel.errors import UserError
+from accel.method import Method
 
 EPS = 1e-5
 CAPTURED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -216,37 +217,41 @@ def metrics(captured: dict[str, LayerStats]) -> dict[str, jax.Array]:
   return out
 
 
-def task_hook(config, apply_fn: Callable[..., Any], train: bool
-              ) -> Callable[..., tuple[Any, jax.Array | float, dict[str, jax.Array]]]:
-  """Wraps a model's apply for the task: fn(*a, **kw) -> (apply_fn(*a, **kw), term, metrics).
+class StandardizationLoss(Method):
+  """The method: the model's training apply under `capture`, lambda * L added to the loss.
 
-  term = stdloss.weight * sum of the captured layers' losses, metrics as `metrics` plus
-  'stdloss/gradient_only_layers' (chosen layers inside lifted transforms, whose term enters
-  the gradient only); when the block is disabled or train=False, apply_fn runs untouched
-  and term is 0.0, metrics {}.
+  Metrics as `metrics` plus 'stdloss/gradient_only_layers' (chosen layers inside lifted
+  transforms, whose term enters the gradient only). Evaluation runs the plain apply.
   """
-  cfg = config.stdloss
-  if not (cfg.enabled and train):
-    return lambda *args, **kwargs: (apply_fn(*args, **kwargs), 0.0, {})
-  if cfg.moments not in ('global', 'per_device'):
-    raise UserError(f"stdloss.moments must be 'global' or 'per_device', got {cfg.moments!r}")
-  num_shards = jax.device_count() if cfg.moments == 'per_device' else 1
-  try:
-    re.compile(cfg.layers)
-    re.compile(cfg.exclude)
-  except re.error as e:
-    raise UserError(f'stdloss.layers / stdloss.exclude: bad regular expression ({e})') from e
+  block = 'stdloss'
 
-  def wrapped(*args, **kwargs):
-    lifted: set[str] = set()
-    out, captured = capture(apply_fn, layers=cfg.layers, exclude=cfg.exclude,
-                            num_shards=num_shards, lifted_weight=cfg.weight,
-                            lifted_paths=lifted)(*args, **kwargs)
-    if not captured and not lifted:
-      raise UserError(f'stdloss.layers={cfg.layers!r} (exclude={cfg.exclude!r}) matches '
-                      'no Dense or Conv layer of the model')
-    std_metrics = metrics(captured)
-    std_metrics['stdloss/gradient_only_layers'] = jnp.asarray(len(lifted), jnp.float32)
-    return out, cfg.weight * total_loss(captured), std_metrics
+  def check(self, config) -> None:
+    cfg = config.stdloss
+    if cfg.moments not in ('global', 'per_device'):
+      raise UserError(f"stdloss.moments must be 'global' or 'per_device', got {cfg.moments!r}")
+    try:
+      re.compile(cfg.layers)
+      re.compile(cfg.exclude)
+    except re.error as e:
+      raise UserError(f'stdloss.layers / stdloss.exclude: bad regular expression ({e})') from e
 
-  return wrapped
+  def wrap_apply(self, config, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    cfg = config.stdloss
+    num_shards = jax.device_count() if cfg.moments == 'per_device' else 1
+
+    def wrapped(*args, **kwargs):
+      lifted: set[str] = set()
+      out, captured = capture(apply_fn, layers=cfg.layers, exclude=cfg.exclude,
+                              num_shards=num_shards, lifted_weight=cfg.weight,
+                              lifted_paths=lifted)(*args, **kwargs)
+      if not captured and not lifted:
+        raise UserError(f'stdloss.layers={cfg.layers!r} (exclude={cfg.exclude!r}) matches '
+                        'no Dense or Conv layer of the model')
+      std_metrics = metrics(captured)
+      std_metrics['stdloss/gradient_only_layers'] = jnp.asarray(len(lifted), jnp.float32)
+      return out, cfg.weight * total_loss(captured), std_metrics
+
+    return wrapped
+
+
+METHOD = StandardizationLoss()

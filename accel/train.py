@@ -11,92 +11,26 @@ the host); a non-finite loss stops the run before any later state is checkpointe
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from accel import config_lib, layerdrop, optim, tasks
-from accel.lowprec import hooks as lowprec_hooks
+from accel import config_lib, methods, tasks
 from accel.checkpoint import Checkpoints
 from accel.data import input_pipeline
 from accel.errors import UserError
 from accel.metrics import MetricWriter
+from accel.programs import Programs, signature
+from accel.trainer import Trainer, build_trainer
 
 
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  mutable: Any          # non-parameter collections, e.g. batch_stats
-
-
-@dataclasses.dataclass
-class Trainer:
-  """How one kind of training initialises its state and takes one step.
-
-  The loop only needs these; `data_parallel_trainer` is the default, and a method that
-  changes the parallel layout (the Ouroboros pipeline) supplies its own.
-  """
-  init: Callable[[jax.Array, dict], Any]                 # (rng, batch) -> state
-  train_step: Callable[[Any, dict], tuple[Any, dict]]    # (state, batch) -> state, metrics
-  eval_step: Callable[[Any, dict], dict]                 # (state, batch) -> metrics
-  batch_sharding: NamedSharding
-
-
-def train_rng(config) -> jax.Array:
-  """The rng of training randomness; step t's is fold_in(train_rng, t)."""
-  return jax.random.fold_in(jax.random.key(config.seed), 1)   # 0 is for init
-
-
-def data_parallel_trainer(config, task: tasks.Task, tx: optax.GradientTransformation,
-                          schedule, mesh: Mesh) -> Trainer:
-  """Params replicated, batch split over the 'data' mesh axis; XLA inserts the all-reduce."""
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  base_rng = train_rng(config)
-
-  def init(rng, batch):
-    variables = task.init(rng, batch)
-    params = variables.pop('params')
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), mutable=variables)
-
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-    (loss, (metrics, mutable)), grads = grad_fn(state.params, state.mutable, batch, rng,
-                                                state.step, True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state.step)}
-    return TrainState(state.step + 1, params, opt_state, mutable), metrics
-
-  def eval_step(state: TrainState, batch):
-    return task.evaluate(state.params, state.mutable, batch)
-
-  return Trainer(
-      init=jax.jit(init, out_shardings=replicated),
-      train_step=jax.jit(train_step, in_shardings=(replicated, batch_sharding),
-                         out_shardings=(replicated, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated),
-      batch_sharding=batch_sharding)
 
 
 def _check_workdir(config, workdir: str) -> None:
@@ -126,13 +60,6 @@ def _device_batch(trainer: Trainer, host_batch: dict) -> dict:
       lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), host_batch)
 
 
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', 0.0))
-
-
 def evaluate(trainer: Trainer, state, data, task=None) -> dict:
   """Scalar eval metrics averaged over the batches; where the task's eval step returns
   per-example arrays instead (corpus-level metrics: F1, correlations), they are gathered
@@ -152,29 +79,26 @@ def evaluate(trainer: Trainer, state, data, task=None) -> dict:
   return {f'eval/{k}': v for k, v in metrics.items()}
 
 
-def build_trainer(config, task, mesh) -> Trainer:
-  # The pipeline clips the global norm across its stages itself (accel.pipeline.clipping).
-  tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps,
-                                       clip=not config.pipeline.enabled)
-  tx = lowprec_hooks.wrap_optimizer(config, tx)
-  if config.pipeline.enabled:
-    from accel.pipeline.trainer import pipeline_trainer  # it imports this module
-    return pipeline_trainer(config, task, tx, schedule, mesh)
-  return data_parallel_trainer(config, task, tx, schedule, mesh)
+def build(config, info, devices=None) -> tuple[tasks.Task, Trainer]:
+  """The task and trainer `config` trains with on `devices` (default: all): what the loop
+  runs, and what the benchmarks time. info: the dataset's `DatasetInfo`."""
+  enabled = methods.Enabled(config)
+  task = tasks.build_task(config, info, enabled)
+  devices = jax.devices() if devices is None else devices
+  if config.batch_size % len(devices):
+    raise UserError(f'batch_size {config.batch_size} is not divisible by the '
+                    f'{len(devices)} devices of the data mesh')
+  return task, build_trainer(config, task, Mesh(np.asarray(devices), ('data',)))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` up to `config.total_steps`; returns the final metrics."""
   is_main = jax.process_index() == 0
   _check_workdir(config, workdir)
+  methods.Enabled(config)          # the methods' checks, before any data is prepared
   data = input_pipeline.build(config)
-  task = tasks.build_task(config, data.info)
-  devices = jax.devices()
-  if config.batch_size % len(devices):
-    raise UserError(f'batch_size {config.batch_size} is not divisible by the '
-                    f'{len(devices)} devices of the data mesh')
-  mesh = Mesh(np.asarray(devices), ('data',))
-  trainer = build_trainer(config, task, mesh)
+  task, trainer = build(config, data.info)
+  enabled = task.methods
 
   first_batch = _device_batch(trainer, data.train(0))
   state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), first_batch)
@@ -187,8 +111,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _write_config(config, workdir)
   writer = MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start)
-  train_step = trainer.train_step.lower(state, first_batch).compile()
-  flops_per_step = layerdrop.flops_per_step_fn(config, task.model, _flops(train_step))
+  programs = Programs(trainer.train_step, state, first_batch)
+  next_plan = enabled.plan(start)
+  programs.get(next_plan.model_kwargs)
   tokens_per_example = task.tokens_per_example()
 
   prefetch = concurrent.futures.ThreadPoolExecutor(1)
@@ -199,8 +124,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending = None                     # (step, device metrics) not yet fetched
   timer = (time.perf_counter(), start)
 
-  def fetch(step, device_metrics):
+  def fetch(step, device_metrics, plan):
     metrics = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
+    metrics.update({f'train/{k}': v for k, v in plan.metrics.items()})
     if not np.isfinite(metrics['train/loss']):
       last = checkpoints.latest_step()
       where = (f'the last good checkpoint, step {last} in {checkpoints.directory}, is intact'
@@ -213,12 +139,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start, config.total_steps):
       batch = _device_batch(trainer, next_batch.result())
+      plan = next_plan
       if step + 1 < config.total_steps:
         next_batch = prefetch.submit(data.train, step + 1)
-      state, device_metrics = train_step(state, batch)
+      state, device_metrics = programs.get(plan.model_kwargs)(
+          state, batch, jax.device_put(plan.model_kwargs, trainer.replicated))
+      if step + 1 < config.total_steps:
+        next_plan = enabled.plan(step + 1)
+        programs.prefetch(next_plan.model_kwargs)
       if pending is not None:
         fetch(*pending)
-      pending = (step, device_metrics)
+      pending = (step, device_metrics, plan)
       done = step + 1
       bar.update(1)
       log_now = done % config.log_every == 0 or done == config.total_steps
@@ -232,7 +163,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         elapsed, steps = time.perf_counter() - timer[0], done - timer[1]
         perf = {'perf/step_time_s': elapsed / steps,
                 'perf/examples_per_s': steps * config.batch_size / elapsed,
-                'perf/flops_per_step': flops_per_step(metrics)}
+                'perf/flops_per_step': enabled.executed_flops(
+                    task.model, programs.flops[signature(plan.model_kwargs)], plan),
+                'perf/programs': len(programs)}
         if tokens_per_example:
           perf['perf/tokens_per_s'] = perf['perf/examples_per_s'] * tokens_per_example
         summary.update(perf)
@@ -251,6 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     bar.close()
     prefetch.shutdown(wait=False, cancel_futures=True)
+    programs.close()
     checkpoints.wait()
     checkpoints.close()
     writer.close()

@@ -7,7 +7,7 @@ Command (each preset):
   python -m experiments.train --config configs/ouroboros_txl.py:gpu   --workdir runs/ouro_txl_gpu
   python -m experiments.train --config configs/ouroboros_txl.py:paper --workdir runs/ouro_txl_paper
 Synchronous comparison: the same command with --config.pipeline.enabled=False (the spine's
-data-parallel segment training, accel/segment_lm.py).
+data-parallel segment training, accel/tasks/segment_lm.py).
 Switches: --config.pipeline.num_modules=4 --config.pipeline.tied_ring=False
           --config.pipeline.backward_weights=stored
 The pipeline uses num_modules-1 stages (tied ring) or num_modules (untied); the remaining

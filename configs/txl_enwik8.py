@@ -10,7 +10,7 @@ $ACCEL_DATA_DIR/downloads/manual/ (see accel/data/corpora.py). text8: --config.d
 
 Model (accel/models/transformer_xl.py): relative positions, segment recurrence with memory
 model.mem_len, PostLN (model.pre_ln=False, the original), tied embedding with output bias.
-Training (accel/segment_lm.py): contiguous streams (data.order='contiguous'), the memory
+Training (accel/tasks/segment_lm.py): contiguous streams (data.order='contiguous'), the memory
 carried across steps in the train state; evaluation carries the memory across the rows of
 each validation batch (consecutive segments).
 

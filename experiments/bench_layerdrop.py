@@ -12,7 +12,7 @@ drift in the machine's load hits both alike) and are evaluated at the same steps
 
 Reported:
 - FLOPs per step at steady state: XLA's cost of the compiled step less the dropped blocks
-  (`accel.layerdrop.flops_per_step_fn`, per device), mean over the steady window;
+  (`LayerDrop.executed_flops`, per device), mean over the steady window;
 - wall-clock per step at steady state: the median over the chunks of the same window of
   chunk time / steps; the window starts when theta(t) - theta_bar < 0.01, or at half the
   run if that is later;
@@ -32,10 +32,10 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from accel import benchmarking, layerdrop, tasks, train
+from accel import benchmarking, layerdrop, train
 from accel.data import input_pipeline
+from accel.programs import Programs, signature
 from configs import pld_bert
 
 # no_drop: the PLD code path (blocks under cond, their remat policy) with gamma = 0, so
@@ -72,38 +72,38 @@ class Variant:
 
   def __init__(self, config, data):
     self.config = config
-    task = tasks.build_task(config, data.info)
-    mesh = Mesh(np.asarray(jax.devices()), ('data',))
-    self.trainer = train.build_trainer(config, task, mesh)
+    self.task, self.trainer = train.build(config, data.info)
     batch = self.put(data.train(0))
     self.state = self.trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
     t0 = time.perf_counter()
-    self.step = self.trainer.train_step.lower(self.state, batch).compile()
+    self.programs = Programs(self.trainer.train_step, self.state, batch)
+    self.programs.get(self.task.methods.plan(0).model_kwargs)
     self.compile_s = time.perf_counter() - t0
-    cost = self.step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.compiled_flops = float(cost['flops'])
-    self.flops_fn = layerdrop.flops_per_step_fn(config, task.model, self.compiled_flops)
+    self.compiled_flops = next(iter(self.programs.flops.values()))
     self.step_seconds, self.step_flops, self.layers_run, self.train_loss = [], [], [], []
     self.evals = []   # (step, training seconds so far, eval loss)
 
   def put(self, host_batch):
     return jax.device_put(host_batch, self.trainer.batch_sharding)
 
-  def run_chunk(self, batches):
+  def run_chunk(self, first_step, batches):
+    plans = [self.task.methods.plan(first_step + i) for i in range(len(batches))]
+    for plan in plans:
+      self.programs.get(plan.model_kwargs)   # compiled outside the timed chunk
     t0 = time.perf_counter()
     metrics = []
-    for batch in batches:
-      self.state, m = self.step(self.state, batch)
+    for batch, plan in zip(batches, plans):
+      self.state, m = self.programs.get(plan.model_kwargs)(
+          self.state, batch, jax.device_put(plan.model_kwargs, self.trainer.replicated))
       metrics.append(m)
     jax.block_until_ready(self.state)
     seconds = time.perf_counter() - t0
-    for m in jax.device_get(metrics):
-      logged = {f'train/{k}': float(v) for k, v in m.items()}
-      run = logged.get('train/layerdrop/layers_run', self.config.model.num_layers)
+    for m, plan in zip(jax.device_get(metrics), plans):
+      run = plan.metrics.get('layerdrop/layers_run', self.config.model.num_layers)
       self.layers_run.append(run)
-      self.step_flops.append(self.flops_fn(logged))
-      self.train_loss.append(logged['train/loss'])
+      self.step_flops.append(self.task.methods.executed_flops(
+          self.task.model, self.programs.flops[signature(plan.model_kwargs)], plan))
+      self.train_loss.append(float(m['loss']))
       self.step_seconds.append(seconds / len(batches))
 
   def evaluate(self, data, step):
@@ -121,7 +121,7 @@ def run(mode: str, steps: int, chunk: int, eval_every: int, extra: float) -> dic
     host = [data.train(s) for s in range(start, stop)]
     order = VARIANTS if (start // chunk) % 2 == 0 else VARIANTS[::-1]
     for v in order:
-      variants[v].run_chunk([variants[v].put(b) for b in host])
+      variants[v].run_chunk(start, [variants[v].put(b) for b in host])
     if stop % eval_every == 0 or stop == total:
       for v in VARIANTS:
         variants[v].evaluate(data, stop)
@@ -130,7 +130,7 @@ def run(mode: str, steps: int, chunk: int, eval_every: int, extra: float) -> dic
   step = total
   while pld.evals[-1][2] > target and step < total + extra * total:
     for start in range(step, step + eval_every, chunk):
-      pld.run_chunk([pld.put(data.train(s)) for s in range(start, start + chunk)])
+      pld.run_chunk(start, [pld.put(data.train(s)) for s in range(start, start + chunk)])
     step += eval_every
     pld.evaluate(data, step)
   window = slice(steady_start(configs['pld']), total)

@@ -20,12 +20,9 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
 
-from accel import benchmarking, models, optim, tasks
+from accel import benchmarking, train
 from accel.data.input_pipeline import DatasetInfo
-from accel.train import data_parallel_trainer
 from configs import lm
 
 GPU_VARIANTS = {
@@ -57,20 +54,17 @@ def model_flops_per_token(params, cfg) -> float:
 
 def bench_variant(config, vocab: int, iters: int, profile_dir: str = '') -> dict:
   info = DatasetInfo('lm', vocab_size=vocab)
-  task = tasks.LanguageModelTask(config, models.build_model(config, info))
-  tx, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
-  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  trainer = data_parallel_trainer(config, task, tx, schedule, mesh)
+  _, trainer = train.build(config, info, jax.devices()[:1])
   shape = (config.batch_size, config.data.seq_len + 1)
   tokens = jax.random.randint(jax.random.key(1), shape, 0, vocab, jnp.int32)
   batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
                          trainer.batch_sharding)
   state = trainer.init(jax.random.key(0), batch)
-  step = trainer.train_step.lower(state, batch).compile()
+  step = trainer.train_step.lower(state, batch, {}).compile()
   holder = {'state': state}
 
   def run(state_batch):
-    holder['state'], metrics = step(holder['state'], state_batch)
+    holder['state'], metrics = step(holder['state'], state_batch, {})
     return holder['state'], metrics
   seconds = benchmarking.time_calls(run, lambda: (batch,), iters)
   if profile_dir:

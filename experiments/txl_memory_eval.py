@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
-from accel import tasks, train
+from accel import train
 from accel.checkpoint import Checkpoints
 from accel.data import input_pipeline
 from accel.models import transformer_xl
@@ -29,8 +28,7 @@ def memory_gap(workdir: str) -> dict:
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   data = input_pipeline.build(config)
-  task = tasks.build_task(config, data.info)
-  trainer = train.build_trainer(config, task, Mesh(np.asarray(jax.devices()), ('data',)))
+  task, trainer = train.build(config, data.info)
   state = trainer.init(jax.random.key(0), jax.tree.map(jnp.asarray, data.train(0)))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   state = checkpoints.restore(state)

@@ -6,7 +6,7 @@ import jax
 import optax
 import pytest
 
-from accel import train
+from accel import train, trainer
 from accel.errors import UserError
 from tests.helpers import run_cli
 from tests.test_train import smoke
@@ -72,7 +72,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(smoke(total_steps=10), workdir)
   before = tree_digest(os.path.join(workdir, 'checkpoints'))
-  real = train.optim.build_optimizer
+  real = trainer.optim.build_optimizer
 
   def exploding(opt_cfg, total_steps, **kwargs):
     tx, schedule = real(opt_cfg, total_steps, **kwargs)
@@ -81,7 +81,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
       updates, state = tx.update(grads, state, params)
       return jax.tree.map(lambda u: u * 1e30, updates), state   # inf, then NaN
     return optax.GradientTransformation(tx.init, update), schedule
-  monkeypatch.setattr(train.optim, 'build_optimizer', exploding)
+  monkeypatch.setattr(trainer.optim, 'build_optimizer', exploding)
   with pytest.raises(train.TrainingDiverged, match='the last good checkpoint, step 10'):
     train.train_and_evaluate(smoke(total_steps=20), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10']

@@ -1,4 +1,4 @@
-"""config.lowprec -> model hooks, optimizer wrapper, loss scale."""
+"""config.lowprec -> model hooks, optimizer wrapper, loss scale (the method's hooks)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,36 +6,36 @@ import optax
 import pytest
 from jax import lax
 
-from accel import config_lib
+from accel import config_lib, methods
 from accel.errors import UserError
 from accel.lowprec import formats as F
 from accel.lowprec import gemm as G
-from accel.lowprec import hooks
+from accel.lowprec.method import METHOD as lowprec
 from configs import fp8_lm, fp8_resnet
 
 
 def test_disabled_changes_nothing():
-  c = config_lib.base_config()
+  enabled = methods.Enabled(config_lib.base_config())
   tx = optax.sgd(0.1)
-  assert hooks.model_overrides(c) == {} and hooks.wrap_optimizer(c, tx) is tx
+  assert enabled.model_overrides() == {} and enabled.wrap_optimizer(tx) is tx
   x = jnp.ones(3)
-  assert hooks.scale_outputs(c, x, True) is x
+  assert enabled.transform_outputs(x) is x
 
 
 def test_variants_set_the_three_gemms_and_exemptions():
   c = fp8_lm.get_config('smoke,fp8_chunk1')
-  ov = hooks.model_overrides(c)
+  ov = lowprec.model_overrides(c)
   assert ov['head_dot_general'] is lax.dot_general
   s = ov['dot_general'].settings
   assert [g.chunk_size for g in (s.fwd, s.bwd_data, s.bwd_weight)] == [1, 1, 1]
   assert s.fwd == G.GemmSettings('e5m2', 'e6m9', 'fp32', 1, 'fast', 'nearest')
   r = fp8_resnet.get_config('smoke,fp8')
-  ov = hooks.model_overrides(r)
+  ov = lowprec.model_overrides(r)
   assert ov['first_conv_general_dilated'] is lax.conv_general_dilated
   assert ov['logits_dot_general'] is lax.dot_general
   assert isinstance(ov['conv_general_dilated'], G.LowPrecConv)
   r.lowprec.exempt_first_last = False
-  assert isinstance(hooks.model_overrides(r)['logits_dot_general'], G.LowPrecDotGeneral)
+  assert isinstance(lowprec.model_overrides(r)['logits_dot_general'], G.LowPrecDotGeneral)
   assert fp8_lm.get_config('cpu,fp32').lowprec.enabled is False
   assert fp8_lm.get_config('cpu,fp8_nearest').lowprec.update_rounding == 'nearest'
   with pytest.raises(ValueError):
@@ -46,7 +46,7 @@ def test_bad_format_is_a_user_error():
   c = fp8_lm.get_config('smoke')
   c.lowprec.fwd.acc_fmt = 'e7m8'
   with pytest.raises(UserError):
-    hooks.model_overrides(c)
+    methods.Enabled(c)
 
 
 def test_convnet_with_hooks_takes_one_step_in_e6m9():
@@ -55,14 +55,14 @@ def test_convnet_with_hooks_takes_one_step_in_e6m9():
   net = lambda **hk: ConvNet(features=(4, 4), kernel_size=3, **hk)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 1)), jnp.float32)
   labels = jnp.arange(4)
-  params = hooks.round_params(c, net().init(jax.random.key(0), x))['params']
-  model = net(**hooks.model_overrides(c))
+  params = lowprec.init_variables(c, net().init(jax.random.key(0), x))['params']
+  model = net(**lowprec.model_overrides(c))
 
   def loss(p):
-    logits = hooks.scale_outputs(c, model.apply({'params': p}, x), True)
+    logits = lowprec.transform_outputs(c, model.apply({'params': p}, x))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  tx = hooks.wrap_optimizer(c, optax.sgd(0.1))
+  tx = lowprec.wrap_optimizer(c, optax.sgd(0.1))
   grads = jax.jit(jax.grad(loss))(params)
   step = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
   new = step(params, grads)

@@ -2,7 +2,7 @@
 
 Every module keeps the recurrence memory of its own layers; with all delays 0
 (`synchronous=True`) the per-module vjps, per-module Adam and per-module memories must equal
-jax.grad of the whole model with the memory carried from step to step (accel/segment_lm.py),
+jax.grad of the whole model with the memory carried from step to step (accel/tasks/segment_lm.py),
 (PostLN; the PreLN head runs in tests/test_pipeline_spmd.py's 'txl_preln' case, where the
 SPMD program is checked against this reference).
 """

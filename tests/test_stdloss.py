@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import test_util
 
-from accel import stdloss
+from accel import methods, stdloss
 from accel.models import cnn
 
 
@@ -121,7 +121,7 @@ def test_metrics_names():
 _MULTI_DEVICE = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from accel import stdloss
+    from accel import methods, stdloss
     assert jax.device_count() == 4
     mesh = Mesh(np.array(jax.devices()), ('data',))
     x = jax.random.normal(jax.random.key(0), (16, 3, 3, 5)) * 2 + 1
@@ -173,34 +173,37 @@ def _hook_config(**stdloss_overrides):
   return c
 
 
-def test_task_hook_adds_weighted_term_in_training_only():
+def _hook(cfg, apply_fn):
+  """The training apply the enabled methods of `cfg` make of `apply_fn`."""
+  return methods.Enabled(cfg).wrap_apply(apply_fn)
+
+
+def test_training_apply_adds_weighted_term():
   model = cnn.ConvNet()
   x, variables = _model_and_vars(model)
   plain = model.apply(variables, x)
   on = _hook_config(enabled=True, weight=0.25)
-  out, term, m = jax.jit(stdloss.task_hook(on, model.apply, train=True))(variables, x)
+  out, term, m = jax.jit(_hook(on, model.apply))(variables, x)
   np.testing.assert_array_equal(out, plain)
   np.testing.assert_allclose(term, 0.25 * m['stdloss/loss'], rtol=1e-6)
   assert float(m['stdloss/loss']) > 0 and 'stdloss/conv_2/mean_var' in m
-  # Disabled, or evaluation: the plain apply, no term, no metrics.
-  for cfg, train in ((_hook_config(enabled=False), True), (on, False)):
-    out, term, m = stdloss.task_hook(cfg, model.apply, train)(variables, x)
-    np.testing.assert_array_equal(out, plain)
-    assert term == 0.0 and m == {}
+  # Disabled: the plain apply, no term, no metrics (evaluation: test_classification_task_wiring).
+  out, term, m = _hook(_hook_config(enabled=False), model.apply)(variables, x)
+  np.testing.assert_array_equal(out, plain)
+  assert term == 0.0 and m == {}
 
 
-def test_task_hook_rejects_bad_layer_choice():
+def test_bad_layer_choice_is_refused():
   from accel.errors import UserError
   model = cnn.ConvNet()
   x = jnp.zeros((2, 8, 8, 1))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   with pytest.raises(UserError, match='matches no Dense or Conv'):
-    jax.eval_shape(stdloss.task_hook(_hook_config(enabled=True, layers='fc_in'), model.apply,
-                                     True), variables, x)
+    jax.eval_shape(_hook(_hook_config(enabled=True, layers='fc_in'), model.apply), variables, x)
   with pytest.raises(UserError, match='bad regular expression'):
-    stdloss.task_hook(_hook_config(enabled=True, layers='('), model.apply, True)
+    methods.Enabled(_hook_config(enabled=True, layers='('))
   with pytest.raises(UserError, match='per_device'):
-    stdloss.task_hook(_hook_config(enabled=True, moments='local'), model.apply, True)
+    methods.Enabled(_hook_config(enabled=True, moments='local'))
 
 
 def test_classification_task_wiring():
@@ -214,14 +217,15 @@ def test_classification_task_wiring():
   model = cnn.ConvNet(norm='batch')  # the batch_stats path every ClassificationTask takes
 
   def task_for(**stdloss_cfg):
-    return tasks.ClassificationTask(_hook_config(**stdloss_cfg), model,
+    cfg = _hook_config(**stdloss_cfg)
+    return tasks.ClassificationTask(cfg, model, methods.Enabled(cfg),
                                     mutable_collections=('batch_stats',))
 
   off, on = task_for(enabled=False), task_for(enabled=True, weight=0.5)
   variables = off.init(jax.random.key(1), batch)
   params = variables.pop('params')
   loss_grad = lambda t: jax.jit(jax.value_and_grad(t.loss, has_aux=True),
-                                static_argnums=5)(params, variables, batch, rng, 0, True)
+                                static_argnums=4)(params, variables, batch, rng, True)
   (l_off, (m_off, mut_off)), g_off = loss_grad(off)
   (l_on, (m_on, mut_on)), _ = loss_grad(on)
   # Reference: the plain model apply and the task's own objective, no Task.apply machinery.
@@ -267,7 +271,7 @@ def test_lifted_layers_get_the_gradient_of_the_term():
 
   x, variables = _model_and_vars(cnn.ConvNet())
   params = variables['params']
-  hook = stdloss.task_hook(_hook_config(enabled=True, weight=0.5), RematNet().apply, True)
+  hook = _hook(_hook_config(enabled=True, weight=0.5), RematNet().apply)
 
   def lifted(p):
     out, term, m = hook({'params': {'net': p}}, x)
@@ -296,7 +300,7 @@ def test_lifted_layers_get_the_gradient_of_the_term():
   gates = dict(gates_L=jnp.array([True, False]), keep_probs_L=jnp.array([1.0, 0.5]))
 
   def grads(enabled):
-    hook = stdloss.task_hook(_hook_config(enabled=enabled, layers='fc_in$'), model.apply, True)
+    hook = _hook(_hook_config(enabled=enabled, layers='fc_in$'), model.apply)
     f = lambda p: hook({'params': p}, tokens, **gates)[0].sum()
     return jax.jit(jax.grad(f))(params)['stack']
 

@@ -70,9 +70,9 @@ def test_words_are_ordered_by_frequency_and_have_no_bits_per_byte(tmp_path):
 def test_bits_per_byte_uses_the_bytes_per_token():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 7))
   batch = {'targets': jnp.asarray([[1, 2, 3], [4, 5, 6]])}
-  per_byte = tasks.LanguageModelTask(None, None).objective(logits, batch)[1]
-  per_token = tasks.LanguageModelTask(None, None, bytes_per_token=2.5).objective(logits, batch)
-  words = tasks.LanguageModelTask(None, None, bytes_per_token=0.0).objective(logits, batch)
+  per_byte = tasks.LanguageModelTask(None, None, None).objective(logits, batch)[1]
+  per_token = tasks.LanguageModelTask(None, None, None, bytes_per_token=2.5).objective(logits, batch)
+  words = tasks.LanguageModelTask(None, None, None, bytes_per_token=0.0).objective(logits, batch)
   np.testing.assert_allclose(per_token[1]['bits_per_byte'], per_byte['bits_per_byte'] / 2.5)
   np.testing.assert_allclose(per_byte['bits_per_byte'], per_byte['loss'] / np.log(2))
   assert 'bits_per_byte' not in words[1] and 'perplexity' in words[1]

@@ -234,17 +234,20 @@ def test_call_keeps_memory_in_mutable_collection():
 def test_task_carries_memory_in_training_and_across_eval_rows():
   """The task's train loss returns the next memory; evaluation scores the rows of a batch as
   consecutive segments (row r sees row r-1's memory), memory zero before row 0."""
-  from accel import config_lib, segment_lm
+  from accel import config_lib, methods, tasks
+  from accel.data import input_pipeline
   cfg, model, params, tokens, _, segment = _setup(pre_ln=False)
   config = config_lib.base_config()
   config.model.name, config.data.order, config.data.seq_len = 'transformer_xl', 'contiguous', L
-  task = segment_lm.build_task(config, model)
+  info = input_pipeline.DatasetInfo('lm', vocab_size=cfg.vocab_size)
+  build = lambda: tasks.TASKS['transformer_xl', 'lm'](config, info, model, methods.Enabled(config))
+  task = build()
   batch = {'inputs': tokens[:, :L], 'targets': tokens[:, 1:L + 1]}
   mutable = {'mems': {'memory': {'hidden': txl.zero_memory(cfg, B)}}}
 
   @jax.jit
   def run(p, mutable, batch):
-    _, (_, new_mutable) = task.loss(p, mutable, batch, jax.random.key(0), 0, True)
+    _, (_, new_mutable) = task.loss(p, mutable, batch, jax.random.key(0), True)
     return new_mutable, task.evaluate(p, mutable, batch)
   new_mutable, metrics = run(params, mutable, batch)
   _, expected_mems = segment(params, tokens[:, :L], txl.zero_memory(cfg, B))
@@ -258,10 +261,10 @@ def test_task_carries_memory_in_training_and_across_eval_rows():
   np.testing.assert_allclose(metrics['loss'], np.mean(losses), rtol=1e-5)
   config.data.order = 'shuffled'
   with pytest.raises(UserError, match='contiguous'):
-    segment_lm.build_task(config, model)
+    build()
   config.data.order, config.layerdrop.enabled = 'contiguous', True
   with pytest.raises(UserError, match='layerdrop'):
-    segment_lm.build_task(config, model)
+    build()
 
 
 def test_no_memory_state_when_mem_len_is_zero():

@@ -1,7 +1,7 @@
 """BERT-style encoder heads on the bidirectional `TransformerLM` (cfg.causal=False).
 
 Both models keep the encoder under the parameter name `encoder`, so a classifier starts
-from a pretrained masked LM by copying that subtree (`accel.encoder_tasks`).
+from a pretrained masked LM by copying that subtree (`accel.tasks.encoder`).
 
 - `MaskedLM`: logits_BxLxV = LN_f(Blocks(E[tokens] + P)) @ E^T, the output projection
   tied to the token embedding (BERT section 3.1; PLD pretraining, papers.md section 2).

@@ -7,7 +7,7 @@ is spread:
                     the gradient all-reduce. Any model family (`families`); with a
                     recurrence memory (Transformer-XL) the memory [N, B, M, D] is carried
                     from step to step, sharded with the batch: segment training
-                    (`accel.segment_lm`) on contiguous batches.
+                    (`accel.tasks.segment_lm`) on contiguous batches.
   `gpipe`           GPipe (Huo et al. are not involved; Huang et al. 2019): the blocks cut
                     into S stages of n = L/S (stacked [S, n, ...] over 'stage'), the batch
                     into M micro-batches; forward ticks i = 0..M+S-2, stage s runs

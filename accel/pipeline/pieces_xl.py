@@ -8,7 +8,7 @@ Parameters of `accel.models.transformer_xl.TransformerXL` (blocks already in the
                                                 (final_ln only for PreLN, adaptive_clusters
                                                 only with the adaptive softmax)
 Module functions (Dai et al. 2019, sections 3.2-3.3; the model's own methods, so the
-pipeline computes exactly the model `accel.segment_lm` trains):
+pipeline computes exactly the model `accel.tasks.segment_lm` trains):
   embed      x = E[tokens] * sqrt(D)
   blocks     (h, new_mem) = run_layers(layers, x, mem), mem [n, B, M, D] the memory of
              exactly these n layers; new_mem = stop_gradient([mem ; x_layer][-M:])

@@ -1,8 +1,8 @@
-"""The Ouroboros pipeline as a `accel.train.Trainer` (config: pipeline.enabled=True).
+"""The Ouroboros pipeline as a `accel.trainer.Trainer` (config: pipeline.enabled=True).
 
 The spine's loop stays as it is; this supplies the state init, the train step (one
 pipeline iteration, `spmd.Pipeline`) and the eval step (the reassembled model, scored by
-its task: `LanguageModelTask` for model.name=transformer_lm, `segment_lm.SegmentLMTask`
+its task: `LanguageModelTask` for model.name=transformer_lm, `tasks.SegmentLMTask`
 for transformer_xl, whose contiguous batches carry the per-stage memory across steps).
 The devices of the loop's mesh are regrouped as ('data', 'stage') with
 stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
@@ -19,7 +19,7 @@ metric reads 0 with 'pipeline_filled' = 0. 'grad_norm' is the global norm of the
 applied at this iteration, before clipping (`accel.pipeline.clipping`).
 
 Dropout keys derive from the same train rng as the data-parallel trainer's
-(`accel.train.train_rng`): batch b's are fold_in(train_rng, b), folded further with the
+(`accel.trainer.train_rng`): batch b's are fold_in(train_rng, b), folded further with the
 module and the data shard (`pieces.dropout_key`), so with a data axis > 1 the masks
 depend on the device count.
 """
@@ -31,32 +31,29 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel import segment_lm, tasks
+from accel import tasks
 from accel.errors import UserError
 from accel.models.transformer import TransformerLM
 from accel.models.transformer_xl import TransformerXL
 from accel.pipeline import families
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
-from accel.train import Trainer, TrainState, train_rng
+from accel.trainer import Trainer, TrainState, train_rng
 
 _BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem', 'prev_params')
 
 
-def _check(config, task):
+def _check(task):
   lm = type(task) is tasks.LanguageModelTask and isinstance(task.model, TransformerLM)
-  xl = isinstance(task, segment_lm.SegmentLMTask) and isinstance(task.model, TransformerXL)
+  xl = isinstance(task, tasks.SegmentLMTask) and isinstance(task.model, TransformerXL)
   if not (lm or xl):
     raise UserError('pipeline.enabled needs model.name=transformer_lm or transformer_xl on '
                     'language-model data')
-  for block in ('layerdrop', 'stdloss', 'lowprec'):
-    if config[block].enabled:
-      raise UserError(f'pipeline.enabled does not compose with {block}.enabled yet')
 
 
 def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   """tx: the per-module optimizer, without the global-norm clip (`build_trainer`)."""
-  _check(config, task)
+  _check(task)
   pc = config.pipeline
   model_pieces = families.for_config(task.model.cfg)
   cfg = model_pieces.cfg
@@ -88,7 +85,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     b, l = batch['inputs'].shape
     return to_train_state(pipe.init(params, b, l))
 
-  def train_step(ts, batch):
+  def train_step(ts, batch, plan_kwargs):
+    del plan_kwargs   # no method that plans per step composes with the pipeline yet
     batch = {'inputs': batch['inputs'], 'targets': batch['targets']}
     st, metrics = pipe.step_fn(to_pipeline_state(ts), batch)
     filled = metrics['loss_valid']

@@ -30,7 +30,8 @@ from accel.data import glue
 from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
 from accel.losses import cross_entropy
-from accel.tasks import ClassificationTask, Task
+from accel.tasks.base import Task
+from accel.tasks.classification import ClassificationTask
 
 _MASK_STREAM = 0x4D4C4D   # separates the masking key from dropout's
 
@@ -56,8 +57,8 @@ class MaskedLMTask(Task):
   def inputs(self, batch):
     return batch['mlm_inputs']
 
-  def loss(self, params, mutable, batch, rng, step, train: bool = True):
-    return super().loss(params, mutable, self._masked(batch, rng), rng, step, train)
+  def loss(self, params, mutable, batch, rng, train: bool = True, plan_kwargs=None):
+    return super().loss(params, mutable, self._masked(batch, rng), rng, train, plan_kwargs)
 
   def objective(self, logits_BxLxV, batch):
     loss, accuracy = mlm.mlm_loss(logits_BxLxV, batch['mlm_targets'], batch['mlm_weights'])
@@ -142,7 +143,7 @@ class GlueFinetuneTask(TextClassificationTask):
     return loss, {'loss': loss, 'accuracy': accuracy}
 
   def evaluate(self, params, mutable, batch):
-    outputs_BxC = self.apply(params, mutable, batch, jax.random.key(0), 0, False)[0]
+    outputs_BxC = self.apply(params, mutable, batch, jax.random.key(0), False)[0]
     loss_B, prediction_B = self._per_example(outputs_BxC, batch)
     return {'loss': loss_B, 'prediction': prediction_B, 'label': batch['label'],
             'weight': batch['weight']}
@@ -154,17 +155,3 @@ class GlueFinetuneTask(TextClassificationTask):
     return {'loss': float(per_example['loss'][real].mean()),
             **{name: glue_metrics.METRICS[name](prediction, label)
                for name in self.spec.metrics}}
-
-
-def build_task(config, info, model) -> Task:
-  if info.kind == 'lm':
-    return MaskedLMTask(config, model, vocab=info.vocab)
-  if info.kind == 'text_classification':
-    workdir = config.get('finetune', {}).get('pretrained_workdir', '')
-    pretrained = load_pretrained_encoder(workdir) if workdir else None
-    if config.data.name in glue.NAMES:
-      return GlueFinetuneTask(config, model, pretrained=pretrained,
-                              spec=glue.TASKS[glue.task_of(config.data.name)])
-    return TextClassificationTask(config, model, pretrained=pretrained)
-  raise UserError(f'model.name=bert has no task for data of kind {info.kind!r} '
-                  '(use a text dataset for MLM or shakespeare_genre for classification)')

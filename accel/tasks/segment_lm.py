@@ -16,13 +16,13 @@ import dataclasses
 
 from jax import lax
 
-from accel import tasks
 from accel.errors import UserError
 from accel.models import transformer_xl
+from accel.tasks.language_model import LanguageModelTask
 
 
 @dataclasses.dataclass
-class SegmentLMTask(tasks.LanguageModelTask):
+class SegmentLMTask(LanguageModelTask):
   """Next-token prediction with a recurrence memory in `mutable['mems']`."""
 
   def __post_init__(self):
@@ -30,9 +30,6 @@ class SegmentLMTask(tasks.LanguageModelTask):
       raise UserError(f'model.name={self.config.model.name} carries memory from one batch to '
                       "the next and needs data.order='contiguous' "
                       f'(got {self.config.data.order!r})')
-    if self.config.layerdrop.enabled:
-      raise UserError(f'layerdrop is not available for model.name={self.config.model.name} '
-                      '(its blocks take no gates)')
 
   def evaluate(self, params, mutable, batch):
     del mutable                                   # the training streams' memory
@@ -44,9 +41,4 @@ class SegmentLMTask(tasks.LanguageModelTask):
     zeros = transformer_xl.zero_memory(self.model.cfg, 1)
     _, logits_BxLxV = lax.scan(next_segment, zeros, batch['inputs'])
     return self.objective(logits_BxLxV, batch)[1]
-
-
-def build_task(config, model, bytes_per_token: float = 1.0) -> SegmentLMTask:
-  return SegmentLMTask(config, model, mutable_collections=('mems',),
-                       bytes_per_token=bytes_per_token)
 
