@@ -62,7 +62,7 @@ def test_character_corpus_split_90_5_5_from_the_manual_dir(tmp_path, monkeypatch
   config = _config(name, seq_len=8, batch=3, order='contiguous')
   config.data.dir = str(prepared)
   built = input_pipeline.build(config)
-  builder = input_pipeline._builder(name, config.data)
+  builder = input_pipeline.prepared(name, config.data)
   splits = {s: corpora.stream(builder.as_data_source(s)).tobytes()
             for s in ('train', 'validation', 'test')}
   assert splits == {'train': data[:1800], 'validation': data[1800:1900],
@@ -102,7 +102,7 @@ def test_wikitext103_vocabulary_and_ids(tmp_path, monkeypatch):
   config = _config('wikitext103', seq_len=2, batch=2, order='contiguous')
   config.data.dir, config.eval_batch_size = str(prepared), 1
   built = input_pipeline.build(config)
-  builder = input_pipeline._builder('wikitext103', config.data)
+  builder = input_pipeline.prepared('wikitext103', config.data)
   # by count (the 3, = 2, the rest 1), ties in order of first occurrence, '<eos>' first
   vocab = ['<eos>', 'the', '=', 'Title', 'cat', '<unk>', 'dog', 'end']
   assert builder.info.metadata['vocab'] == vocab

@@ -56,7 +56,7 @@ def test_lm_batches_are_shifted_windows_and_a_function_of_the_step(tmp_path):
 
 def test_shakespeare_split_and_genres():
   config = data_config('shakespeare', seq_len=64)
-  builder = input_pipeline._builder('shakespeare', config.data)
+  builder = input_pipeline.prepared('shakespeare', config.data)
   assert builder.info.features['genre'].names == list(builders.SHAKESPEARE_GENRES)
   train = builder.as_data_source('train')
   val = builder.as_data_source('validation')

@@ -90,7 +90,7 @@ def _split(builder, split):
 def test_builder_round_trips_the_canonical_archive(tmp_path, small_splits, name, write):
   expected = write(tmp_path)
   data = input_pipeline.build(_config(name, tmp_path))
-  builder = input_pipeline._builder(name, _config(name, tmp_path).data)
+  builder = input_pipeline.prepared(name, _config(name, tmp_path).data)
   assert set(builder.info.splits) == {'train', 'test'}
   assert builder.info.features['image'].np_dtype == np.uint8
   shape = (28, 28, 1) if name == 'mnist' else (32, 32, 3)
@@ -202,3 +202,13 @@ def test_downloads_from_the_url_without_a_manual_dir(tmp_path, small_splits, mon
                                       'into the tfds manual dir'):
     preparation.prepare(images.Mnist, data_dir=str(tmp_path / 'other'),
                         file_format='array_record')
+
+
+def test_prepare_entry_point(tmp_path, small_splits, capsys):
+  from experiments import prepare
+  write_fake_mnist(tmp_path)
+  prepare.main(['mnist', '--data_dir', str(tmp_path)])
+  assert f'mnist: {tmp_path}/mnist/1.0.0 (train 6, test 4 records)' in capsys.readouterr().out
+  with pytest.raises(SystemExit) as stop:
+    prepare.main(['nope', '--data_dir', str(tmp_path)])
+  assert stop.value.code == 1 and 'error: unknown data.name' in capsys.readouterr().err

@@ -93,7 +93,8 @@ class Data:
   eval_batches: Callable[[], Sequence[dict]]   # the same batches on every call
 
 
-def _builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
+def prepared(name: str, data_cfg) -> tfds.core.DatasetBuilder:
+  """The builder of data.name `name`, its data prepared (once) and complete."""
   prepare = functools.partial(
       preparation.prepare, data_dir=builders.default_data_dir(data_cfg.get('dir') or None),
       file_format='array_record')
@@ -193,7 +194,7 @@ def _glue_encoding(data_cfg) -> tuple[Vocabulary, Callable[[str], list]]:
     raise UserError(f'data.tokenizer={data_cfg.tokenizer} on GLUE needs '
                     'data.tokenizer_corpus, the corpus the encoder was pretrained on (one of '
                     f'{", ".join(n for n in TEXT_DATASETS if n != "wikitext103")})')
-  builder = _builder(corpus, data_cfg)
+  builder = prepared(corpus, data_cfg)
   done = _tokenized(builder, data_cfg, _text_streams(builder, corpus))
   tokenizer = tokenization.load(done.folder)
   return done.vocabulary, lambda text: tokenizer.encode(text, add_special_tokens=False).ids
@@ -226,7 +227,7 @@ def build(config) -> Data:
   eval_batch = config.get('eval_batch_size') or batch
   if batch % jax.process_count() or eval_batch % jax.process_count():
     raise UserError(f'batch_size {batch} is not divisible by {jax.process_count()} processes')
-  builder = _builder(name, data_cfg)
+  builder = prepared(name, data_cfg)
   train_src = builder.as_data_source('train')
   val_src = builder.as_data_source(eval_split(builder))
   order = data_cfg.get('order', 'shuffled')
