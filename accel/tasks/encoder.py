@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from accel import glue_metrics, mlm
+from accel import mlm
 from accel.data import glue
 from accel.data.vocabulary import BYTES, Vocabulary
 from accel.errors import UserError
@@ -150,6 +150,8 @@ class GlueFinetuneTask(TextClassificationTask):
 
   def corpus_metrics(self, per_example: dict) -> dict:
     """eval metrics from the per-example values of a whole split (padding dropped)."""
+    # scikit-learn and SciPy only where GLUE is scored (the GPU image has neither).
+    from accel import glue_metrics  # pylint: disable=g-import-not-at-top
     real = per_example['weight'] > 0
     prediction, label = per_example['prediction'][real], per_example['label'][real]
     return {'loss': float(per_example['loss'][real].mean()),
