@@ -1,12 +1,26 @@
-"""Shared pieces of the benchmarks in `experiments/bench_*.py`: timing, ceilings, provenance.
+"""The one benchmark harness of `experiments/bench_*.py`: variants, timing, provenance, tables.
 
-Timing queues `iters` calls back to back and synchronizes once (synchronizing after every
-call hides the device's throughput behind launch latency).
+A benchmark is a dict of variants, each a compiled step and its state (`Variant`), timed
+side by side in one process (`compare`) and written with the device, versions, date and
+command that produced it (`provenance`, `write_results`). Train-step variants are built
+through accel's own trainers (`trainer_variant`: the task and trainer `accel.train.build`
+gives the loop), so a benchmark times the step users run.
+
+Timing queues steps back to back and synchronizes once per round (synchronizing after every
+call hides the device's throughput behind launch latency); variants run round-robin
+(`interleaved_rounds`) so drift in the machine's load hits all alike, and the reported time
+is the median over rounds with the max-min spread beside it.
+
+A script's flags start from `flags()` (--out, --quick, --rounds, --steps); `scale_defaults`
+fills the ones left unset from the script's --quick or full-scale sizes.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -14,11 +28,48 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+import traceback
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from accel.programs import cost_flops
+
+__all__ = ['Variant', 'compare', 'compiled', 'cost_flops', 'flags', 'interleaved_rounds',
+           'markdown_table', 'matmul_ceiling', 'provenance', 'provenance_line', 'ratios',
+           'report', 'scale_defaults', 'temp_bytes', 'time_calls', 'timing_table',
+           'trainer_variant', 'try_variants', 'write_results']
+
+
+# --- flags -------------------------------------------------------------------------------
+
+def flags(out: str = 'results') -> argparse.ArgumentParser:
+  """The flags every benchmark has, as an argparse parent:
+  `argparse.ArgumentParser(parents=[benchmarking.flags()])`. --rounds and --steps default
+  to None: `scale_defaults` gives them the script's sizes."""
+  parent = argparse.ArgumentParser(add_help=False)
+  parent.add_argument('--out', default=out,
+                      help="folder of the results' .json and .md ('': print the table only)")
+  parent.add_argument('--quick', action='store_true',
+                      help='CPU scale: a tiny model, seconds (default: the GPU scale)')
+  parent.add_argument('--rounds', type=int, default=None,
+                      help='interleaved timing rounds (the median over them is reported)')
+  parent.add_argument('--steps', type=int, default=None,
+                      help='steps of each variant per round, queued, one synchronization')
+  return parent
+
+
+def scale_defaults(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
+  """Sets every attribute of `args` that is None to its --quick (`quick`) or full-scale
+  (`full`) value: a flag given on the command line wins over the scale."""
+  for name, value in (quick if args.quick else full).items():
+    if getattr(args, name, None) is None:
+      setattr(args, name, value)
+  return args
+
+
+# --- provenance and output ---------------------------------------------------------------
 
 def provenance() -> dict:
   """Device, versions, date and the exact command: what every results file records."""
@@ -51,6 +102,133 @@ def _module_name() -> str:
   return spec.name if spec is not None else (sys.argv[0] if sys.argv else '?')
 
 
+def provenance_line(meta: dict) -> str:
+  """One Markdown paragraph of `provenance()`: where, with what, when, and the command."""
+  return (f"Device: {meta['platform']}: {meta['device']} (x{meta['device_count']}), "
+          f"jax {meta['jax']}, flax {meta['flax']}, python {meta['python']}, "
+          f"commit {meta['git_commit']}, {meta['date']}. Command: `{meta['command']}`")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]], floats: str = '.3f') -> str:
+  """A Markdown table; float cells formatted with `floats`, None as '-'."""
+  def cell(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+      return '-'
+    return format(value, floats) if isinstance(value, float) else str(value)
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(cell(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+TIMING_COLUMNS = {'ms/step (median)': 'ms_per_step', 'max-min over rounds (ms)': 'ms_range',
+                  'compile (s)': 'compile_s', 'warm-up (s)': 'warmup_s'}
+
+
+def timing_table(rows: dict[str, dict], extra: dict[str, Callable[[dict], Any]] | None = None,
+                 errors: dict[str, str] | None = None) -> str:
+  """The Markdown table of `compare`'s rows: one line per variant, the timing columns and
+  `extra` (header -> fn(row)); variants that failed to build (`try_variants`) say so."""
+  extra = extra or {}
+  header = ['variant', *TIMING_COLUMNS, *extra]
+  lines = [[name, *(row[k] for k in TIMING_COLUMNS.values()), *(f(row) for f in extra.values())]
+           for name, row in rows.items()]
+  lines += [[name, f'failed: {error}', *[None] * (len(header) - 2)]
+            for name, error in (errors or {}).items()]
+  return markdown_table(header, lines)
+
+
+def ratios(rows: dict[str, dict], pairs: list[tuple[str, str]],
+           key: str = 'ms_per_step') -> dict[str, float]:
+  """{'a/b': rows[a][key] / rows[b][key]} for the pairs whose variants both ran."""
+  return {f'{a}/{b}': rows[a][key] / rows[b][key] for a, b in pairs if a in rows and b in rows}
+
+
+def report(title: str, setup: str, meta: dict, table: str,
+           ratio_values: dict[str, float] | None = None) -> str:
+  """A results file's Markdown: title, the setup sentence, provenance, the table, ratios."""
+  lines = [f'# {title}', '', setup, '', provenance_line(meta), '', table]
+  if ratio_values:
+    lines += [markdown_table(['ratio', 'value'], [[k, v] for k, v in ratio_values.items()])]
+  return '\n'.join(lines)
+
+
+def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> None:
+  """OUT_DIR/NAME.json and OUT_DIR/NAME.md, and the Markdown printed; only printed if
+  `out_dir` is ''."""
+  print(markdown)
+  if not out_dir:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(payload, f, indent=2, default=str)
+  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+    f.write(markdown)
+
+
+# --- compiling and timing ----------------------------------------------------------------
+
+def compiled(jitted, *args) -> tuple[Any, float]:
+  """(jitted lowered and compiled for `args`, seconds it took)."""
+  start = time.perf_counter()
+  program = jitted.lower(*args).compile()
+  return program, time.perf_counter() - start
+
+
+def temp_bytes(program) -> float:
+  """The compiled program's temporary memory (XLA memory analysis: activations kept for the
+  backward, workspace); NaN where the backend gives none."""
+  analysis = program.memory_analysis()
+  return float(getattr(analysis, 'temp_size_in_bytes', math.nan)) if analysis else math.nan
+
+
+@dataclasses.dataclass
+class Variant:
+  """One side of a comparison: `step(state) -> (state, out)`, already compiled, from
+  `state`. What the harness learnt compiling it rides along."""
+  step: Callable[[Any], tuple[Any, Any]]
+  state: Any
+  compile_s: float = math.nan
+  flops: float = math.nan          # per step, XLA's cost analysis of the compiled step
+  temp_bytes: float = math.nan
+  task: Any = None                 # trainer variants: what accel.train.build gave
+  trainer: Any = None
+  batch: Any = None
+
+
+def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0) -> Variant:
+  """The train step `config` trains with, compiled for `batch`, as a `Variant`.
+
+  Built as the loop builds it: `accel.train.build(config, info, devices)` gives the task
+  and trainer; the state is `trainer.init`'s; the step is `trainer.train_step(state, batch,
+  plan_kwargs)` with plan_kwargs = `task.methods.plan(plan_step).model_kwargs`, the arrays
+  the enabled methods decide on the host. devices: default the first device (one-device
+  step time); `batch`: host arrays of one global batch.
+  """
+  from accel import train  # pylint: disable=g-import-not-at-top  (train imports the world)
+  devices = jax.devices()[:1] if devices is None else devices
+  task, trainer = train.build(config, info, devices)
+  batch = jax.device_put(batch, trainer.batch_sharding)
+  state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
+  plan = jax.device_put(task.methods.plan(plan_step).model_kwargs, trainer.replicated)
+  program, seconds = compiled(trainer.train_step, state, batch, plan)
+  return Variant(step=lambda s: program(s, batch, plan), state=state, compile_s=seconds,
+                 flops=cost_flops(program), temp_bytes=temp_bytes(program), task=task,
+                 trainer=trainer, batch=batch)
+
+
+def try_variants(builders: dict[str, Callable[[], Variant]]) -> tuple[dict, dict]:
+  """Builds each variant; one that fails is reported (name -> 'Type: message') and the
+  others are still measured. Returns (variants, errors)."""
+  variants, errors = {}, {}
+  for name, build in builders.items():
+    try:
+      variants[name] = build()
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      errors[name] = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
+  return variants, errors
+
+
 def time_calls(fn: Callable, args_fn: Callable[[], tuple], iters: int, warmup: int = 2) -> float:
   """Median-free steady-state seconds per call: `iters` queued calls, one synchronization.
 
@@ -66,27 +244,6 @@ def time_calls(fn: Callable, args_fn: Callable[[], tuple], iters: int, warmup: i
     out = fn(*args_fn())
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / iters
-
-
-def matmul_ceiling(n: int, dtype=jnp.bfloat16, iters: int = 20,
-                   precision=None) -> dict:
-  """Achieved FLOP/s of an n^3 matmul chain: the device's practical dense-math ceiling."""
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key_a, (n, n), dtype)
-  b = jax.random.normal(key_b, (n, n), dtype)
-  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
-  seconds = time_calls(matmul, lambda: (a, b), iters)
-  return {'n': n, 'dtype': jnp.dtype(dtype).name, 'seconds': seconds,
-          'flops_per_s': 2 * n ** 3 / seconds}
-
-
-def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
-    json.dump(payload, f, indent=2, default=str)
-  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
-    f.write(markdown)
-  print(markdown)
 
 
 def interleaved_rounds(steps: dict, states: dict, args: tuple, rounds: int,
@@ -110,3 +267,42 @@ def interleaved_rounds(steps: dict, states: dict, args: tuple, rounds: int,
   median = {v: 1e3 * statistics.median(t) for v, t in times.items()}
   spread = {v: 1e3 * (max(t) - min(t)) for v, t in times.items()}
   return median, spread
+
+
+def compare(variants: dict[str, Variant], rounds: int, steps_per_round: int,
+            warmup: int = 2) -> dict[str, dict]:
+  """Warms every variant up (`warmup` steps), then times them in interleaved rounds.
+
+  Returns, per variant: ms_per_step (median over rounds), ms_range (max - min over rounds),
+  compile_s, warmup_s, flops_per_step (XLA cost analysis), temp_mib (XLA memory analysis).
+  The variants' states advance in place.
+  """
+  warmup_s = {}
+  for name, variant in variants.items():
+    start, out = time.perf_counter(), None
+    for _ in range(warmup):
+      variant.state, out = variant.step(variant.state)
+    jax.block_until_ready(out)
+    warmup_s[name] = time.perf_counter() - start
+  states = {name: v.state for name, v in variants.items()}
+  ms, spread = interleaved_rounds({name: v.step for name, v in variants.items()}, states, (),
+                                  rounds, steps_per_round)
+  rows = {}
+  for name, variant in variants.items():
+    variant.state = states[name]
+    rows[name] = {'ms_per_step': ms[name], 'ms_range': spread[name],
+                  'compile_s': variant.compile_s, 'warmup_s': warmup_s[name],
+                  'flops_per_step': variant.flops, 'temp_mib': variant.temp_bytes / 2 ** 20}
+  return rows
+
+
+def matmul_ceiling(n: int, dtype=jnp.bfloat16, iters: int = 20,
+                   precision=None) -> dict:
+  """Achieved FLOP/s of an n^3 matmul chain: the device's practical dense-math ceiling."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), dtype)
+  b = jax.random.normal(key_b, (n, n), dtype)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
+  seconds = time_calls(matmul, lambda: (a, b), iters)
+  return {'n': n, 'dtype': jnp.dtype(dtype).name, 'seconds': seconds,
+          'flops_per_s': 2 * n ** 3 / seconds}
