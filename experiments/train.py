@@ -1,9 +1,12 @@
 r"""Trains one experiment config.
 
   python -m experiments.train [--config PATH[:PRESET]] [--config.KEY=VALUE ...] [--workdir DIR]
+      [--distributed auto|on|off|METHOD]
 
 Without --config: configs/lm.py (its default preset). Without --workdir: runs/<config>-<time>.
 An existing workdir is resumed from its last checkpoint (raise total_steps to extend a run).
+Several processes (srun, mpirun, a TPU pod, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID on each) start jax.distributed first: accel/distributed.py.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'confi
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (created or resumed).')
+_DISTRIBUTED = flags.DEFINE_string(
+    'distributed', 'auto', 'Multi-process start-up: auto (when Slurm, Open MPI or a TPU pod '
+    'launched several processes, or JAX_COORDINATOR_ADDRESS is set), on, off, or a JAX '
+    'cluster detection method (slurm, ompi, mpi4py, ...); see accel/distributed.py.')
 
 
 def default_workdir(config_arg: str) -> str:
@@ -43,7 +50,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
-  distributed.initialize_from_env()
+  try:
+    distributed.initialize(_DISTRIBUTED.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   from accel import train  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
     config = _CONFIG.value
