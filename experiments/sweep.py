@@ -27,6 +27,7 @@ from absl import app, flags
 
 from accel import sweep as sweep_lib
 from accel.errors import UserError
+from accel.sweep import runner, summary
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file, PATH[:PRESET].', required=True)
 _SWEEP = flags.DEFINE_multi_string('sweep', [], "An axis 'KEY=V1,V2,...'; repeatable.")
@@ -60,20 +61,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    targets = [sweep_lib.Target.parse(t) for t in _TARGET.value]
+    targets = [summary.Target.parse(t) for t in _TARGET.value]
     runs = sweep_lib.make_runs(_CONFIG.value, declared_sweep(_CONFIG.value))
     sweep_dir = _SWEEP_DIR.value
-    statuses = sweep_lib.run_sweep(runs, sweep_dir, _PARALLEL.value, _RETRY.value)
+    statuses = runner.run_sweep(runs, sweep_dir, _PARALLEL.value, _RETRY.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  curves = {r.name: sweep_lib.read_metrics(os.path.join(sweep_dir, r.name)) for r in runs}
+  curves = {r.name: summary.read_metrics(os.path.join(sweep_dir, r.name)) for r in runs}
   present = {k for lines in curves.values() for line in lines for k in line}
   metrics = [m for m in _METRICS.value if m in present]
-  rows = sweep_lib.write_summary(runs, sweep_dir, statuses, metrics, targets,
+  rows = summary.write_summary(runs, sweep_dir, statuses, metrics, targets,
                                  [m for m in _PLOT.value if m in present] or ['train/loss'],
                                  os.path.join(sweep_dir, 'summary'))
-  print(sweep_lib.markdown_table(rows))
+  print(summary.markdown_table(rows))
   print(f'summary: {os.path.join(sweep_dir, "summary")}.{{csv,md,png}}')
   if any(r['state'] != 'finished' for r in rows):
     sys.exit(1)

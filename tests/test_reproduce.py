@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from accel import reproduce, sweep
+from accel.sweep import summary
 from accel.errors import UserError
 from accel.reproduce import pld, stdloss
 from tests.helpers import ROOT
@@ -155,5 +156,5 @@ def test_ouroboros_smoke_table(tmp_path):
   ouro = next(l for l in text.splitlines() if l.startswith('| 1 | ouroboros (K=2) |'))
   assert dp.split('|')[3].strip() == 'finished' and ouro.split('|')[3].strip() == 'finished'
   assert dp.split('|')[5].strip() == '1.00'
-  lines = sweep.read_metrics(os.path.join(runs, 'ouroboros_smoke', 'ouroboros-1dev'))
+  lines = summary.read_metrics(os.path.join(runs, 'ouroboros_smoke', 'ouroboros-1dev'))
   assert any('train/pipeline_filled' in l for l in lines)

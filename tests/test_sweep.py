@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from accel import sweep
+from accel.sweep import declare, runner, summary
+from accel.sweep import status as status_lib
 from accel.errors import UserError
 from tests.helpers import ROOT
 
@@ -46,7 +48,7 @@ def test_run_names_are_safe_and_distinct():
   b = sweep.run_name({'data.path': '/a/b_c'})
   assert a != b and '/' not in a and ' ' not in a
   long = sweep.run_name({'k' * 200: 1})
-  assert len(long) <= sweep.MAX_NAME_CHARS
+  assert len(long) <= declare.MAX_NAME_CHARS
   assert long != sweep.run_name({'k' * 201: 1})
   with pytest.raises(UserError, match='more than once'):
     sweep.make_runs('configs/lm.py', [{'seed': 1}, {'seed': 1}])
@@ -63,23 +65,23 @@ def test_run_command_passes_overrides_as_config_flags():
 
 
 def test_target_parse_and_direction():
-  t = sweep.Target.parse('eval/loss<=2.5')
+  t = summary.Target.parse('eval/loss<=2.5')
   assert (t.metric, t.op, t.value) == ('eval/loss', '<=', 2.5)
   assert t.met(2.5) and not t.met(2.6)
-  assert sweep.Target.parse('eval/accuracy >= 0.9').met(0.95)
+  assert summary.Target.parse('eval/accuracy >= 0.9').met(0.95)
   with pytest.raises(UserError, match='METRIC<=VALUE'):
-    sweep.Target.parse('eval/loss=2')
-  assert sweep.higher_is_better('eval/accuracy')
-  assert not sweep.higher_is_better('eval/loss')
-  assert not sweep.higher_is_better('eval/bits_per_byte')
+    summary.Target.parse('eval/loss=2')
+  assert summary.higher_is_better('eval/accuracy')
+  assert not summary.higher_is_better('eval/loss')
+  assert not summary.higher_is_better('eval/bits_per_byte')
 
 
 def test_gpu_groups_split_visible_devices(monkeypatch):
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3')
-  assert sweep.gpu_groups(2) == ['0,1', '2,3']
-  assert sweep.gpu_groups(4) == ['0', '1', '2', '3']
+  assert runner.gpu_groups(2) == ['0,1', '2,3']
+  assert runner.gpu_groups(4) == ['0', '1', '2', '3']
   with pytest.raises(UserError, match='does not divide'):
-    sweep.gpu_groups(3)
+    runner.gpu_groups(3)
 
 
 def test_summary_of_synthetic_run(tmp_path):
@@ -95,9 +97,9 @@ def test_summary_of_synthetic_run(tmp_path):
   run_dir = tmp_path / run.name
   run_dir.mkdir()
   (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
-  assert sweep.train_seconds(lines) == pytest.approx([5.0, 6.0, 8.0, 10.0])
-  targets = [sweep.Target.parse('eval/loss<=2.5'), sweep.Target.parse('eval/accuracy>=0.9')]
-  row = sweep.summarize(run, str(run_dir), {'state': 'finished', 'wall_s': 12.0},
+  assert summary.train_seconds(lines) == pytest.approx([5.0, 6.0, 8.0, 10.0])
+  targets = [summary.Target.parse('eval/loss<=2.5'), summary.Target.parse('eval/accuracy>=0.9')]
+  row = summary.summarize(run, str(run_dir), {'state': 'finished', 'wall_s': 12.0},
                         ['eval/loss', 'eval/accuracy'], targets)
   assert row['seed'] == '3' and row['step'] == 40 and row['state'] == 'finished'
   assert row['final eval/loss'] == 2.6 and row['best eval/loss'] == 2.4
@@ -106,7 +108,7 @@ def test_summary_of_synthetic_run(tmp_path):
   assert row['steps to eval/loss<=2.5'] == 20
   assert row['train s to eval/loss<=2.5'] == pytest.approx(6.0)
   assert row['steps to eval/accuracy>=0.9'] is None
-  table = sweep.markdown_table([row])
+  table = summary.markdown_table([row])
   assert table.splitlines()[0].startswith('| run | seed | state | step | final eval/loss')
   assert '| seed=3 | 3 | finished | 40 | 2.6 | 2.4 |' in table
 
@@ -128,12 +130,12 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   first = _sweep_cli(*args)
   assert first.returncode == 1, first.stderr   # one run failed
   names = [f'total_steps=4,optimizer.name={o}' for o in ('adamw', 'nosuch', 'sgd')]
-  status = {n: sweep.read_status(os.path.join(sweep_dir, n)) for n in names}
+  status = {n: status_lib.read_status(os.path.join(sweep_dir, n)) for n in names}
   assert [status[n]['state'] for n in names] == ['finished', 'failed', 'finished']
   assert status[names[1]]['error'] == ("unknown optimizer.name 'nosuch'; known: adamw, adam, "
                                        'sgd, rmsprop')
   for n in (names[0], names[2]):
-    steps = [l['step'] for l in sweep.read_metrics(os.path.join(sweep_dir, n))]
+    steps = [l['step'] for l in summary.read_metrics(os.path.join(sweep_dir, n))]
     assert steps[-1] == 4
   with open(os.path.join(sweep_dir, 'summary.csv')) as f:
     rows = list(csv.DictReader(f))
@@ -151,47 +153,49 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   # Interrupt the sgd run's record (its process is gone): the next rerun resumes it from its
   # checkpoint and, with --retry_failed, retries the failure; the finished run stays skipped.
   interrupted = {**status[names[2]], 'state': 'running', 'pid': 2 ** 22 + 1}
-  sweep.write_status(os.path.join(sweep_dir, names[2]), interrupted)
+  status_lib.write_status(os.path.join(sweep_dir, names[2]), interrupted)
   third = _sweep_cli(*args, '--retry_failed')
   assert f'skip {names[0]}: finished' in third.stdout
   assert f'start {names[1]}' in third.stdout and f'start {names[2]}' in third.stdout
-  assert sweep.read_status(os.path.join(sweep_dir, names[0]))['attempts'] == 1
-  resumed = sweep.read_status(os.path.join(sweep_dir, names[2]))
+  assert status_lib.read_status(os.path.join(sweep_dir, names[0]))['attempts'] == 1
+  resumed = status_lib.read_status(os.path.join(sweep_dir, names[2]))
   assert (resumed['state'], resumed['attempts']) == ('finished', 2)
-  assert [l['step'] for l in sweep.read_metrics(os.path.join(sweep_dir, names[2]))] == [4]
-  retried = sweep.read_status(os.path.join(sweep_dir, names[1]))
+  assert [l['step'] for l in summary.read_metrics(os.path.join(sweep_dir, names[2]))] == [4]
+  retried = status_lib.read_status(os.path.join(sweep_dir, names[1]))
   assert (retried['state'], retried['attempts']) == ('failed', 2)
 
 
 def test_plan_of_recorded_states():
   run = sweep.Run('configs/lm.py:smoke', {'seed': 1})
   record = {'config': run.config, 'overrides': {'seed': 1}}
-  assert sweep._plan(run, None, False) == 'run'
-  assert sweep._plan(run, {**record, 'state': 'finished'}, True) == 'finished'
-  assert sweep._plan(run, {**record, 'state': 'failed'}, False) == 'failed'
-  assert sweep._plan(run, {**record, 'state': 'failed'}, True) == 'run'
-  alive = {**record, 'state': 'running', 'pid': os.getpid(), 'host': sweep.socket.gethostname()}
-  assert sweep._plan(run, alive, False) == 'running elsewhere'
-  assert sweep._plan(run, {**alive, 'pid': 2 ** 22 + 1}, False) == 'run'
+  assert status_lib.plan(run, None, False) == 'run'
+  assert status_lib.plan(run, {**record, 'state': 'finished'}, True) == 'finished'
+  assert status_lib.plan(run, {**record, 'state': 'failed'}, False) == 'failed'
+  assert status_lib.plan(run, {**record, 'state': 'failed'}, True) == 'run'
+  alive = {**record, 'state': 'running', 'pid': os.getpid(),
+           'host': status_lib.socket.gethostname()}
+  assert status_lib.plan(run, alive, False) == 'running elsewhere'
+  assert status_lib.plan(run, {**alive, 'pid': 2 ** 22 + 1}, False) == 'run'
   with pytest.raises(UserError, match='holds another run'):
-    sweep._plan(run, {**record, 'overrides': {'seed': 2}, 'state': 'finished'}, False)
+    status_lib.plan(run, {**record, 'overrides': {'seed': 2}, 'state': 'finished'}, False)
 
 
 def test_devices_per_run(monkeypatch, tmp_path):
   run = sweep.Run('configs/lm.py', {'seed': 0}, devices=2)
   assert run.name == 'seed=0,devices=2'
   assert sweep.Run('configs/lm.py', {}, devices=3).name == 'devices=3'
-  assert sweep.device_env(run, None) == {'JAX_NUM_CPU_DEVICES': '2'}
-  assert sweep.device_env(run, '4,5,6') == {'CUDA_VISIBLE_DEVICES': '4,5'}
-  assert sweep.device_env(sweep.Run('configs/lm.py', {}), '4,5') == {'CUDA_VISIBLE_DEVICES': '4,5'}
-  assert sweep.device_env(sweep.Run('configs/lm.py', {}), None) == {}
+  assert runner.device_env(run, None) == {'JAX_NUM_CPU_DEVICES': '2'}
+  assert runner.device_env(run, '4,5,6') == {'CUDA_VISIBLE_DEVICES': '4,5'}
+  assert runner.device_env(sweep.Run('configs/lm.py', {}), '4,5') == {
+      'CUDA_VISIBLE_DEVICES': '4,5'}
+  assert runner.device_env(sweep.Run('configs/lm.py', {}), None) == {}
   with pytest.raises(UserError, match='needs 2 GPUs, its slot has 1'):
-    sweep.device_env(run, '7')
+    runner.device_env(run, '7')
   # Two runs side by side on two GPUs: one GPU each, too few; refused before anything runs.
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1')
   other = sweep.Run('configs/lm.py', {'seed': 1}, devices=2)
   with pytest.raises(UserError, match='needs 2 GPUs, its slot has 1'):
-    sweep.run_sweep([run, other], str(tmp_path), parallel=2, log=lambda m: None)
+    runner.run_sweep([run, other], str(tmp_path), parallel=2, log=lambda m: None)
   assert not os.path.exists(tmp_path / run.name)
 
 
@@ -204,9 +208,9 @@ def test_signalled_run_is_interrupted_or_failed(tmp_path, sig, state, error):
   config.write_text(f'import os, signal\n\ndef get_config():\n'
                     f'  os.kill(os.getpid(), signal.{sig})\n')
   run = sweep.Run(str(config), {})
-  status = sweep.run_sweep([run], str(tmp_path / 'sweep'), log=lambda m: None)[run.name]
+  status = runner.run_sweep([run], str(tmp_path / 'sweep'), log=lambda m: None)[run.name]
   assert (status['state'], status.get('error')) == (state, error)
-  plan = sweep._plan(run, status, retry_failed=False)
+  plan = status_lib.plan(run, status, retry_failed=False)
   assert plan == ('run' if state == 'interrupted' else 'failed')
 
 
@@ -223,7 +227,7 @@ def test_get_sweep_in_the_config_file_declares_the_runs(tmp_path):
   done = _sweep_cli(f'--config={config}:smoke', f'--sweep_dir={sweep_dir}')
   assert done.returncode == 1
   for bad in ('bad1', 'bad2'):
-    status = sweep.read_status(str(sweep_dir / f'optimizer.name={bad},seed=7'))
+    status = status_lib.read_status(str(sweep_dir / f'optimizer.name={bad},seed=7'))
     assert status['state'] == 'failed' and f"unknown optimizer.name '{bad}'" in status['error']
   with open(sweep_dir / 'summary.md') as f:
     assert f.read().count('| failed |') == 2

@@ -27,12 +27,14 @@ import sys
 from typing import Any
 
 from accel import sweep
+from accel.sweep import runner, summary
+from accel.sweep.status import error_line
 from accel.errors import UserError
 
 TARGETS = ('ouroboros', 'pld', 'lowprec', 'stdloss', 'together')
 SCALES = ('smoke', 'cpu', 'gpu', 'paper')
 LOCAL_SCALES = ('smoke', 'cpu')      # run without GPUs
-ROOT = sweep.ROOT
+ROOT = runner.ROOT
 
 
 def config(name: str, arg: str) -> str:
@@ -84,7 +86,7 @@ class RunResult:
     values = [v for _, v in self.values(metric)]
     if not values:
       return None
-    return max(values) if sweep.higher_is_better(metric) else min(values)
+    return max(values) if summary.higher_is_better(metric) else min(values)
 
   def median(self, metric: str) -> float | None:
     values = sorted(v for _, v in self.values(metric))
@@ -95,13 +97,13 @@ class RunResult:
     return sum(values) / len(values) if values else None
 
   def train_seconds(self) -> float | None:
-    seconds = sweep.train_seconds(self.lines)
+    seconds = summary.train_seconds(self.lines)
     return seconds[-1] if seconds else None
 
   def reach(self, metric: str, value: float) -> tuple[int | None, float | None]:
     """(step, training seconds) of the first logged `metric` at least as good as `value`."""
-    target = sweep.Target(metric, '>=' if sweep.higher_is_better(metric) else '<=', value)
-    for line, seconds in zip(self.lines, sweep.train_seconds(self.lines)):
+    target = summary.Target(metric, '>=' if summary.higher_is_better(metric) else '<=', value)
+    for line, seconds in zip(self.lines, summary.train_seconds(self.lines)):
       if metric in line and target.met(line[metric]):
         return line['step'], seconds
     return None, None
@@ -139,7 +141,7 @@ def embed(module_args: list[str], markdown_path: str) -> list[str]:
     done = subprocess.run([sys.executable, '-m', *module_args], cwd=ROOT, text=True,
                           capture_output=True, env={**os.environ, 'PYTHONPATH': ROOT})
     if done.returncode:
-      raise UserError(f'{module_args[0]} failed: {sweep.error_line(done.stderr)}')
+      raise UserError(f'{module_args[0]} failed: {error_line(done.stderr)}')
   with open(markdown_path) as f:
     lines = f.read().splitlines()
   return [l for l in lines if not l.startswith('# ')]
@@ -184,11 +186,11 @@ def run_stages(stages: list[list[sweep.Run]], sweep_dir: str, parallel: int,
                retry_failed: bool) -> dict[str, RunResult]:
   results = {}
   for runs in stages:
-    statuses = sweep.run_sweep(runs, sweep_dir, parallel, retry_failed)
+    statuses = runner.run_sweep(runs, sweep_dir, parallel, retry_failed)
     for run in runs:
       run_dir = os.path.join(sweep_dir, run.name)
       results[run.name] = RunResult(run, statuses.get(run.name) or {},
-                                    sweep.read_metrics(run_dir), _saved_config(run_dir))
+                                    summary.read_metrics(run_dir), _saved_config(run_dir))
   return results
 
 
@@ -235,7 +237,7 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   if scale not in scales_of(module):
     raise UserError(f'target {target!r} has no scale {scale!r}; it has '
                     f'{", ".join(scales_of(module))} ({module.__doc__.strip().splitlines()[-1]})')
-  if scale not in LOCAL_SCALES and sweep.gpu_groups(1)[0] is None:
+  if scale not in LOCAL_SCALES and runner.gpu_groups(1)[0] is None:
     raise UserError(f'scale {scale!r} needs GPUs and none is visible; the commands to run '
                     f'elsewhere: python -m experiments.reproduce {target} --scale {scale}')
   sweep_dir = os.path.abspath(os.path.join(runs_dir, f'{target}_{scale}'))
@@ -245,7 +247,7 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   prefix = os.path.join(out_dir, f'{target}_{scale}')
   runs = [r for stage in stages for r in stage]
   statuses = {name: result.status for name, result in results.items()}
-  rows = sweep.write_summary(runs, sweep_dir, statuses, module.TABLE_METRICS, [],
+  rows = summary.write_summary(runs, sweep_dir, statuses, module.TABLE_METRICS, [],
                              module.PLOT_METRICS, prefix)
   env = environment()
   command = command or ' '.join(['python -m experiments.reproduce', target,
@@ -261,7 +263,7 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
              f'{r.status.get("error", "")}' for r in failed] + ['']
   text += [module.report(results, scale, prefix), '',
            f'## Runs', '', f'![curves]({os.path.basename(prefix)}.png)', '',
-           sweep.markdown_table(rows), other_scales(target, module, scale)]
+           summary.markdown_table(rows), other_scales(target, module, scale)]
   with open(prefix + '.md', 'w') as f:
     f.write('\n'.join(text))
   return prefix + '.md', not failed
