@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from accel import sweep
-from accel.sweep import declare, runner, summary
+from accel.sweep import declare, runner, slurm, summary
 from accel.sweep import status as status_lib
 from accel.errors import UserError
 from tests.helpers import ROOT
@@ -76,6 +76,20 @@ def test_target_parse_and_direction():
   assert not summary.higher_is_better('eval/bits_per_byte')
 
 
+def test_slurm_array_spec_and_options(tmp_path):
+  assert slurm.array_spec([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
+  assert slurm.array_spec([3], max_running=2) == '3%2'
+  assert slurm.submit_commands('/s/a.sbatch', '/s/b.sbatch') == (
+      'job=$(sbatch --parsable /s/a.sbatch) && '
+      'sbatch --dependency=afterany:"${job%%;*}" /s/b.sbatch')
+  for reserved in ('--array=0-3', '--ntasks=2', '-n 2', '--output=x.out'):
+    with pytest.raises(UserError, match='the sweep sets'):
+      slurm.write_scripts(str(tmp_path), 'j', ['t'], ['s'], [0], '/', [reserved])
+  with pytest.raises(UserError, match='expected an sbatch option'):
+    slurm.write_scripts(str(tmp_path), 'j', ['t'], ['s'], [0], '/', task_options=['gpu:1'])
+  assert not os.path.exists(tmp_path / 'slurm')   # refused before writing
+
+
 def test_gpu_groups_split_visible_devices(monkeypatch):
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3')
   assert runner.gpu_groups(2) == ['0,1', '2,3']
@@ -113,23 +127,70 @@ def test_summary_of_synthetic_run(tmp_path):
   assert '| seed=3 | 3 | finished | 40 | 2.6 | 2.4 |' in table
 
 
-def _sweep_cli(*args):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+_CLI_ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+
+
+def _sweep_cli(*args, env=None):
   return subprocess.run([sys.executable, '-m', 'experiments.sweep', *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
+                        env={**_CLI_ENV, **(env or {})}, capture_output=True, text=True,
+                        timeout=300)
 
 
 def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
-  """Three smoke runs side by side, one with a bad optimizer name: two finish, the failure
-  is recorded with its error; a rerun skips the finished ones, resumes an interrupted one
-  and retries the failure only when asked."""
+  """Three smoke runs, one with a bad optimizer name, as a Slurm array job: each array task's
+  script runs here with SLURM_ARRAY_TASK_ID set (and the rest of a one-task Slurm step, so
+  training stays one process), then the summary job's. Two finish, the failure is recorded
+  with its error. The local launcher then reads the same records: a rerun skips the finished
+  ones, resumes an interrupted one and retries the failure only when asked."""
   sweep_dir = str(tmp_path / 'sweep')
+  # The resumed run compiles what its first attempt did: JAX's persistent cache makes that a
+  # read (about 5 of its 10 CPU seconds here).
+  env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
   args = ['--config=configs/lm.py:smoke', f'--sweep_dir={sweep_dir}', '--parallel=2',
           '--sweep=total_steps=4', '--sweep=optimizer.name=adamw,nosuch,sgd',
           '--target=train/loss<=100']
-  first = _sweep_cli(*args)
-  assert first.returncode == 1, first.stderr   # one run failed
+  # Written and submitted through an `sbatch` that records its arguments and answers job 77.
+  fake_bin = tmp_path / 'bin'
+  fake_bin.mkdir()
+  (fake_bin / 'sbatch').write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "sbatch.log"}\n'
+                                   'echo "77;cluster"\n')
+  (fake_bin / 'sbatch').chmod(0o755)
+  written = _sweep_cli(*args, '--launcher=slurm', '--submit', '--slurm_option=--partition=cpu',
+                       '--slurm_task_option=--time=00:10:00',
+                       env={**env, 'PATH': f'{fake_bin}{os.pathsep}{os.environ["PATH"]}'})
+  assert written.returncode == 0, written.stderr
+  array_script = os.path.join(sweep_dir, 'slurm', 'array.sbatch')
+  summary_script = os.path.join(sweep_dir, 'slurm', 'summary.sbatch')
+  assert 'submitted array job 77, summary job 77 after it' in written.stdout
+  assert (tmp_path / 'sbatch.log').read_text().splitlines() == [
+      f'--parsable {array_script}', f'--parsable --dependency=afterany:77 {summary_script}']
+  with open(array_script) as f:
+    array = f.read()
+  with open(summary_script) as f:
+    summary_job = f.read()
+  assert '#SBATCH --array=0-2%2\n#SBATCH --ntasks=1\n' in array
+  assert '#SBATCH --partition=cpu' in array and '#SBATCH --time=00:10:00' in array
+  assert '#SBATCH --partition=cpu' in summary_job and '--time' not in summary_job
+  assert array.rstrip().endswith('--run_index="$SLURM_ARRAY_TASK_ID"')
+  assert '--summary_only' in summary_job and '--target=train/loss<=100' in summary_job
   names = [f'total_steps=4,optimizer.name={o}' for o in ('adamw', 'nosuch', 'sgd')]
+  assert not any(os.path.exists(os.path.join(sweep_dir, n)) for n in names)   # nothing ran
+
+  slurm_step = {'SLURM_JOB_ID': '777', 'SLURM_STEP_NODELIST': 'localhost', 'SLURM_NTASKS': '1',
+                'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}
+  tasks = [subprocess.Popen(['bash', array_script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**_CLI_ENV, **env, **slurm_step,
+                                 'SLURM_ARRAY_TASK_ID': str(i)})
+           for i in range(3)]
+  logs = [t.communicate(timeout=300)[0] for t in tasks]
+  assert [t.returncode for t in tasks] == [0, 1, 0], logs   # task i ran run i
+  assert f'start {names[1]}' in logs[1] and names[0] not in logs[1]
+  summarized = subprocess.run(['bash', summary_script], env={**_CLI_ENV, **env, **slurm_step},
+                              capture_output=True, text=True, timeout=300)
+  assert summarized.returncode == 1, summarized.stderr   # one run failed
+
   status = {n: status_lib.read_status(os.path.join(sweep_dir, n)) for n in names}
   assert [status[n]['state'] for n in names] == ['finished', 'failed', 'finished']
   assert status[names[1]]['error'] == ("unknown optimizer.name 'nosuch'; known: adamw, adam, "
@@ -144,7 +205,7 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   assert os.path.getsize(os.path.join(sweep_dir, 'summary.png')) > 1000
 
   # A rerun skips all three: two finished, one failed (nothing is trained).
-  second = _sweep_cli(*args)
+  second = _sweep_cli(*args, env=env)
   assert second.returncode == 1
   assert f'skip {names[0]}: finished' in second.stdout
   assert f'skip {names[1]}: failed' in second.stdout
@@ -154,7 +215,7 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   # checkpoint and, with --retry_failed, retries the failure; the finished run stays skipped.
   interrupted = {**status[names[2]], 'state': 'running', 'pid': 2 ** 22 + 1}
   status_lib.write_status(os.path.join(sweep_dir, names[2]), interrupted)
-  third = _sweep_cli(*args, '--retry_failed')
+  third = _sweep_cli(*args, '--retry_failed', env=env)
   assert f'skip {names[0]}: finished' in third.stdout
   assert f'start {names[1]}' in third.stdout and f'start {names[2]}' in third.stdout
   assert status_lib.read_status(os.path.join(sweep_dir, names[0]))['attempts'] == 1
@@ -224,7 +285,7 @@ def test_get_sweep_in_the_config_file_declares_the_runs(tmp_path):
       'def get_sweep(arg):\n  assert arg == "smoke"\n'
       '  return sweep.product({"optimizer.name": ["bad1", "bad2"]}, {"seed": [7]})\n')
   sweep_dir = tmp_path / 'sweep'
-  done = _sweep_cli(f'--config={config}:smoke', f'--sweep_dir={sweep_dir}')
+  done = _sweep_cli(f'--config={config}:smoke', f'--sweep_dir={sweep_dir}', '--parallel=2')
   assert done.returncode == 1
   for bad in ('bad1', 'bad2'):
     status = status_lib.read_status(str(sweep_dir / f'optimizer.name={bad},seed=7'))
