@@ -1,9 +1,17 @@
-r"""Emulated low-precision matmul throughput: Pallas kernels vs the JAX emulation vs native,
-and a sweep of the kernels' tilings, in one process.
+r"""Emulated low-precision arithmetic on GPU: the matmul kernels (a sweep of their tilings)
+and the FP8-simulated train steps, each part in one process.
 
   python -m experiments.bench_lowprec --quick --out results   # CPU, tiny sizes, interpret mode
   python -m experiments.bench_lowprec --out results           # GPU: sweep at 4096, best at 8192
+  python -m experiments.bench_lowprec --part steps --out results   # GPU: train steps vs fp32
 
+--part steps: the train step of configs/fp8_resnet.py:gpu (ResNet-20, CIFAR-sized images)
+and of configs/fp8_lm.py:gpu, built by accel's trainer (accel.train.build), in the variants
+of STEP_VARIANTS (fp32; FP8 with the JAX or the Pallas GEMMs, fast or exact), timed in
+interleaved rounds; OUT/bench_lowprec_steps{,_cpu}.{json,md} give ms/step and the ratio to
+the fp32 step: what a simulated run costs.
+
+--part kernels (the default):
 C = A @ B with A, B holding e5m2 values, an e6m9 accumulator, chunks of 64 (Wang et al.):
 - native_fp32   jnp.dot in float32, precision=highest (the reference for 'exact')
 - native_bf16   jnp.dot of bf16 operands, float32 accumulation (the reference for 'fast')
@@ -23,15 +31,20 @@ second) and peak dense bf16 matrix rate P16 (H200 SXM: P32 = 66.9, P16 = 989 TFL
 - exact: every multiply-add is 4 float32 instructions (x = fma(a, b, part); c = fma(x, 2^s,
   x); d = c - x; part = c - d; products of e5m2 values are exact, so the FMA is the
   rounded sum), i.e. 2 FLOPs per 4 instructions: limit = (P32 / 2) * 2 / 4 = P32 / 4
-  (16.7 TFLOP/s; native float32 runs 1 FFMA per multiply-add, so at the same efficiency
-  exact reaches 1/4 of native).
+  = 16.7 TFLOP/s, 33% of the ~50 TFLOP/s native float32 measured on the H200 (native
+  runs 1 FFMA per multiply-add, so at native's efficiency exact would reach 25%).
 - fast: a chunk of L = 64 products per output runs on the matrix units (2 L FLOPs at
   P16); rounding it and adding it to the total is 7 float32 instructions per output and
   chunk (3 + 1 + 3), so limit = min(P16, (P32 / 2) * 2 L / 7) = min(989, 612) = 612
-  TFLOP/s, bound by the CUDA cores, reached only if the rounding fully overlaps the matrix
-  units. FP8 matrix units (twice P16) would not raise it.
-Writes OUT/bench_lowprec{,_cpu}.json and .md after every row (a call cut short keeps what
-it measured); each variant runs inside try/except, a failing one is reported.
+  TFLOP/s (77% of the ~790 measured native bf16), bound by the CUDA cores, reached only
+  if the rounding fully overlaps the matrix units. FP8 matrix units (twice P16) would not
+  raise it. The Triton kernel cannot overlap fully: Triton waits for every dot whose
+  result the loop reads before the next iteration (the rules of its wgmma pipelining), so
+  with two chunks per iteration one of the two chunks' dots runs alone (about 1/2 of the
+  chunk's 2 L / P16 per pair of chunks, i.e. 256 of ~1300 cycles per chunk on a 128 x 128
+  tile).
+Both parts write their files after every row (a call cut short keeps what it measured);
+each variant runs inside try/except, a failing one is reported.
 """
 from __future__ import annotations
 
@@ -155,11 +168,12 @@ def _timed(fn, a, b, iters):
 
 
 class Run:
-  """Rows of results, written out after each one."""
+  """Rows of results, written out after each one (OUT/NAME{,_cpu}.json and .md)."""
 
-  def __init__(self, args, meta, interpret: bool):
+  def __init__(self, args, meta, interpret: bool, name: str, markdown):
     self.args, self.meta, self.interpret, self.rows = args, meta, interpret, []
-    self.name = 'bench_lowprec_cpu' if meta['platform'] == 'cpu' else 'bench_lowprec'
+    self.name = name + ('_cpu' if meta['platform'] == 'cpu' else '')
+    self.markdown = markdown
 
   def add(self, row: dict):
     self.rows.append(row)
@@ -168,7 +182,7 @@ class Run:
 
   def write(self, final: bool):
     payload = {'meta': self.meta, 'rows': self.rows, 'complete': final}
-    text = markdown(self.rows, self.meta)
+    text = self.markdown(self.rows, self.meta)
     if final:
       benchmarking.write_results(self.args.out, self.name, payload, text)
       return
@@ -300,24 +314,112 @@ def markdown(rows, meta) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--quick', action='store_true', help='CPU, tiny sizes, kernels interpreted')
-  p.add_argument('--sizes', default='', help='comma-separated n (default 4096,8192; quick 64,128)')
-  p.add_argument('--sweep_size', type=int, default=0,
-                 help='the n at which every tiling runs, first (default: the first size)')
-  p.add_argument('--top', type=int, default=3, help='tilings per mode carried to other sizes')
-  p.add_argument('--check_size', type=int, default=0,
-                 help='n of the general-rounding-path check (default 1024; quick 32)')
-  p.add_argument('--iters', type=int, default=20)
-  p.add_argument('--slow_iters', type=int, default=3, help='for the exact-mode rows')
-  p.add_argument('--out', default='results')
-  args = p.parse_args(argv)
-  interpret = args.quick or jax.default_backend() != 'gpu'
+STEP_FAMILIES = ('resnet', 'lm')
+# name -> overrides of the lowprec block, on the configs' FP8 variant (configs/fp8_*.py:
+# e5m2 operands of all three GEMMs, e6m9 chunk-64 accumulation, e6m9 weights and optimizer
+# state with stochastic rounding, the first and last layers float32).
+STEP_VARIANTS = {
+    'fp32': None,
+    'fp8 jax fast': dict(mode='fast', impl='jax'),
+    'fp8 pallas fast': dict(mode='fast', impl='pallas'),
+    'fp8 pallas exact': dict(mode='exact', impl='pallas'),
+    'fp8 jax exact': dict(mode='exact', impl='jax'),
+}
+GPU_STEP_VARIANTS = ('fp32', 'fp8 jax fast', 'fp8 pallas fast', 'fp8 pallas exact')
+
+
+def step_config(family: str, variant: str, quick: bool):
+  """configs/fp8_resnet.py:gpu (ResNet-20, batch 128; CIFAR-10's 32x32x3 images) or
+  configs/fp8_lm.py:gpu (4 x 128 LM, batch 16 x 128 bytes); their smoke presets in --quick."""
+  from configs import fp8_lm, fp8_resnet  # pylint: disable=g-import-not-at-top
+  module = fp8_resnet if family == 'resnet' else fp8_lm
+  overrides = STEP_VARIANTS[variant]
+  config = module.get_config(('smoke' if quick else 'gpu') + (',fp32' if overrides is None else ',fp8'))
+  for gemm in ('fwd', 'bwd_data', 'bwd_weight'):
+    config.lowprec[gemm].update(overrides or {})
+  return config
+
+
+def synthetic_data(family: str, config, quick: bool):
+  """(DatasetInfo, batch): random inputs of the training batch's shapes (a step's cost does
+  not depend on the data; images ~ N(0, 1) like normalised pixels, so the range check of
+  the kernels passes). Images 32x32x3 as CIFAR-10's, 8x8x1 in --quick."""
+  from accel.data.input_pipeline import DatasetInfo  # pylint: disable=g-import-not-at-top
+  ka, kb = jax.random.split(jax.random.key(2))
+  b = config.batch_size
+  if family == 'resnet':
+    shape = (8, 8, 1) if quick else (32, 32, 3)
+    return (DatasetInfo('image', num_classes=10, image_shape=shape),
+            {'image': jax.random.normal(ka, (b, *shape)),
+             'label': jax.random.randint(kb, (b,), 0, 10, jnp.int32)})
+  tokens = jax.random.randint(ka, (b, config.data.seq_len + 1), 0, 256, jnp.int32)
+  return (DatasetInfo('lm', vocab_size=256),
+          {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]})
+
+
+def _step(trainer, batch, plan):
+  return lambda state: trainer.train_step(state, batch, plan)
+
+
+def bench_steps(run: Run, family: str, variants, rounds: int, steps_per_round: int):
+  """One train step per variant through accel's own trainer (accel.train.build), timed in
+  interleaved rounds; rows give ms/step and the ratio to the fp32 step."""
+  from accel import train  # pylint: disable=g-import-not-at-top
+  steps, states, first = {}, {}, {}
+  for variant in variants:
+    config = step_config(family, variant, run.args.quick)
+    info, host_batch = synthetic_data(family, config, run.args.quick)
+    try:
+      task, trainer = train.build(config, info, devices=jax.devices()[:1])
+      batch = jax.device_put(host_batch, trainer.batch_sharding)
+      plan = jax.device_put(task.methods.plan(0).model_kwargs, trainer.replicated)
+      state = trainer.init(jax.random.key(0), batch)
+      step = _step(trainer, batch, plan)
+      start = time.perf_counter()
+      state, metrics = step(state)
+      jax.block_until_ready(metrics)
+      first[variant] = time.perf_counter() - start
+      steps[variant], states[variant] = step, state
+    except Exception as e:   # report and go on
+      run.add({'family': family, 'variant': variant, 'error': _error(e)})
+  if not steps:
+    return
+  median, spread = benchmarking.interleaved_rounds(steps, states, (), rounds, steps_per_round)
+  for variant in steps:
+    row = {'family': family, 'variant': variant, 'step_ms': median[variant],
+           'spread_ms': spread[variant], 'first_step_s': first[variant],
+           'lowprec': STEP_VARIANTS[variant] or 'off'}
+    if 'fp32' in median:
+      row['vs_fp32'] = median[variant] / median['fp32']
+    run.add(row)
+
+
+def steps_markdown(rows, meta) -> str:
+  lines = ['# FP8-simulated train steps through accel\'s trainer, as a ratio to the fp32 step', '',
+           f"{meta['device']} x{meta['device_count']}, jax {meta['jax']}, {meta['date']}, "
+           f"commit {meta['git_commit']}  ", f"Command: `{meta['command']}`", '',
+           'ResNet: configs/fp8_resnet.py:gpu (ResNet-20, batch 128, 32x32x3 images); LM: '
+           'configs/fp8_lm.py:gpu (4 layers x 128, batch 16 x 128 bytes); --quick: their smoke '
+           'presets, 8x8x1 images; random inputs. fp8: e5m2 operands in all three GEMMs of every layer but the first and '
+           'last, e6m9 chunk-64 accumulation, e6m9 weights and optimizer state. Median of '
+           'interleaved rounds; spread = max - min over rounds.', '',
+           '| model | variant | ms / step | x fp32 step | spread ms | first step s |',
+           '|---|---|---:|---:|---:|---:|']
+  for r in rows:
+    if 'error' in r:
+      lines.append(f"| {r['family']} | {r['variant']} | failed: {r['error']} | | | |")
+      continue
+    ratio = f"{r['vs_fp32']:.2f}" if 'vs_fp32' in r else ''
+    lines.append(f"| {r['family']} | {r['variant']} | {r['step_ms']:.2f} | {ratio} | "
+                 f"{r['spread_ms']:.2f} | {r['first_step_s']:.1f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def bench_kernels(args, meta, interpret: bool):
   sizes = [int(s) for s in args.sizes.split(',')] if args.sizes else (
       [64, 128] if args.quick else [4096, 8192])
   sweep_size = args.sweep_size or sizes[0]
-  run = Run(args, benchmarking.provenance(), interpret)
+  run = Run(args, meta, interpret, 'bench_lowprec', markdown)
   every = {m: ts[:1] if args.quick else ts for m, ts in TILINGS.items()}
   iters, slow = (2, 1) if args.quick else (args.iters, args.slow_iters)
   ranked = bench_size(run, sweep_size, every, iters, slow)
@@ -330,6 +432,44 @@ def main(argv=None):
       bench_size(run, n, best, iters, slow)
   check_general_path(run, args.check_size or (32 if args.quick else 1024),
                      {m: best[m][:1] for m in best})
+  run.write(final=True)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--part', choices=('kernels', 'steps'), default='kernels',
+                 help='kernels: the matmul sweep (bench_lowprec); steps: the FP8-simulated '
+                 'train steps (bench_lowprec_steps)')
+  p.add_argument('--quick', action='store_true', help='CPU, tiny sizes, kernels interpreted')
+  p.add_argument('--sizes', default='', help='comma-separated n (default 4096,8192; quick 64,128)')
+  p.add_argument('--sweep_size', type=int, default=0,
+                 help='the n at which every tiling runs, first (default: the first size)')
+  p.add_argument('--top', type=int, default=3, help='tilings per mode carried to other sizes')
+  p.add_argument('--check_size', type=int, default=0,
+                 help='n of the general-rounding-path check (default 1024; quick 32)')
+  p.add_argument('--iters', type=int, default=20)
+  p.add_argument('--slow_iters', type=int, default=3, help='for the exact-mode rows')
+  p.add_argument('--step_variants', default='',
+                 help=f'comma-separated, of {", ".join(STEP_VARIANTS)} (default on GPU: '
+                 f'{", ".join(GPU_STEP_VARIANTS)}; --quick: all)')
+  p.add_argument('--rounds', type=int, default=5, help='steps: interleaved rounds')
+  p.add_argument('--steps_per_round', type=int, default=10)
+  p.add_argument('--out', default='results')
+  args = p.parse_args(argv)
+  interpret = args.quick or jax.default_backend() != 'gpu'
+  meta = benchmarking.provenance()
+  if args.part == 'kernels':
+    bench_kernels(args, meta, interpret)
+    return
+  variants = ([v.strip() for v in args.step_variants.split(',') if v.strip()] or
+              (list(STEP_VARIANTS) if args.quick else list(GPU_STEP_VARIANTS)))
+  unknown = set(variants) - set(STEP_VARIANTS)
+  if unknown:
+    p.error(f'unknown --step_variants {sorted(unknown)}')
+  run = Run(args, meta, interpret, 'bench_lowprec_steps', steps_markdown)
+  rounds, per_round = (2, 1) if args.quick else (args.rounds, args.steps_per_round)
+  for family in STEP_FAMILIES:
+    bench_steps(run, family, variants, rounds, per_round)
   run.write(final=True)
 
 
