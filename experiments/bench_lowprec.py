@@ -8,8 +8,9 @@ and the FP8-simulated train steps, each part in one process.
 --part steps: the train step of configs/fp8_resnet.py:gpu (ResNet-20, CIFAR-sized images)
 and of configs/fp8_lm.py:gpu, built by accel's trainer (accel.train.build), in the variants
 of STEP_VARIANTS (fp32; FP8 with the JAX or the Pallas GEMMs, fast or exact), timed in
-interleaved rounds; OUT/bench_lowprec_steps{,_cpu}.{json,md} give ms/step and the ratio to
-the fp32 step: what a simulated run costs.
+interleaved rounds; OUT/bench_lowprec_steps_{gpu,cpu}.{json,md} give ms/step and the ratio
+to the fp32 step: what a simulated run costs. The kernels part writes
+OUT/bench_lowprec_{gpu,cpu}.{json,md}.
 
 --part kernels (the default):
 C = A @ B with A, B holding e5m2 values, an e6m9 accumulator, chunks of 64 (Wang et al.):
@@ -168,11 +169,11 @@ def _timed(fn, a, b, iters):
 
 
 class Run:
-  """Rows of results, written out after each one (OUT/NAME{,_cpu}.json and .md)."""
+  """Rows of results, written out after each one (OUT/NAME_{cpu,gpu}.json and .md)."""
 
   def __init__(self, args, meta, interpret: bool, name: str, markdown):
     self.args, self.meta, self.interpret, self.rows = args, meta, interpret, []
-    self.name = name + ('_cpu' if meta['platform'] == 'cpu' else '')
+    self.name = f"{name}_{meta['platform']}"
     self.markdown = markdown
 
   def add(self, row: dict):
@@ -452,8 +453,8 @@ def main(argv=None):
   p.add_argument('--step_variants', default='',
                  help=f'comma-separated, of {", ".join(STEP_VARIANTS)} (default on GPU: '
                  f'{", ".join(GPU_STEP_VARIANTS)}; --quick: all)')
-  p.add_argument('--rounds', type=int, default=5, help='steps: interleaved rounds')
-  p.add_argument('--steps_per_round', type=int, default=10)
+  p.add_argument('--rounds', type=int, default=3, help='steps: interleaved rounds')
+  p.add_argument('--steps_per_round', type=int, default=5)
   p.add_argument('--out', default='results')
   args = p.parse_args(argv)
   interpret = args.quick or jax.default_backend() != 'gpu'
