@@ -41,9 +41,8 @@ second) and peak dense bf16 matrix rate P16 (H200 SXM: P32 = 66.9, P16 = 989 TFL
   if the rounding fully overlaps the matrix units. FP8 matrix units (twice P16) would not
   raise it. The Triton kernel cannot overlap fully: Triton waits for every dot whose
   result the loop reads before the next iteration (the rules of its wgmma pipelining), so
-  with two chunks per iteration one of the two chunks' dots runs alone (about 1/2 of the
-  chunk's 2 L / P16 per pair of chunks, i.e. 256 of ~1300 cycles per chunk on a 128 x 128
-  tile).
+  with two chunks per iteration one of the two dots runs alone (seen in Triton 3.9's
+  output; on a 128 x 128 tile about 256 of ~1300 cycles per chunk).
 Both parts write their files after every row (a call cut short keeps what it measured);
 each variant runs inside try/except, a failing one is reported.
 """
@@ -337,7 +336,8 @@ def step_config(family: str, variant: str, quick: bool):
   from configs import fp8_lm, fp8_resnet  # pylint: disable=g-import-not-at-top
   module = fp8_resnet if family == 'resnet' else fp8_lm
   overrides = STEP_VARIANTS[variant]
-  config = module.get_config(('smoke' if quick else 'gpu') + (',fp32' if overrides is None else ',fp8'))
+  preset = 'smoke' if quick else 'gpu'
+  config = module.get_config(preset + (',fp32' if overrides is None else ',fp8'))
   for gemm in ('fwd', 'bwd_data', 'bwd_weight'):
     config.lowprec[gemm].update(overrides or {})
   return config
@@ -403,9 +403,9 @@ def steps_markdown(rows, meta) -> str:
            f"commit {meta['git_commit']}  ", f"Command: `{meta['command']}`", '',
            'ResNet: configs/fp8_resnet.py:gpu (ResNet-20, batch 128, 32x32x3 images); LM: '
            'configs/fp8_lm.py:gpu (4 layers x 128, batch 16 x 128 bytes); --quick: their smoke '
-           'presets, 8x8x1 images; random inputs. fp8: e5m2 operands in all three GEMMs of every layer but the first and '
-           'last, e6m9 chunk-64 accumulation, e6m9 weights and optimizer state. Median of '
-           'interleaved rounds; spread = max - min over rounds.', '',
+           'presets, 8x8x1 images; random inputs. fp8: e5m2 operands in all three GEMMs of '
+           'every layer but the first and last, e6m9 chunk-64 accumulation, e6m9 weights and '
+           'optimizer state. Median of interleaved rounds; spread = max - min over rounds.', '',
            '| model | variant | ms / step | x fp32 step | spread ms | first step s |',
            '|---|---|---:|---:|---:|---:|']
   for r in rows:
