@@ -12,8 +12,11 @@ import numpy as np
 from accel.metrics import read_jsonl
 from tests.helpers import ROOT
 
+# XLA's backend optimizations off: the processes compare losses with each other, and each
+# training run compiles in ~2/3 of the time (10.8 -> 7.3 CPU s for a smoke run here).
 BASE_ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-            'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+            'XLA_FLAGS': '--xla_force_host_platform_device_count=1 '
+                         '--xla_backend_optimization_level=0'}
 
 
 def free_port():
