@@ -37,7 +37,7 @@ class GemmSettings:
   chunk_size: int = 64
   mode: str = 'exact'            # 'exact' | 'fast' (chunked.py)
   rounding: str = 'nearest'      # of the operands and of every addition
-  impl: str = 'jax'              # 'jax' | 'pallas' (GPU kernel, chunked.py)
+  impl: str = 'jax'              # 'jax' | 'pallas' (GPU kernel, chunked.py; TPU: jax)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +65,16 @@ def _gemm(a, b, dims, s: GemmSettings, seed: int, role: int):
   ka, kb, kacc = jax.random.split(key, 3) if stochastic else (None, None, None)
   qa = quantize(a, fmt, s.rounding, ka)
   qb = quantize(b, fmt, s.rounding, kb)
-  return chunked_dot_general(qa, qb, dims, operand_fmt=fmt, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
-                             chunk_size=s.chunk_size, mode=s.mode, rounding=s.rounding,
-                             key=kacc, impl=s.impl)
+
+  def product(impl):
+    return lambda qa, qb: chunked_dot_general(
+        qa, qb, dims, operand_fmt=fmt, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
+        chunk_size=s.chunk_size, mode=s.mode, rounding=s.rounding, key=kacc, impl=impl)
+  if s.impl != 'pallas':
+    return product(s.impl)(qa, qb)
+  # The kernels are Pallas on Triton (GPU; interpreted on CPU), with no TPU lowering: a step
+  # lowered for TPU takes the JAX path, chosen when the step is lowered for its platform.
+  return lax.platform_dependent(qa, qb, tpu=product('jax'), default=product('pallas'))
 
 
 def _make_matmul(settings: LayerSettings):
