@@ -190,6 +190,7 @@ class Variant:
   compile_s: float = math.nan
   flops: float = math.nan          # per step, XLA's cost analysis of the compiled step
   temp_bytes: float = math.nan
+  program: Any = None              # the compiled step (its text: program.as_text())
   task: Any = None                 # trainer variants: what accel.train.build gave
   trainer: Any = None
   batch: Any = None
@@ -212,8 +213,8 @@ def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0)
   plan = jax.device_put(task.methods.plan(plan_step).model_kwargs, trainer.replicated)
   program, seconds = compiled(trainer.train_step, state, batch, plan)
   return Variant(step=lambda s: program(s, batch, plan), state=state, compile_s=seconds,
-                 flops=cost_flops(program), temp_bytes=temp_bytes(program), task=task,
-                 trainer=trainer, batch=batch)
+                 flops=cost_flops(program), temp_bytes=temp_bytes(program), program=program,
+                 task=task, trainer=trainer, batch=batch)
 
 
 def try_variants(builders: dict[str, Callable[[], Variant]]) -> tuple[dict, dict]:
