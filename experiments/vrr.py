@@ -13,34 +13,34 @@ Writes DIR.md, DIR.json and DIR.png (VRR against n for several m_acc).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
 import os
-import sys
 import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from accel import benchmarking, models
+from accel.data.input_pipeline import DatasetInfo
 from accel.lowprec import vrr
-from accel.models import transformer_config
-from accel.models.cnn import ResNet
-from accel.models.transformer import TransformerLM
+from configs import lm, stdloss_resnet
 
 
 def _lm(preset: str):
-  from configs import lm
+  """configs/lm.py:PRESET's model as accel.models builds it, every GEMM through the hook."""
   config = lm.get_config(preset)
-  cfg = transformer_config(config.model, vocab_size=256, max_len=config.data.seq_len)
-  build = lambda r: TransformerLM(dataclasses.replace(cfg, dot_general=r.dot_general,
-                                                      head_dot_general=r.dot_general))
+  info = DatasetInfo('lm', vocab_size=256)
+  build = lambda r: models.build_model(config, info, dot_general=r.dot_general,
+                                       head_dot_general=r.dot_general)
   return build, jnp.zeros((config.batch_size, config.data.seq_len), jnp.int32)
 
 
 def _resnet(depth: int, batch: int):
-  build = lambda r: ResNet(depth=depth, dot_general=r.dot_general, conv_general_dilated=r.conv)
+  """The CIFAR ResNet-DEPTH of configs/stdloss_resnet.py on 32x32x3 images."""
+  config = stdloss_resnet.get_config('cpu')
+  config.model.depth = depth
+  info = DatasetInfo('image', num_classes=10, image_shape=(32, 32, 3))
+  build = lambda r: models.build_model(config, info, dot_general=r.dot_general,
+                                       conv_general_dilated=r.conv)
   return build, jnp.zeros((batch, 32, 32, 3), jnp.float32)
 
 
@@ -125,26 +125,20 @@ def main(argv=None):
       f"| {r['network']} | {r['gemm']} | {', '.join(map(str, r['lengths']))} | {r['n']} | "
       f"{r['m_acc_plain']} | {r['m_acc_chunked']} |" for r in rows]
   table = '\n'.join(lines)
-  print(table)
-  meta = {'command': ' '.join(['python -m experiments.vrr'] + (argv if argv is not None else sys.argv[1:])),
-          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-          'jax': jax.__version__, 'device': str(jax.devices()[0].device_kind),
-          'criterion': f'|1 - VRR| <= {args.max_loss}', 'trials': args.trials, 'chunk': args.chunk,
-          'n_max': n_max, 'seconds': round(time.time() - start, 1)}
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out + '.json', 'w') as f:
-    json.dump({'meta': meta, 'rows': rows,
-               'curves': {'plain': {m: [c[0].tolist(), c[1].tolist()] for m, c in plain.items()},
-                          'chunked': {m: [c[0].tolist(), c[1].tolist()] for m, c in chunked.items()}}},
-              f)
-  with open(args.out + '.md', 'w') as f:
-    f.write('# Smallest accumulator mantissa per GEMM (Monte Carlo VRR)\n\n')
-    f.write(f"Command: `{meta['command']}`  \nDate: {meta['date']}, jax {meta['jax']}, "
-            f"{meta['device']}, {meta['seconds']} s.  \n")
-    f.write(f"Terms i.i.d. N(0,1); accumulator 1-8-m_acc with round-to-nearest-even; "
-            f"{args.trials} paired trials; criterion {meta['criterion']} at the longest "
-            f"accumulation of each GEMM kind (VRR falls with n).\n\n{table}\n\n"
-            f"![VRR]({os.path.basename(args.out)}.png)\n")
+  meta = dict(benchmarking.provenance(), criterion=f'|1 - VRR| <= {args.max_loss}',
+              trials=args.trials, chunk=args.chunk, n_max=n_max,
+              seconds=round(time.time() - start, 1))
+  markdown = (
+      '# Smallest accumulator mantissa per GEMM (Monte Carlo VRR)\n\n'
+      f"{benchmarking.provenance_line(meta)} {meta['seconds']} s.\n\n"
+      f"Terms i.i.d. N(0,1); accumulator 1-8-m_acc with round-to-nearest-even; "
+      f"{args.trials} paired trials; criterion {meta['criterion']} at the longest "
+      f"accumulation of each GEMM kind (VRR falls with n).\n\n{table}\n\n"
+      f"![VRR]({os.path.basename(args.out)}.png)\n")
+  curves = {'plain': {m: [c[0].tolist(), c[1].tolist()] for m, c in plain.items()},
+            'chunked': {m: [c[0].tolist(), c[1].tolist()] for m, c in chunked.items()}}
+  benchmarking.write_results(os.path.dirname(args.out) or '.', os.path.basename(args.out),
+                             {'meta': meta, 'rows': rows, 'curves': curves}, markdown)
   show = sorted(set(plain) | set(chunked))
   show = show[::max(1, len(show) // 6)]
   _plot(plain, chunked, args.chunk, args.out + '.png', show)
