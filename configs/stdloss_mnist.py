@@ -21,9 +21,9 @@ Commands:
   python -m experiments.train --config configs/stdloss_mnist.py:cpu,cnn,stdloss \
       --config.data.name=mnist --workdir runs/stdloss_mnist_cnn   # the paper's data
   python -m experiments.train --config configs/stdloss_mnist.py:cpu,mlp,batch
-  python -m experiments.stdloss_speedup --models cnn --variants none,batch,group,layer,stdloss \
-      --out results                                              # 25 runs, ~18 min on CPU
-  python -m experiments.stdloss_speedup --models mlp --out results   # 15 runs, ~6 min
+  python -m experiments.reproduce stdloss --scale cpu --out results/tables
+      # every study: cnn (5 variants) and mlp (3) x 5 seeds, and the batch-size study
+      # (results/stdloss_mnist_cpu_{cnn,mlp}.md, results/stdloss_batch_size.md)
 Measured (cpu preset, 5 seeds, 2026-11-28, results/stdloss_mnist_cpu_{cnn,mlp}.md), accuracy
 after 1000 steps, mean +- std; paper (MNIST, 1000 steps) in brackets:
   mlp  none 32.5 +- 6.5 [24.6 +- 6.5]  batch 86.7 +- 1.1 [85.6 +- 1.1]

@@ -63,8 +63,18 @@ def test_target_errors(monkeypatch):
     reproduce.reproduce('pld', 'paper', '/tmp/unused', '/tmp/unused')
 
 
-def _reproduce_cli(target, out, runs):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """One JAX persistent compilation cache for the runs of every table here: a program that
+  two runs compile alike (the fine-tuning runs of pld, most evaluation steps) is compiled
+  once."""
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+def _reproduce_cli(target, out, runs, cache):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
+         'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
   return subprocess.run([sys.executable, '-m', 'experiments.reproduce', target,
                          '--scale=smoke', f'--out={out}', f'--runs_dir={runs}'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -93,9 +103,9 @@ def _check_outputs(out, target, n_runs, may_fail=()):
   return text
 
 
-def test_pld_smoke_table(tmp_path):
+def test_pld_smoke_table(tmp_path, compilation_cache):
   out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('pld', out, runs)
+  done = _reproduce_cli('pld', out, runs, compilation_cache)
   assert done.returncode == 0, done.stderr[-2000:]
   text = _check_outputs(out, 'pld', 4)
   flops_row = next(l for l in text.splitlines() if l.startswith('| FLOPs per step'))
@@ -117,25 +127,47 @@ def test_stdloss_steps_to_baseline_best():
   assert stdloss.steps_to_baseline_best(none, none) == (50, 50)
 
 
-def test_stdloss_smoke_table(tmp_path):
+def test_stdloss_seed_rows_against_hand_values(monkeypatch):
+  monkeypatch.setitem(stdloss.SEEDS, 'smoke', (0, 1))
+  curve = lambda *accs: [{'step': 25 * (i + 1), 'eval/accuracy': a} for i, a in enumerate(accs)]
+  results = {'cnn-none-seed0': _result(curve(0.2, 0.5, 0.4)),      # A* 0.5 at step 50
+             'cnn-none-seed1': _result(curve(0.3, 0.3, 0.6)),      # A* 0.6 at step 75
+             'cnn-stdloss-seed0': _result(curve(0.6, 0.7) + [{'step': 50,
+                                                               'train/stdloss/loss': 2.0}]),
+             'cnn-stdloss-seed1': _result(curve(0.1, 0.2, 0.3) + [{'step': 75,
+                                                                    'train/stdloss/loss': 4.0}])}
+  none, std = stdloss.seed_rows(results, 'smoke', 'cnn')
+  assert none == ['none', '50.0 +- 14.1', '24.6 +- 6.5', '2/2', '62', '50, 75', '1.00', '1.00',
+                  '-']
+  # seed 0 reaches 0.5 at step 25 (2x), seed 1 never reaches 0.6: no ratio of the means.
+  assert std == ['stdloss', '50.0 +- 28.3', '75.2 +- 2.6', '1/2', '25', '25, -', '2.00', '-',
+                 '3.00 +- 1.41']
+
+
+def test_stdloss_smoke_table(tmp_path, compilation_cache):
   out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('stdloss', out, runs)
+  done = _reproduce_cli('stdloss', out, runs, compilation_cache)
   assert done.returncode == 0, done.stderr[-2000:]
-  text = _check_outputs(out, 'stdloss', 6)
+  text = _check_outputs(out, 'stdloss', 4)
   assert os.path.getsize(os.path.join(out, 'stdloss_smoke_batch.png')) > 1000
-  # The un-normalized run reaches its own best at its own step: speedup 1 by definition.
-  assert next(l for l in text.splitlines() if l.startswith('| none |')).split('|')[6].strip() \
-      == '1.00x'
+  # The un-normalized run reaches its own best at its own step: speedup 1 by definition,
+  # as the mean of the seeds' ratios and as the ratio of the mean steps.
+  none = next(l for l in text.splitlines() if l.startswith('| none |')).split('|')
+  assert none[7].strip() == '1.00' and none[8].strip() == '1.00'
+  # The std-loss run logs its term; the batch-size study ran 80 examples in 20 steps of 4.
+  stdloss_row = next(l for l in text.splitlines() if l.startswith('| stdloss |')).split('|')
+  assert float(stdloss_row[9].split('+-')[0]) > 0
+  assert next(l for l in text.splitlines() if l.startswith('| 4 |')).startswith('| 4 | 20 |')
   with pytest.raises(UserError, match="has no scale 'paper'"):
     reproduce.reproduce('stdloss', 'paper', out, runs)
 
 
-def test_together_smoke_table(tmp_path):
+def test_together_smoke_table(tmp_path, compilation_cache):
   """Baseline, each method alone and all three in one run: every run trains."""
   out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('together', out, runs)
+  done = _reproduce_cli('together', out, runs, compilation_cache)
   assert done.returncode == 0, done.stderr[-2000:]
-  text = _check_outputs(out, 'together', 5)
+  text = _check_outputs(out, 'together', 3)
   row = next(l for l in text.splitlines() if l.startswith('| together |'))
   assert row.startswith('| together | on | on | on | finished |')
   base = next(l for l in text.splitlines() if l.startswith('| baseline |'))
@@ -145,11 +177,11 @@ def test_together_smoke_table(tmp_path):
   assert float(layerdrop.split('|')[11]) < 1.0
 
 
-def test_ouroboros_smoke_table(tmp_path):
+def test_ouroboros_smoke_table(tmp_path, compilation_cache):
   """Data parallel and the Ouroboros pipeline on one device: both train, the pipeline run
   logged the pipeline trainer's metric, the speedup column is relative to dp-1dev."""
   out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('ouroboros', out, runs)
+  done = _reproduce_cli('ouroboros', out, runs, compilation_cache)
   assert done.returncode == 0, done.stderr[-2000:]
   text = _check_outputs(out, 'ouroboros', 2)
   dp = next(l for l in text.splitlines() if l.startswith('| 1 | dp |'))
