@@ -9,12 +9,25 @@ the batch (and spatial) axes:
 summed over the chosen layers and added to the task loss with weight lambda during
 training only. No normalization layer, no reparameterization: the model is unchanged.
 
-Numerical safety. The moments are taken in float32 (or float64) whatever the activation
-dtype; the variance is two-pass, mean((x - mu)^2), so it is never negative (E[x^2] - mu^2
-can be); and sigma_i^2 is replaced by v_i = sigma_i^2 + eps everywhere in the formula,
-i.e. the KL of N(mu_i, sigma_i^2 + eps) from N(0, 1). It stays >= 0, is 0 at
-sigma_i^2 = 1 - eps, and for a constant channel (dead unit, sigma^2 = 0) it is finite,
-log(1/eps)/2 + ..., with dL/dv bounded by 1/(2 eps) instead of 1/(2 sigma^2) -> inf.
+Moments in one pass. With K_i a sample of channel i (its first element, gradient stopped),
+
+    a_i = mean(x_i - K_i),  b_i = mean((x_i - K_i)^2),  mu_i = K_i + a_i,
+    sigma_i^2 = max(b_i - a_i^2, 0),
+
+so the activation is read by two sums of the same input (one kernel where XLA fuses them
+with each other and with the layer's elementwise consumer) and the gradient,
+dL/dx = (dL/dmu + 2 dL/dsigma^2 (x - mu)) / N, is one elementwise pass, which fuses into
+the layer's own backward: no reduction over the activation in the backward (the two-pass
+form mean((x - mu)^2) had one more there, through mu). The shift keeps the cancellation of
+E[x^2] - mu^2 away: b - a^2 loses precision only as (mu - K)^2 / sigma^2, a few units for
+a K drawn from the channel itself (a constant channel gives sigma^2 = 0 exactly).
+
+Numerical safety. The moments are taken in float32 (or float64) from the activation in its
+own dtype; sigma_i^2 is never negative (the clamp above); and sigma_i^2 is replaced by
+v_i = sigma_i^2 + eps everywhere in the formula, i.e. the KL of N(mu_i, sigma_i^2 + eps)
+from N(0, 1). It stays >= 0, is 0 at sigma_i^2 = 1 - eps, and for a constant channel
+(dead unit, sigma^2 = 0) it is finite, log(1/eps)/2 + ..., with dL/dv bounded by
+1/(2 eps) instead of 1/(2 sigma^2) -> inf.
 
 Which layers. `capture` runs any Flax linen apply function under `nn.intercept_methods`
 and takes the output of every `nn.Dense`/`nn.DenseGeneral`/`nn.Conv` `__call__` whose
@@ -51,7 +64,8 @@ moments and the loss per group and averages the n losses: per-device moments, as
 paper did per TPU core. `config.stdloss.moments`: 'global' | 'per_device'
 (num_shards = jax.device_count(), the size of accel.train's 'data' mesh). Inside
 `jax.shard_map`, `standardization_loss(axis_name=...)` gives global moments by
-`lax.pmean` over that mesh axis.
+`lax.pmean` over that mesh axis: mu = pmean(mu_d), sigma^2 = pmean(sigma_d^2 + (mu_d - mu)^2)
+from each device's one-pass moments (mu_d, sigma_d^2).
 """
 from __future__ import annotations
 
@@ -71,8 +85,13 @@ CAPTURED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
 
 def _moments(x, reduce_axes: Sequence[int], num_shards: int, axis_name: str | None):
-  """Per-channel (mu, sigma^2), at least float32, with a leading shard axis (num_shards)."""
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  """Per-channel (mu, sigma^2), at least float32, with a leading shard axis (num_shards).
+
+  One pass over x: with K a per-channel sample of x (its first element in each shard,
+  gradient stopped), a = mean(x - K) and b = mean((x - K)^2) are sibling reductions of
+  one read, and mu = K + a, sigma^2 = max(b - a^2, 0).
+  """
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
   axes = tuple(a % x.ndim for a in reduce_axes)
   if 0 not in axes:
     raise ValueError(f'reduce_axes {tuple(reduce_axes)} must include the batch axis 0')
@@ -80,12 +99,16 @@ def _moments(x, reduce_axes: Sequence[int], num_shards: int, axis_name: str | No
     raise ValueError(f'batch {x.shape[0]} is not divisible by num_shards {num_shards}')
   x = x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
   axes = tuple(a + 1 for a in axes)
-  mu = jnp.mean(x, axes, keepdims=True)
+  first = tuple(slice(0, 1) if d in axes else slice(None) for d in range(x.ndim))
+  shift = lax.stop_gradient(x[first]).astype(dtype)
+  d = x.astype(dtype) - shift
+  a = jnp.mean(d, axes, keepdims=True)
+  b = jnp.mean(jnp.square(d), axes, keepdims=True)
+  mu, var = shift + a, jnp.maximum(b - jnp.square(a), 0.0)
   if axis_name is not None:
-    mu = lax.pmean(mu, axis_name)
-  var = jnp.mean(jnp.square(x - mu), axes, keepdims=True)
-  if axis_name is not None:
-    var = lax.pmean(var, axis_name)
+    mu_global = lax.pmean(mu, axis_name)
+    var = lax.pmean(var + jnp.square(mu - mu_global), axis_name)
+    mu = mu_global
   squeeze = lambda m: m.squeeze(axes).reshape(num_shards, -1)
   return squeeze(mu), squeeze(var)
 

@@ -51,6 +51,56 @@ def test_near_zero_variance_is_finite():
   assert stdloss.standardization_loss(x.astype(jnp.bfloat16)).dtype == jnp.float32
 
 
+def _two_pass_loss(x, axes, num_shards=1, eps=stdloss.EPS):
+  """The formula as it was before the one-pass moments: mean, then mean((x - mu)^2)."""
+  x = x.astype(jnp.float32)
+  x = x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
+  axes = tuple(a + 1 for a in axes)
+  mu = x.mean(axes, keepdims=True)
+  v = jnp.square(x - mu).mean(axes) + eps
+  return jnp.mean(0.5 * jnp.sum(jnp.square(mu.squeeze(axes)) + v - jnp.log(v) - 1,
+                                axis=tuple(range(1, v.ndim))))
+
+
+def test_one_pass_moments_equal_the_two_pass_formula():
+  """Value and gradient as the two-pass formula's to float32 rounding, also for channels
+  whose mean is far from 0 relative to their spread and for bfloat16 activations; and
+  the activation is read by exactly 2 reductions in the forward and none in the backward
+  (the two-pass form's backward reduces once more, through mu)."""
+  k1, k2 = jax.random.split(jax.random.key(3))
+  offset = jnp.array([0.0, -3.0, 40.0, 1e3])
+  x = offset + jnp.array([1.0, 0.2, 2.0, 5.0]) * jax.random.normal(k1, (16, 3, 3, 4))
+  for dtype, num_shards in ((jnp.float32, 4), (jnp.bfloat16, 1)):
+    both = jax.jit(lambda x: (  # pylint: disable=cell-var-from-loop
+        jax.value_and_grad(stdloss.standardization_loss)(x, (0, 1, 2), num_shards=num_shards),
+        jax.value_and_grad(_two_pass_loss)(x, (0, 1, 2), num_shards)))
+    (l_new, g_new), (l_old, g_old) = both(x.astype(dtype))
+    np.testing.assert_allclose(l_new, l_old, rtol=2e-6)
+    np.testing.assert_allclose(g_new.astype(jnp.float32), g_old.astype(jnp.float32),
+                               rtol=1e-5, atol=1e-6 * float(jnp.abs(g_old).max()))
+
+  def full_size_reductions(fn):
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(x).jaxpr
+    return sum(e.primitive.name == 'reduce_sum' and e.invars[0].aval.size == x.size
+               for e in jaxpr.eqns)
+  assert full_size_reductions(lambda x: stdloss.standardization_loss(x)) == 2
+  assert full_size_reductions(lambda x: _two_pass_loss(x, (0, 1, 2))) == 3
+
+
+def test_variance_is_never_negative_nor_cancelled():
+  """E[x^2] - E[x]^2 in float32 cancels to noise (or below 0) for a channel far from 0;
+  the shifted sums do not: a constant channel has sigma^2 = 0 exactly and a channel of
+  1e6 + small steps has the float64 variance of its float32 values."""
+  steps = jnp.array([0.0, 0.0625, 0.125, 0.0625] * 8)
+  x = jnp.stack([jnp.full(32, 1234.5678), 1e6 + steps, 1e6 - steps], 1)
+  _, var = stdloss._moments(x, (0,), 1, None)
+  ref = np.asarray(x, np.float64).var(0)
+  assert ref[0] == 0 and var[0, 0] == 0
+  np.testing.assert_allclose(var[0, 1:], ref[1:], rtol=1e-6)
+  naive = jnp.mean(jnp.square(x), 0) - jnp.square(jnp.mean(x, 0))
+  assert np.abs(naive[1:] - ref[1:]).max() > 10 * ref[1]   # what the shift avoids
+
+
 def test_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(1), (6, 3, 2), jnp.float64) * 2.0 + 0.5
