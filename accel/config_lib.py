@@ -52,8 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.pre_ln = True
   c.model.dtype = 'float32'
-  c.model.scan_layers = False
+  c.model.scan_layers = False    # slower on GPU (accel/models/transformer.py says by how much)
   c.model.remat = False
+  c.model.remat_policy = ''      # remat: what is saved, '' (nothing) | 'dots' | 'dots_no_batch'
+  c.model.use_bias = True        # Dense and LayerNorm biases of the Transformer (nanoGPT's bias)
+  c.model.qkv_projection = 'fused'   # 'fused' (one D x 3D Dense) | 'split' (query/key/value)
   c.model.attention_impl = ''    # '' (XLA picks) | 'xla' | 'cudnn'
   # image classifiers (model.name cnn | mlp | resnet, accel/models/cnn.py)
   c.model.norm = 'none'          # 'none' | 'batch' | 'group' | 'layer'

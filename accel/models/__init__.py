@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from accel.errors import UserError
 from accel.models import adaptive_softmax, cnn, transformer_xl
 from accel.models.encoder import MaskedLM, SequenceClassifier
-from accel.models.transformer import TransformerConfig, TransformerLM
+from accel.models.transformer import (QKV_PROJECTIONS, REMAT_POLICIES, TransformerConfig,
+                                      TransformerLM)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -30,12 +31,20 @@ def transformer_config(model_cfg, *, vocab_size: int, max_len: int, causal: bool
   if model_cfg.d_model % model_cfg.num_heads:
     raise UserError(f'model.d_model {model_cfg.d_model} is not divisible by '
                     f'model.num_heads {model_cfg.num_heads}')
+  if model_cfg.remat_policy not in REMAT_POLICIES:
+    raise UserError(f'unknown model.remat_policy {model_cfg.remat_policy!r}; known: '
+                    f'{", ".join(repr(p) for p in REMAT_POLICIES)}')
+  if model_cfg.qkv_projection not in QKV_PROJECTIONS:
+    raise UserError(f'unknown model.qkv_projection {model_cfg.qkv_projection!r}; known: '
+                    f'{", ".join(QKV_PROJECTIONS)}')
   return TransformerConfig(
       vocab_size=vocab_size, num_layers=model_cfg.num_layers, d_model=model_cfg.d_model,
       num_heads=model_cfg.num_heads, d_ff=model_cfg.d_ff, max_len=max_len,
       dropout_rate=model_cfg.dropout_rate, pre_ln=model_cfg.pre_ln, causal=causal,
       dtype=dtype(model_cfg.dtype), scan_layers=model_cfg.scan_layers,
-      remat=model_cfg.remat, attention_impl=model_cfg.attention_impl or None, **overrides)
+      remat=model_cfg.remat, remat_policy=model_cfg.remat_policy, use_bias=model_cfg.use_bias,
+      qkv_projection=model_cfg.qkv_projection,
+      attention_impl=model_cfg.attention_impl or None, **overrides)
 
 
 def _transformer_lm(config, info, **overrides):

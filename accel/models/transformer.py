@@ -42,19 +42,46 @@ class TransformerConfig:
   pre_ln: bool = True
   causal: bool = True
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
+  # The blocks as one nn.scan over stacked parameters (one block compiled) instead of a
+  # Python loop. Slower on GPU, and no GPU preset uses it: on one H200 GPT-2 small steps in
+  # 88.4 ms scanned vs 70.3 ms unrolled (1.26x; 79.3 ms scanned with remat, 1.13x;
+  # results/bench_lm_gpu_variants.md), and a 12-block BERT-base stack alone 1.50x (the
+  # layer-dropping issue's table, issue 14): XLA:GPU brings every loop iteration's
+  # predicate back to the host.
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool = False                # recompute each block in the backward pass
+  remat_policy: str = ''             # with remat: what is saved, REMAT_POLICIES
+  use_bias: bool = True              # Dense and LayerNorm biases (nanoGPT's `bias`)
+  qkv_projection: str = 'fused'      # 'fused': one D x 3D Dense; 'split': three D x D
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
   dot_general: DotGeneral = lax.dot_general
   head_dot_general: DotGeneral = lax.dot_general
 
 
+# model.remat_policy -> jax.checkpoint policy: what a rematerialized block keeps from its
+# forward pass ('': nothing, the whole block is recomputed).
+REMAT_POLICIES = {'': None, 'dots': jax.checkpoint_policies.dots_saveable,
+                  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+QKV_PROJECTIONS = ('fused', 'split')
+
+
 def _dense(cfg: TransformerConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.dtype, dot_general=cfg.dot_general,
-                  kernel_init=nn.initializers.normal(0.02), name=name)
+  return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                  dot_general=cfg.dot_general, kernel_init=nn.initializers.normal(0.02),
+                  name=name)
+
+
+def _layer_norm(cfg: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(use_bias=cfg.use_bias, dtype=cfg.dtype, name=name)
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention on jax.nn.dot_product_attention's B x L x H x K layout.
+
+  qkv_projection 'fused': one Dense to 3D, whose q, k, v are strided slices of its output
+  (copied into dense B x L x H x K operands for cuDNN, their gradients concatenated back);
+  'split': three Dense layers 'query', 'key', 'value', each output already B x L x H x K.
+  """
   cfg: TransformerConfig
 
   @nn.compact
@@ -63,9 +90,13 @@ class Attention(nn.Module):
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.num_heads
     b, l, _ = x_BxLxD.shape
-    qkv_BxLx3D = _dense(cfg, 3 * cfg.d_model, 'qkv')(x_BxLxD)
-    qkv_BxLx3xHxK = qkv_BxLx3D.reshape(b, l, 3, cfg.num_heads, head_dim)
-    q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if cfg.qkv_projection == 'split':
+      q, k, v = (_dense(cfg, cfg.d_model, name)(x_BxLxD).reshape(b, l, cfg.num_heads, head_dim)
+                 for name in ('query', 'key', 'value'))
+    else:
+      qkv_BxLx3D = _dense(cfg, 3 * cfg.d_model, 'qkv')(x_BxLxD)
+      qkv_BxLx3xHxK = qkv_BxLx3D.reshape(b, l, 3, cfg.num_heads, head_dim)
+      q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
     out_BxLxHxK = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=cfg.causal, implementation=cfg.attention_impl)
@@ -98,8 +129,8 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, residual_scale=1.0, deterministic: bool = True,
                key_mask_BxL=None):
     cfg = self.cfg
-    ln1 = nn.LayerNorm(dtype=cfg.dtype, name='ln1')
-    ln2 = nn.LayerNorm(dtype=cfg.dtype, name='ln2')
+    ln1 = _layer_norm(cfg, 'ln1')
+    ln2 = _layer_norm(cfg, 'ln2')
     attn = Attention(cfg, name='attn')
     mlp = MLP(cfg, name='mlp')
     scale = jnp.asarray(residual_scale, cfg.dtype)
@@ -162,7 +193,8 @@ class BlockStack(nn.Module):
     if cfg.scan_layers:
       body = _ScanBody
       if cfg.remat:
-        body = nn.remat(body, prevent_cse=False, static_argnums=())
+        body = nn.remat(body, prevent_cse=False, static_argnums=(),
+                        policy=REMAT_POLICIES[cfg.remat_policy])
       scanned = nn.scan(body, variable_axes={'params': 0},
                         split_rngs={'params': True, 'dropout': True},
                         in_axes=(0, nn.broadcast), length=self.num_layers)
@@ -170,7 +202,8 @@ class BlockStack(nn.Module):
       x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(
           x_BxLxD, xs, key_mask_BxL)
       return x_BxLxD
-    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+    block_cls = (nn.remat(Block, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat_policy])
+                 if cfg.remat else Block)
     for i in range(self.num_layers):
       block = block_cls(cfg, name=f'block_{i}')
       if switchable:
@@ -196,7 +229,7 @@ class TransformerLM(nn.Module):
     self.pos_embed = self.param('pos_embed', nn.initializers.normal(0.01),
                                 (cfg.max_len, cfg.d_model))
     self.stack = BlockStack(cfg, cfg.num_layers)
-    self.final_ln = nn.LayerNorm(dtype=cfg.dtype) if cfg.pre_ln else None
+    self.final_ln = _layer_norm(cfg) if cfg.pre_ln else None
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def embed(self, tokens_BxL, deterministic: bool = True):
