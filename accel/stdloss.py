@@ -75,6 +75,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from accel.errors import UserError
@@ -113,10 +114,14 @@ def _moments(x, reduce_axes: Sequence[int], num_shards: int, axis_name: str | No
   return squeeze(mu), squeeze(var)
 
 
-def _loss_from_moments(mu_SxC, var_SxC, eps):
+def _loss_from_moments(mu_SxC, var_SxC, eps, mask_C=None):
+  """Mean over shards (axis -2) of 1/2 sum_c (mu^2 + v - log v - 1); leading axes kept.
+  mask_C: 0 where a channel is padding (layers of other widths stacked)."""
   v = var_SxC + eps
-  per_shard = 0.5 * jnp.sum(jnp.square(mu_SxC) + v - jnp.log(v) - 1.0, axis=-1)
-  return jnp.mean(per_shard)
+  terms = jnp.square(mu_SxC) + v - jnp.log(v) - 1.0
+  if mask_C is not None:
+    terms = terms * mask_C
+  return jnp.mean(0.5 * jnp.sum(terms, axis=-1), axis=-1)
 
 
 def standardization_loss(x: jax.Array, reduce_axes: Sequence[int] | None = None, *,
@@ -141,11 +146,25 @@ class LayerStats(NamedTuple):
   mean_var: jax.Array
 
 
-def _layer_stats(x, eps, num_shards) -> LayerStats:
-  mu, var = _moments(x, tuple(range(x.ndim - 1)), num_shards, None)
-  return LayerStats(_loss_from_moments(mu, var, eps),
-                    lax.stop_gradient(jnp.mean(jnp.abs(mu))),
-                    lax.stop_gradient(jnp.mean(var)))
+def _stats_of_layers(moments: list[tuple[jax.Array, jax.Array]], eps) -> list[LayerStats]:
+  """LayerStats of layers from their (mu_SxC, sigma^2_SxC), computed stacked: the layers'
+  channels padded to the widest, so the per-layer scalars of the whole model are a few
+  kernels, not a few per layer."""
+  widths = np.array([mu.shape[-1] for mu, _ in moments])
+  width = int(widths.max())
+  pad = lambda a, value: jnp.pad(a, ((0, 0), (0, width - a.shape[-1])), constant_values=value)
+  mu_LxSxC = jnp.stack([pad(mu, 0.0) for mu, _ in moments])
+  var_LxSxC = jnp.stack([pad(var, 1.0) for _, var in moments])
+  mask_Lx1xC = (np.arange(width) < widths[:, None])[:, None, :]
+  loss_L = _loss_from_moments(mu_LxSxC, var_LxSxC, eps, mask_Lx1xC)
+  count_L = widths * mu_LxSxC.shape[1]
+  mean_abs_mu_L = lax.stop_gradient(jnp.sum(jnp.abs(mu_LxSxC) * mask_Lx1xC, (1, 2)) / count_L)
+  mean_var_L = lax.stop_gradient(jnp.sum(var_LxSxC * mask_Lx1xC, (1, 2)) / count_L)
+  return [LayerStats(loss_L[i], mean_abs_mu_L[i], mean_var_L[i]) for i in range(len(widths))]
+
+
+def _layer_moments(x, num_shards):
+  return _moments(x, tuple(range(x.ndim - 1)), num_shards, None)
 
 
 class LiftedLayerError(ValueError):
@@ -166,7 +185,8 @@ def _loss_gradient_identity(weight: float, eps: float, num_shards: int):
     return y, y
 
   def bwd(y, g):
-    dloss_dy = jax.grad(lambda y: _layer_stats(y, eps, num_shards).loss)(y)
+    dloss_dy = jax.grad(lambda y: _stats_of_layers([_layer_moments(y, num_shards)],
+                                                   eps)[0].loss)(y)
     return (g + (weight * dloss_dy).astype(g.dtype),)
 
   identity.defvjp(fwd, bwd)
@@ -192,7 +212,7 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
   exclude_re = re.compile(exclude) if exclude else None
 
   def wrapped(*args, **kwargs):
-    captured: dict[str, LayerStats] = {}
+    moments: dict[str, tuple[jax.Array, jax.Array]] = {}
     top_scope_root = []   # the root scope of the outermost module call
 
     def interceptor(next_fun, call_args, call_kwargs, context):
@@ -213,15 +233,17 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
           lifted_paths.add(path)
         return _loss_gradient_identity(lifted_weight, eps, num_shards)(y)
       key, k = path, 0
-      while key in captured:
+      while key in moments:
         k += 1
         key = f'{path}#{k}'
-      captured[key] = _layer_stats(y, eps, num_shards)
+      moments[key] = _layer_moments(y, num_shards)
       return y
 
     with nn.intercept_methods(interceptor):
       out = fn(*args, **kwargs)
-    return out, captured
+    if not moments:
+      return out, {}
+    return out, dict(zip(moments, _stats_of_layers(list(moments.values()), eps)))
 
   return wrapped
 
