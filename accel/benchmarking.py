@@ -23,10 +23,12 @@ import json
 import math
 import os
 import platform
+import queue
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -307,3 +309,158 @@ def matmul_ceiling(n: int, dtype=jnp.bfloat16, iters: int = 20,
   seconds = time_calls(matmul, lambda: (a, b), iters)
   return {'n': n, 'dtype': jnp.dtype(dtype).name, 'seconds': seconds,
           'flops_per_s': 2 * n ** 3 / seconds}
+
+
+# --- variants in other processes ---------------------------------------------------------
+
+class ProcessVariant:
+  """A variant timed in a child process, in the same interleaved rounds as the in-process
+  ones (`compare_with_processes`): what cannot share a process — other XLA flags
+  (XLA_FLAGS is read once per process) or another framework (the PyTorch bar).
+
+  The child runs `serve`: it builds, compiles and warms up its step, prints one line
+  'ready {json}', then answers each line 'run N' on its stdin with 'seconds S' (N steps
+  queued, one synchronization, S seconds per step), any other command of its own with
+  'COMMAND {json}', and 'exit' by leaving. Its stderr goes to `log_path`.
+  """
+
+  def __init__(self, argv: list[str], env: dict | None = None, log_path: str = os.devnull):
+    self.argv, self.log_path = argv, log_path
+    self._log = open(log_path, 'w')  # pylint: disable=consider-using-with
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self._log, text=True, env=env, bufsize=1)
+    self._lines: queue.Queue = queue.Queue()   # stdout lines, '' at its end
+    threading.Thread(target=self._pump, daemon=True).start()
+    self.info: dict = {}
+
+  def _pump(self) -> None:
+    for line in self.proc.stdout:
+      self._lines.put(line)
+    self._lines.put('')
+
+  def wait_ready(self, timeout_s: float) -> dict:
+    """The child's 'ready' information, once it has compiled and warmed up."""
+    self.info = json.loads(self._read('ready', timeout_s))
+    return self.info
+
+  def request(self, command: str, timeout_s: float = 600.0) -> Any:
+    self._send(command)
+    return json.loads(self._read(command.split()[0], timeout_s))
+
+  def run(self, steps: int) -> float:
+    """Seconds per step of `steps` queued steps in the child."""
+    self._send(f'run {steps}')
+    return json.loads(self._read('seconds', 600.0))
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      try:
+        self._send('exit')
+        self.proc.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+        self.proc.wait()
+    self._log.close()
+
+  def _send(self, line: str) -> None:
+    self.proc.stdin.write(line + '\n')
+    self.proc.stdin.flush()
+
+  def _read(self, tag: str, timeout_s: float) -> str:
+    """The rest of the child's next stdout line that starts with `tag` (other lines, stray
+    prints, are skipped); RuntimeError with its log's last line if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
+      except queue.Empty:
+        line = None
+      if line is None or line == '':
+        if line is None:
+          self.proc.kill()
+        self.proc.wait()
+        raise RuntimeError(f'{os.path.basename(self.argv[-1])}: '
+                           f'{"timed out" if line is None else "exited"} '
+                           f'(rc {self.proc.returncode}): {self._last_log_line()}')
+      if line.startswith(tag + ' '):
+        return line[len(tag) + 1:].strip()
+
+  def _last_log_line(self) -> str:
+    self._log.flush()
+    try:
+      with open(self.log_path) as f:
+        lines = [l.strip() for l in f if l.strip()]
+    except OSError:
+      lines = []
+    return lines[-1][:300] if lines else 'no output'
+
+
+def serve(run_steps: Callable[[int], float], info: dict,
+          commands: dict[str, Callable[..., Any]] | None = None) -> None:
+  """The child's side of `ProcessVariant`: prints 'ready {info}', then serves its stdin.
+  run_steps(n): seconds per step of n queued steps (one synchronization at the end)."""
+  print('ready ' + json.dumps(info, default=str), flush=True)
+  for line in sys.stdin:
+    command, *arguments = line.split()
+    if command == 'exit':
+      return
+    if command == 'run':
+      print(f'seconds {json.dumps(run_steps(int(arguments[0])))}', flush=True)
+    elif commands and command in commands:
+      print(f'{command} {json.dumps(commands[command](*arguments), default=str)}', flush=True)
+    else:
+      print(f'{command} {json.dumps({"error": "unknown command"})}', flush=True)
+
+
+def step_runner(variant: Variant) -> Callable[[int], float]:
+  """run_steps(n) of an in-process variant: n queued steps, one synchronization."""
+  def run_steps(n: int) -> float:
+    start, out = time.perf_counter(), None
+    for _ in range(n):
+      variant.state, out = variant.step(variant.state)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n
+  return run_steps
+
+
+def compare_with_processes(variants: dict[str, Variant],
+                           processes: dict[str, ProcessVariant], rounds: int,
+                           steps_per_round: int, warmup: int = 2) -> tuple[dict, dict]:
+  """`compare`, with variants in child processes (already 'ready', warmed up there) timed
+  in the same rounds: each round runs `steps_per_round` steps of every variant, in-process
+  ones first, then each process's. A process that fails is dropped from the later rounds.
+  Returns (rows as `compare`'s, errors: name -> message)."""
+  warmup_s = {}
+  for name, variant in variants.items():
+    start = time.perf_counter()
+    step_runner(variant)(warmup)
+    warmup_s[name] = time.perf_counter() - start
+  runners = {name: step_runner(v) for name, v in variants.items()}
+  runners.update({name: p.run for name, p in processes.items()})
+  times, errors = {name: [] for name in runners}, {}
+  for _ in range(rounds):
+    for name, run_steps in runners.items():
+      if name in errors:
+        continue
+      try:
+        times[name].append(run_steps(steps_per_round))
+      except RuntimeError as e:
+        errors[name] = str(e)[:300]
+  rows = {}
+  for name, t in times.items():
+    if name in errors or not t:
+      continue
+    ms = [1e3 * s for s in t]
+    row = {'ms_per_step': statistics.median(ms), 'ms_range': max(ms) - min(ms)}
+    if name in variants:
+      v = variants[name]
+      row.update(compile_s=v.compile_s, warmup_s=warmup_s[name], flops_per_step=v.flops,
+                 temp_mib=v.temp_bytes / 2 ** 20)
+    else:
+      info = processes[name].info
+      row.update(compile_s=info.get('compile_s', math.nan),
+                 warmup_s=info.get('warmup_s', math.nan),
+                 flops_per_step=info.get('flops', math.nan),
+                 temp_mib=info.get('temp_bytes', math.nan) / 2 ** 20)
+    rows[name] = row
+  return rows, errors

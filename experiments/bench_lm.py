@@ -1,130 +1,350 @@
-r"""Train-step throughput of accel's baseline LM, against the device's matmul ceiling.
+r"""Train-step throughput of accel's baseline LM: its speed options side by side, XLA flag sets
+and the PyTorch bar in the same interleaved rounds, against the device's matmul ceiling.
 
-  python -m experiments.bench_lm --out results            # GPU: GPT-2 small, batch 32 x 1024
-  python -m experiments.bench_lm --quick --out results    # CPU: a tiny model, seconds
+  python -m experiments.bench_lm --torch --out results          # GPU: GPT-2 small, batch 32
+  python -m experiments.bench_lm --quick --out results          # CPU: a tiny model, a minute
 
 GPT-2 small (configs/lm.py:gpu): 12 layers, d_model 768, 12 heads, context 1024, vocabulary
-50304, tied embeddings, bf16 compute, AdamW, the train step of accel.train.build on random
-tokens (no input pipeline). Model FLOPs per token = 6 N + 12 L d T (nanoGPT/PaLM
-convention, N = all parameters), MFU = model FLOP/s / the bf16 8192^3 matmul rate measured in
-the same process. Variants differ only in model.* settings; they are timed in interleaved
-rounds (accel.benchmarking.compare).
+50304, tied embeddings, bf16 compute, cuDNN attention, AdamW, the train step of
+accel.train.build on random tokens (no input pipeline). Model FLOPs per token = 6 N + 12 L d T
+(nanoGPT/PaLM convention, N = all parameters), MFU = model FLOP/s / the bf16 8192^3 matmul
+rate measured in the same process.
+
+What is timed, all in one set of interleaved rounds (accel.benchmarking.compare_with_processes):
+- VARIANTS: each a config change a user can make (model.* keys), built in this process;
+- FLAG_SETS: the 'baseline' variant (or --flag_variant) under other XLA flags, one child
+  process per flag set (XLA reads XLA_FLAGS once per process), compiled one after another
+  once this process has compiled its own variants; autotuning results are shared through
+  XLA's per-fusion autotune cache, so every process picks the same kernels for the same
+  fusions;
+- --torch: experiments/bench_lm_torch.py (torch.compile, flash SDPA, bf16 autocast, fused
+  AdamW) in a child process, started first: its compilation runs while this process
+  compiles its variants (both autotune on the device meanwhile; the timing comes after).
+The children serve 'run N' requests (accel.benchmarking.ProcessVariant), so every round runs
+N steps of every variant and process in turn. With children, no process preallocates device
+memory (XLA_PYTHON_CLIENT_PREALLOCATE=false).
+Before the steps, LOSS_HEADS times the loss and accuracy over B x L x V bf16 logits alone
+(forward only: the backward is the same formula in all), the two-pass logsumexp with a
+separate argmax as the code was before issue 16 against accel.losses' one pass.
+--profile DIR: a trace of 3 steps of each variant named in --profile_variants (children
+too), summarised per step by phase and module (accel.traces.breakdown) into
+OUT/bench_lm_<platform>_profile.md; the traces themselves go to DIR.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accel import benchmarking, traces
+from accel import benchmarking, losses, traces
 from accel.data.input_pipeline import DatasetInfo
 from configs import lm
 
-GPU_VARIANTS = {
-    'bf16 loop cudnn-attention': dict(attention_impl='cudnn'),
-    'bf16 loop xla-attention': dict(attention_impl='xla'),
-    'bf16 scan cudnn-attention': dict(attention_impl='cudnn', scan_layers=True),
-    'bf16 scan+remat cudnn-attention': dict(attention_impl='cudnn', scan_layers=True,
-                                             remat=True),
+# name -> dotted config overrides; 'baseline' is configs/lm.py:gpu with cuDNN attention.
+VARIANTS = {
+    'baseline': {},
+    'qkv split': {'model.qkv_projection': 'split'},
+    'no bias': {'model.use_bias': False},
+    'remat dots': {'model.remat': True, 'model.remat_policy': 'dots'},
+    'qkv split + no bias': {'model.qkv_projection': 'split', 'model.use_bias': False},
 }
-CPU_VARIANTS = {
-    'fp32 loop': dict(),
-    'fp32 scan': dict(scan_layers=True),
+# Not in the default GPU run (its time is ~4 minutes): 'remat dots' recomputes every
+# block's elementwise work and its cuDNN attention (not a dot) in the backward.
+GPU_DEFAULT = ('baseline', 'qkv split', 'no bias')
+CPU_DEFAULT = ('baseline', 'qkv split', 'no bias', 'remat dots')
+FLAG_SETS = {
+    'XLA latency-hiding scheduler': '--xla_gpu_enable_latency_hiding_scheduler=true',
+    'XLA cuBLASLt': '--xla_gpu_enable_cublaslt=true',
 }
-TORCH = 'PyTorch reference (bench_lm_torch)'
+CPU_FLAG_SETS = ('XLA latency-hiding scheduler',)   # no effect on CPU: tests the plumbing
+AUTOTUNE_CACHE_FLAG = '--xla_gpu_per_fusion_autotune_cache_dir'
+TORCH = 'PyTorch bar (bench_lm_torch)'
 QUICK = dict(rounds=3, steps=3)
 FULL = dict(rounds=5, steps=10)
+READY_TIMEOUT_S = 900
 
 
 def gpt2_config(quick: bool):
   config = lm.get_config('gpu')
   config.total_steps = 1000
+  config.model.attention_impl = 'cudnn'
   if quick:
     config.batch_size, config.data.seq_len = 4, 64
-    config.model.update(num_layers=2, d_model=64, num_heads=2, d_ff=256, dtype='float32')
+    config.model.update(num_layers=2, d_model=64, num_heads=2, d_ff=256, dtype='float32',
+                        attention_impl='')
   return config
 
 
-def model_flops_per_token(params, cfg) -> float:
-  n = sum(x.size for x in jax.tree.leaves(params))
-  return 6 * n + 12 * cfg.model.num_layers * cfg.model.d_model * cfg.data.seq_len
+def vocab_size(quick: bool) -> int:
+  return 256 if quick else 50304
 
 
-def torch_reference(batch: int) -> dict:
-  """experiments/bench_lm_torch.py in a subprocess, run before JAX takes device memory."""
-  result = subprocess.run([sys.executable, '-m', 'experiments.bench_lm_torch',
-                           f'--batch={batch}'], capture_output=True, text=True, check=False)
-  if result.returncode:
-    return {'error': (result.stderr.strip().splitlines() or ['failed'])[-1][:200]}
-  return json.loads(result.stdout.strip().splitlines()[-1])
+def variant_config(quick: bool, name: str):
+  config = gpt2_config(quick)
+  config.update_from_flattened_dict(VARIANTS[name])
+  return config
+
+
+def model_flops_per_token(n_params: int, cfg) -> float:
+  return 6 * n_params + 12 * cfg.model.num_layers * cfg.model.d_model * cfg.data.seq_len
+
+
+def random_batch(config, vocab: int) -> dict:
+  tokens = np.random.default_rng(1).integers(0, vocab, (config.batch_size,
+                                                        config.data.seq_len + 1), np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+
+
+def build_variant(quick: bool, name: str) -> benchmarking.Variant:
+  config = variant_config(quick, name)
+  vocab = vocab_size(quick)
+  return benchmarking.trainer_variant(config, DatasetInfo('lm', vocab_size=vocab),
+                                      random_batch(config, vocab))
+
+
+def variant_info(variant: benchmarking.Variant) -> dict:
+  """What the table needs of a variant that may live in another process."""
+  variant.state, metrics = variant.step(variant.state)
+  return {'compile_s': variant.compile_s, 'flops': variant.flops,
+          'temp_bytes': variant.temp_bytes, 'loss': float(jax.device_get(metrics['loss'])),
+          'params': int(sum(x.size for x in jax.tree.leaves(variant.state.params))),
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def serve_variant(quick: bool, name: str) -> None:
+  """A child process: one variant under this process's XLA_FLAGS, served to the parent."""
+  start = time.perf_counter()
+  variant = build_variant(quick, name)
+  info = variant_info(variant)
+  run_steps = benchmarking.step_runner(variant)
+  run_steps(2)
+  info['warmup_s'] = time.perf_counter() - start - variant.compile_s
+  benchmarking.serve(run_steps, info,
+                     {'profile': lambda directory: traces.profile_breakdown(variant, directory)})
+
+
+# --- the loss over the logits alone ------------------------------------------------------
+
+def _two_pass(logits, labels, with_argmax: bool):
+  """The objective as it was before issue 16: a max and a sum pass for logsumexp, and a
+  separate argmax pass for the accuracy."""
+  z = logits.astype(jnp.float32)
+  target = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+  loss = (jax.nn.logsumexp(z, axis=-1) - target).mean()
+  return loss, (logits.argmax(-1) == labels).mean() if with_argmax else jnp.nan
+
+
+def _one_pass(logits, labels, with_argmax: bool):
+  if with_argmax:
+    loss, hits = losses.cross_entropy_and_hits(logits, labels)
+    return loss.mean(), hits.mean()
+  return losses.cross_entropy(logits, labels).mean(), jnp.nan
+
+
+LOSS_HEADS = {
+    'two-pass logsumexp + argmax (before)': lambda z, y: _two_pass(z, y, True),
+    'two-pass logsumexp, no accuracy': lambda z, y: _two_pass(z, y, False),
+    'one pass with argmax (losses.cross_entropy_and_hits)': lambda z, y: _one_pass(z, y, True),
+    'one pass, no accuracy (losses.cross_entropy)': lambda z, y: _one_pass(z, y, False),
+}
+
+
+def time_loss_heads(config, vocab: int, rounds: int, steps: int) -> dict:
+  dtype = jnp.float32 if config.model.dtype == 'float32' else jnp.bfloat16
+  shape = (config.batch_size, config.data.seq_len)
+  logits = (3 * jax.random.normal(jax.random.key(0), (*shape, vocab))).astype(dtype)
+  labels = jax.random.randint(jax.random.key(1), shape, 0, vocab)
+  variants = {}
+  for name, head in LOSS_HEADS.items():
+    program, seconds = benchmarking.compiled(jax.jit(head), logits, labels)
+    variants[name] = benchmarking.Variant(
+        step=lambda s, p=program: (s, p(logits, labels)), state=None, compile_s=seconds,
+        flops=benchmarking.cost_flops(program), temp_bytes=benchmarking.temp_bytes(program))
+  rows = benchmarking.compare(variants, rounds, steps)
+  results = {name: jax.device_get(v.step(None)[1]) for name, v in variants.items()}
+  for name, row in rows.items():
+    row['loss'], row['accuracy'] = (float(x) for x in results[name])
+  return rows
+
+
+# --- the parent ---------------------------------------------------------------------------
+
+def flags_parse(flags: str) -> bool:
+  """Whether XLA accepts `flags` (an unknown flag aborts the process that reads it)."""
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                        capture_output=True, check=False).returncode == 0
+
+
+def start_child(argv: list[str], env: dict, log_dir: str, name: str):
+  log = os.path.join(log_dir, name.replace(' ', '_').replace('/', '_') + '.log')
+  child = benchmarking.ProcessVariant(argv, env=env, log_path=log)
+  try:
+    child.wait_ready(READY_TIMEOUT_S)
+  except RuntimeError:
+    child.close()
+    raise
+  return child
+
+
+def log(message: str) -> None:
+  print(f'[bench_lm {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    parents=[benchmarking.flags()])
-  parser.add_argument('--profile', default='', help='write a perfetto trace of the first '
-                      'variant here (3 steps) and its compiled program')
   parser.add_argument('--torch', action='store_true',
-                      help='also time experiments/bench_lm_torch.py (the PyTorch bar) first')
-  parser.add_argument('--variants', default='', help='comma-separated subset of variant names')
+                      help='also time experiments/bench_lm_torch.py (the PyTorch bar)')
+  parser.add_argument('--variants', default=None,
+                      help=f'comma-separated names of VARIANTS ({", ".join(VARIANTS)})')
+  parser.add_argument('--flags', default=None, help='comma-separated names of FLAG_SETS '
+                      f'({", ".join(FLAG_SETS)}), or none')
+  parser.add_argument('--flag_variant', default='baseline',
+                      help='the variant the flag-set children run')
+  parser.add_argument('--profile', default='', help='trace folder: profile the variants of '
+                      '--profile_variants (3 steps each) and summarise where the time goes')
+  parser.add_argument('--profile_variants', default='baseline',
+                      help="comma-separated row names to profile, or 'all'")
+  parser.add_argument('--serve', default='', help=argparse.SUPPRESS)   # child mode
   args = benchmarking.scale_defaults(parser.parse_args(argv), QUICK, FULL)
+  if args.serve:
+    return serve_variant(args.quick, args.serve)
+  names = lambda text, default: (default if text is None else
+                                 [] if text == 'none' else
+                                 [n.strip() for n in text.split(',') if n.strip()])
+  chosen = list(names(args.variants, CPU_DEFAULT if args.quick else GPU_DEFAULT))
+  flag_sets = list(names(args.flags, CPU_FLAG_SETS if args.quick else FLAG_SETS))
+  unknown = [n for n in chosen + [args.flag_variant] if n not in VARIANTS]
+  unknown += [n for n in flag_sets if n not in FLAG_SETS]
+  if unknown:
+    parser.error(f'unknown variant or flag set: {", ".join(unknown)}')
+
+  work = tempfile.mkdtemp(prefix='bench_lm_')
+  children = bool(flag_sets or args.torch)
+  if children:   # several processes share the device: none takes it all up front
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  cache_flag = f'{AUTOTUNE_CACHE_FLAG}={os.path.join(work, "autotune")}'
+  if flag_sets and not args.quick and flags_parse(cache_flag):
+    os.makedirs(os.path.join(work, 'autotune'))
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + cache_flag).strip()
   config = gpt2_config(args.quick)
-  vocab = 256 if args.quick else 50304
-  torch_row = torch_reference(config.batch_size) if args.torch else None
+  vocab = vocab_size(args.quick)
+  processes, errors = {}, {}
+  module = [sys.executable, '-m']
+  torch_child = None
+  if args.torch:   # torch.compile runs while this process compiles its variants
+    log('starting the PyTorch bar')
+    env = dict(os.environ, JAX_PLATFORMS='cpu')   # its process imports accel, never JAX's GPU
+    torch_child = benchmarking.ProcessVariant(
+        module + ['experiments.bench_lm_torch', '--serve', f'--batch={config.batch_size}',
+                  f'--seq={config.data.seq_len}'], env=env,
+        log_path=os.path.join(work, 'torch.log'))
+  variants, build_errors = benchmarking.try_variants(
+      {name: (lambda n=name: build_variant(args.quick, n)) for name in chosen})
+  errors.update(build_errors)
+  infos = {name: variant_info(v) for name, v in variants.items()}
+  log(f'built {", ".join(variants)}; compile s: '
+      f'{", ".join(f"{v.compile_s:.0f}" for v in variants.values())}')
+  if torch_child is not None:
+    try:
+      torch_child.wait_ready(READY_TIMEOUT_S)
+      processes[TORCH] = torch_child
+      log(f'PyTorch bar ready ({torch_child.info.get("warmup_s", 0):.0f} s)')
+    except RuntimeError as e:
+      torch_child.close()
+      errors[TORCH] = str(e)
+  log('matmul ceiling')
   ceiling = benchmarking.matmul_ceiling(512 if args.quick else 8192,
                                         jnp.float32 if args.quick else jnp.bfloat16)
-  chosen = CPU_VARIANTS if args.quick else GPU_VARIANTS
-  chosen = {name: chosen[name.strip()] for name in args.variants.split(',') if name.strip()} \
-      or chosen
-  tokens = np.random.default_rng(1).integers(0, vocab, (config.batch_size,
-                                                        config.data.seq_len + 1), np.int32)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  log('loss heads')
+  head_rows = time_loss_heads(config, vocab, args.rounds, args.steps)
+  for flag_name in flag_sets:
+    row = f'{args.flag_variant} + {flag_name}'
+    flags = FLAG_SETS[flag_name]
+    if not flags_parse(flags):
+      errors[row] = f'XLA does not know {flags}'
+      continue
+    log(f'starting {row}')
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip())
+    argv_child = module + ['experiments.bench_lm', '--serve', args.flag_variant]
+    argv_child += ['--quick'] if args.quick else []
+    try:
+      processes[row] = start_child(argv_child, env, work, row)
+      infos[row] = processes[row].info
+    except RuntimeError as e:
+      errors[row] = str(e)
+  log(f'timing {args.rounds} rounds of {args.steps} steps')
+  rows, run_errors = benchmarking.compare_with_processes(variants, processes, args.rounds,
+                                                         args.steps)
+  errors.update(run_errors)
+  profiles = {}
+  if args.profile:
+    wanted = list(rows) if args.profile_variants == 'all' else names(args.profile_variants, [])
+    for name in wanted:
+      directory = os.path.join(args.profile, name.replace(' ', '_').replace('/', '_'))
+      log(f'profiling {name}')
+      try:
+        if name in variants:
+          profiles[name] = traces.profile_breakdown(variants[name], directory)
+        elif name in processes and name != TORCH:
+          profiles[name] = processes[name].request(f'profile {directory}')
+      except (RuntimeError, OSError, KeyError) as e:
+        profiles[name] = {'error': str(e)[:300]}
+  for child in processes.values():
+    child.close()
 
-  def builder(overrides):
-    variant = config.copy_and_resolve_references()
-    variant.model.update(**overrides)
-    return lambda: benchmarking.trainer_variant(variant, DatasetInfo('lm', vocab_size=vocab),
-                                                batch)
-  variants, errors = benchmarking.try_variants({n: builder(o) for n, o in chosen.items()})
-  rows = benchmarking.compare(variants, args.rounds, args.steps)
   tokens_per_step = config.batch_size * config.data.seq_len
   for name, row in rows.items():
-    flops_per_s = (model_flops_per_token(variants[name].state.params, config)
-                   * tokens_per_step / (row['ms_per_step'] / 1e3))
-    variants[name].state, metrics = variants[name].step(variants[name].state)
-    row.update(tokens_per_s=tokens_per_step / (row['ms_per_step'] / 1e3),
-               model_flops_per_s=flops_per_s, mfu=flops_per_s / ceiling['flops_per_s'],
-               loss=float(jax.device_get(metrics['loss'])))
-  if args.profile and variants:
-    traces.profile(next(iter(variants.values())), args.profile)
-  if torch_row is not None and 'error' in torch_row:
-    errors = {TORCH: torch_row['error'], **errors}
-  elif torch_row is not None:   # its own timing: queued steps, one synchronization
-    rows = {TORCH: dict(torch_row, ms_per_step=1e3 * torch_row['step_s'], ms_range=None,
-                        compile_s=None, warmup_s=None,
-                        mfu=torch_row['model_flops_per_s'] / ceiling['flops_per_s']), **rows}
+    info = infos.get(name) or processes[name].info
+    tokens_per_s = tokens_per_step / (row['ms_per_step'] / 1e3)
+    flops_per_s = model_flops_per_token(info['params'], config) * tokens_per_s
+    row.update(tokens_per_s=tokens_per_s, model_flops_per_s=flops_per_s,
+               mfu=flops_per_s / ceiling['flops_per_s'], loss=info['loss'],
+               xla_flags=info.get('xla_flags', ''),
+               torch=info.get('torch'))
+  bar = rows.get(TORCH)
+  for row in rows.values():
+    row['vs_torch'] = row['tokens_per_s'] / bar['tokens_per_s'] if bar else None
   meta = benchmarking.provenance()
+  meta['torch'] = bar and bar.get('torch')
   table = benchmarking.timing_table(rows, {
       'tokens/s': lambda r: f"{r['tokens_per_s']:,.0f}",
+      'vs PyTorch bar': lambda r: r['vs_torch'] and f"{r['vs_torch']:.3f}",
       'model TFLOP/s': lambda r: f"{r['model_flops_per_s'] / 1e12:.1f}",
-      'MFU vs matmul': lambda r: f"{r['mfu']:.1%}", 'loss': lambda r: r['loss']}, errors)
+      'MFU vs matmul': lambda r: f"{r['mfu']:.1%}",
+      'temp memory (MiB)': lambda r: r['temp_mib'], 'loss': lambda r: r['loss']}, errors)
+  head_table = benchmarking.timing_table(head_rows, {
+      'loss': lambda r: r['loss'], 'accuracy': lambda r: r['accuracy']})
   setup = (f'Model: {config.model.num_layers} layers, d_model {config.model.d_model}, '
            f'{config.model.num_heads} heads, batch {config.batch_size} x '
            f'{config.data.seq_len}, vocabulary {vocab}, AdamW; the train step of '
            f'accel.train.build; median of {args.rounds} interleaved rounds of {args.steps} '
-           f'steps. Ceiling: {ceiling["dtype"]} {ceiling["n"]}^3 matmul = '
-           f'{ceiling["flops_per_s"] / 1e12:.1f} TFLOP/s.')
+           f'steps, every row in the same rounds (rows named "+ XLA ..." and the PyTorch bar '
+           f'in their own processes). Ceiling: {ceiling["dtype"]} {ceiling["n"]}^3 matmul = '
+           f'{ceiling["flops_per_s"] / 1e12:.1f} TFLOP/s. Variants: '
+           + '; '.join(f'{n}: {VARIANTS[n] or "configs/lm.py:gpu"}' for n in chosen)
+           + '; flag sets: ' + ('; '.join(f'{n}: {FLAG_SETS[n]}' for n in flag_sets) or 'none'))
+  platform = 'cpu' if args.quick else 'gpu'
   title = f'Baseline LM train step ({"quick CPU" if args.quick else "GPT-2 small"})'
+  markdown = benchmarking.report(title, setup, meta, table)
+  markdown += ('\nThe loss over the logits alone (forward; B x L x V logits in the compute '
+               'dtype):\n\n' + head_table)
   benchmarking.write_results(
-      args.out, 'bench_lm_cpu' if args.quick else 'bench_lm_gpu',
-      {'meta': meta, 'ceiling': ceiling, 'rows': rows, 'errors': errors},
-      benchmarking.report(title, setup, meta, table))
+      args.out, f'bench_lm_{platform}',
+      {'meta': meta, 'ceiling': ceiling, 'rows': rows, 'errors': errors,
+       'loss_heads': head_rows, 'setup': setup}, markdown)
+  if profiles:
+    traces.write_breakdowns(args.out, f'bench_lm_{platform}_profile',
+                            "Where the LM step's device time goes", profiles,
+                            {n: v.program for n, v in variants.items()}, meta)
 
 
 if __name__ == '__main__':

@@ -4,7 +4,9 @@ r"""The bar for bench_lm: a compact PyTorch GPT-2-small train step, as a user wo
 
 torch.compile, scaled_dot_product_attention (flash), bf16 autocast, fused AdamW, tied
 embeddings, the same sizes as experiments/bench_lm.py. Run by bench_lm in a subprocess (two
-frameworks in one process would fight over device memory); needs torch with CUDA.
+frameworks in one process would fight over device memory) with --serve: after the warm-up
+it answers bench_lm's requests for N timed steps (accel.benchmarking.serve), so it is timed
+in the same interleaved rounds as accel's variants. Needs torch with CUDA.
 """
 from __future__ import annotations
 
@@ -62,7 +64,10 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--seq', type=int, default=1024)
   parser.add_argument('--iters', type=int, default=20)
+  parser.add_argument('--serve', action='store_true',
+                      help='after the warm-up, serve timed rounds to bench_lm (stdin/stdout)')
   args = parser.parse_args()
+  start_s = time.perf_counter()
   torch.backends.cuda.matmul.allow_tf32 = True
   model = GPT(ctx=args.seq).cuda()
   opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -80,20 +85,28 @@ def main():
     opt.zero_grad(set_to_none=True)
     return loss
   for _ in range(3):
-    step()
-  torch.cuda.synchronize()
-  start = time.perf_counter()
-  for _ in range(args.iters):
     loss = step()
   torch.cuda.synchronize()
-  seconds = (time.perf_counter() - start) / args.iters
+  warm_s = time.perf_counter() - start_s
+
+  def run_steps(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
   n = sum(p.numel() for p in model.parameters())
+  info = {'loss': float(loss), 'torch': torch.__version__, 'params': n,
+          'ln_50304': math.log(50304), 'warmup_s': warm_s}   # torch.compile runs in warm-up
+  if args.serve:
+    from accel.benchmarking import serve  # pylint: disable=g-import-not-at-top
+    serve(run_steps, info)
+    return
+  seconds = run_steps(args.iters)
   flops_token = 6 * n + 12 * 12 * 768 * args.seq
   tokens = args.batch * args.seq
   print(json.dumps({'step_s': seconds, 'tokens_per_s': tokens / seconds,
-                    'model_flops_per_s': flops_token * tokens / seconds,
-                    'loss': float(loss), 'torch': torch.__version__,
-                    'params': n, 'ln_50304': math.log(50304)}))
+                    'model_flops_per_s': flops_token * tokens / seconds, **info}))
 
 
 if __name__ == '__main__':

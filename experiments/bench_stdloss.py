@@ -13,15 +13,20 @@ ResNet size.
   python -m experiments.bench_stdloss --out results           # GPU: ResNet-32, batch 256
   python -m experiments.bench_stdloss --depth 20 --batch 64 --size 16 --rounds 7 --steps 3 \
       --tag _resnet20 --out results                           # CPU, ResNet-20
+--profile DIR: after the timing, a trace of 3 steps of each variant, summarised per step by
+phase and layer (device ms, kernels: accel.traces.breakdown) into
+OUT/stdloss_<platform><tag>_profile.md, with the compiled programs beside it; the traces
+themselves go to DIR.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import numpy as np
 
-from accel import benchmarking
+from accel import benchmarking, traces
 from accel.data.input_pipeline import DatasetInfo
 from configs import stdloss_mnist, stdloss_resnet
 
@@ -52,6 +57,7 @@ def main(argv=None):
   p.add_argument('--size', type=int)
   p.add_argument('--channels', type=int)
   p.add_argument('--tag', default='', help='appended to the results file name')
+  p.add_argument('--profile', default='', help='trace folder: profile each variant (3 steps)')
   args = benchmarking.scale_defaults(p.parse_args(argv), QUICK, FULL)
   rng = np.random.default_rng(0)
   batch = {'image': rng.standard_normal((args.batch, args.size, args.size, args.channels),
@@ -76,8 +82,15 @@ def main(argv=None):
       'Standardization loss: step-time overhead', setup, meta,
       benchmarking.timing_table(rows, {'step temp memory (MiB)': lambda r: r['temp_mib']}),
       ratios)
-  benchmarking.write_results(args.out, f'stdloss_{jax.devices()[0].platform}{args.tag}',
+  name = f'stdloss_{jax.devices()[0].platform}{args.tag}'
+  benchmarking.write_results(args.out, name,
                              dict(meta=meta, setup=setup, rows=rows, ratios=ratios), markdown)
+  if args.profile:
+    breakdowns = {v: traces.profile_breakdown(variants[v], os.path.join(args.profile, v))
+                  for v in VARIANTS}
+    traces.write_breakdowns(args.out, f'{name}_profile',
+                            'Standardization loss: where the step\'s device time goes',
+                            breakdowns, {v: variants[v].program for v in VARIANTS}, meta)
 
 
 if __name__ == '__main__':

@@ -37,3 +37,25 @@ def test_kernel_times_and_stream_busy(tmp_path):
                                                 'span_ms': pytest.approx(0.3)}}
   with pytest.raises(FileNotFoundError, match='no perfetto_trace.json.gz'):
     traces.find_trace(str(tmp_path / 'plugins' / 'profile' / 'none'))
+
+
+def test_breakdown_by_phase_and_scope(tmp_path):
+  """Kernels are found in the program's text by name ('fusion_1' is %fusion.1), filed by
+  their op_name's phase and innermost module (digits as N); library kernels without an
+  HLO name by library; per step."""
+  path = _write_trace(str(tmp_path))
+  hlo = ('ENTRY %main {\n'
+         '  %fusion.1 = bf16[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/'
+         'transpose(jvp(TransformerLM))/TransformerLM.features/stack/block_3/mlp/fc_in/add"}\n'
+         '  ROOT %gemm = bf16[8]{0} custom-call(%p)\n}\n')
+  b = traces.breakdown(path, hlo, steps=2)
+  assert b['device_ms_per_step'] == pytest.approx(0.075) and b['kernels_per_step'] == 1.5
+  assert b['categories'] == {
+      '? / cublas': {'ms_per_step': pytest.approx(0.05), 'kernels_per_step': 0.5},
+      'backward / fc_in': {'ms_per_step': pytest.approx(0.025), 'kernels_per_step': 1.0}}
+  assert [k['kernel'] for k in b['top_kernels']] == ['gemm', 'fusion_1']
+  assert traces.category('jit(train_step)/jvp(ResNet)/ResNet._block/stage1_block0_conv1/'
+                         'reduce_sum', 'x') == 'forward / stageN_blockN_convN'
+  assert traces.category('jit(train_step)/jvp()/reduce', 'x') == 'forward / loss'
+  assert traces.category('jit(train_step)/add', 'x') == 'update / other'
+  assert traces.category('', 'cudnn_generated_fort_native_sdpa') == '? / cudnn'
