@@ -68,7 +68,7 @@ AUTOTUNE_CACHE_FLAG = '--xla_gpu_per_fusion_autotune_cache_dir'
 TORCH = 'PyTorch bar (bench_lm_torch)'
 QUICK = dict(rounds=3, steps=3)
 FULL = dict(rounds=5, steps=10)
-READY_TIMEOUT_S = 900
+READY_TIMEOUT_S = 300
 
 
 def gpt2_config(quick: bool):
@@ -213,6 +213,9 @@ def main(argv=None):
                       '--profile_variants (3 steps each) and summarise where the time goes')
   parser.add_argument('--profile_variants', default='baseline',
                       help="comma-separated row names to profile, or 'all'")
+  parser.add_argument('--budget_s', type=float, default=420,
+                      help='start no flag-set child after this many seconds (60 s before it) '
+                      'and no profile (20 s before it), so the results are written in time')
   parser.add_argument('--serve', default='', help=argparse.SUPPRESS)   # child mode
   args = benchmarking.scale_defaults(parser.parse_args(argv), QUICK, FULL)
   if args.serve:
@@ -227,6 +230,8 @@ def main(argv=None):
   if unknown:
     parser.error(f'unknown variant or flag set: {", ".join(unknown)}')
 
+  started = time.monotonic()
+  left_s = lambda: args.budget_s - (time.monotonic() - started)
   work = tempfile.mkdtemp(prefix='bench_lm_')
   children = bool(flag_sets or args.torch)
   if children:   # several processes share the device: none takes it all up front
@@ -269,6 +274,9 @@ def main(argv=None):
   for flag_name in flag_sets:
     row = f'{args.flag_variant} + {flag_name}'
     flags = FLAG_SETS[flag_name]
+    if left_s() < 60:
+      errors[row] = f'not run: less than 60 s of --budget_s {args.budget_s:.0f} left'
+      continue
     if not flags_parse(flags):
       errors[row] = f'XLA does not know {flags}'
       continue
@@ -289,6 +297,9 @@ def main(argv=None):
   if args.profile:
     wanted = list(rows) if args.profile_variants == 'all' else names(args.profile_variants, [])
     for name in wanted:
+      if left_s() < 20:
+        profiles[name] = {'error': 'not run: less than 20 s of --budget_s left'}
+        continue
       directory = os.path.join(args.profile, name.replace(' ', '_').replace('/', '_'))
       log(f'profiling {name}')
       try:
