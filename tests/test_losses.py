@@ -12,25 +12,33 @@ def test_cross_entropy_matches_optax_values_and_gradients():
   logits = jax.random.normal(k1, (3, 5, 11)) * 3
   labels = jax.random.randint(k2, (3, 5), 0, 11)
   weights = jax.random.uniform(k3, (3, 5))
-  ref = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  np.testing.assert_allclose(cross_entropy(logits, labels), ref, rtol=1e-6, atol=1e-6)
-  grad = jax.grad(lambda z: (cross_entropy(z, labels) * weights).sum())(logits)
-  grad_ref = jax.grad(lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, labels)
-                                 * weights).sum())(logits)
+  optax_ce = optax.softmax_cross_entropy_with_integer_labels
+
+  @jax.jit   # one program for all the values compared (eager dispatch is most of the time)
+  def values(logits):
+    grads = [jax.grad(lambda z, f=f: (f(z, labels) * weights).sum())(logits)
+             for f in (cross_entropy, optax_ce)]
+    return cross_entropy(logits, labels), optax_ce(logits, labels), *grads
+  loss, ref, grad, grad_ref = values(logits)
+  np.testing.assert_allclose(loss, ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_logits_give_float32_loss_and_bf16_gradient():
   logits = jax.random.normal(jax.random.key(1), (4, 7)).astype(jnp.bfloat16)
   labels = jnp.arange(4)
-  loss = cross_entropy(logits, labels)
+  ref_ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z.astype(jnp.float32),
+                                                                      labels)
+
+  @jax.jit
+  def values(logits):
+    return (cross_entropy(logits, labels), ref_ce(logits),
+            jax.grad(lambda z: cross_entropy(z, labels).mean())(logits),
+            jax.grad(lambda z: ref_ce(z).mean())(logits))
+  loss, ref, grad, grad_ref = values(logits)
   assert loss.dtype == jnp.float32
-  ref = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   np.testing.assert_allclose(loss, ref, rtol=1e-6)
-  grad = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
   assert grad.dtype == jnp.bfloat16
-  grad_ref = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
-      z.astype(jnp.float32), labels).mean())(logits)
   np.testing.assert_allclose(grad.astype(jnp.float32), grad_ref.astype(jnp.float32),
                              atol=1e-2)
 
@@ -43,16 +51,20 @@ def test_one_pass_logsumexp_and_argmax_equal_the_two_pass_ones():
   k1, k2 = jax.random.split(jax.random.key(2))
   logits = (jax.random.normal(k1, (6, 5, 37)) * 4).at[0, :, :9].set(-jnp.inf)
   labels = jax.random.randint(k2, (6, 5), 9, 37)
+  squared = lambda f: lambda z: (f(z, labels) ** 2).sum()
+
+  @jax.jit
+  def both(z):   # one program: the one-pass values, then the references
+    return ((softmax_stats(z, with_argmax=True), cross_entropy_and_hits(z, labels),
+             jax.grad(squared(lambda *a: cross_entropy_and_hits(*a)[0]))(z)),
+            (jax.nn.logsumexp(z.astype(jnp.float32), -1), z.argmax(-1),
+             cross_entropy(z, labels), jax.grad(squared(cross_entropy))(z)))
   for z in (logits, jnp.round(logits).astype(jnp.bfloat16)):
-    (lse, argmax), (loss, hits), grads = jax.jit(lambda z: (
-        softmax_stats(z, with_argmax=True), cross_entropy_and_hits(z, labels),
-        jax.grad(lambda z: (cross_entropy_and_hits(z, labels)[0] ** 2).sum())(z)))(z)
-    z32 = z.astype(jnp.float32)
-    np.testing.assert_allclose(lse, jax.nn.logsumexp(z32, -1), rtol=1e-6)
-    np.testing.assert_array_equal(argmax, z.argmax(-1))
-    np.testing.assert_array_equal(hits, z.argmax(-1) == labels)
-    np.testing.assert_allclose(loss, cross_entropy(z, labels), rtol=1e-6)
-    ref = jax.grad(lambda z: (cross_entropy(z, labels) ** 2).sum())(z)
-    np.testing.assert_array_equal(grads, ref)
+    ((lse, argmax), (loss, hits), grads), (lse_ref, argmax_ref, loss_ref, grads_ref) = both(z)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-6)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    np.testing.assert_array_equal(hits, argmax_ref == labels)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    np.testing.assert_array_equal(grads, grads_ref)
   assert int((jnp.round(logits) == jnp.round(logits).max(-1, keepdims=True)).sum(-1).max()) > 1
   np.testing.assert_array_equal(softmax_stats(jnp.full((2, 3), -jnp.inf))[0], -jnp.inf)

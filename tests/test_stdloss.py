@@ -29,7 +29,7 @@ def test_formula_on_random_data(shape, axes):
   c = shape[-1]
   x = (jax.random.uniform(k1, (c,), minval=-2, maxval=2)
        + jax.random.uniform(k2, (c,), minval=0.1, maxval=3) * jax.random.normal(k3, shape))
-  got = stdloss.standardization_loss(x, axes)
+  got = jax.jit(stdloss.standardization_loss, static_argnums=1)(x, axes)
   np.testing.assert_allclose(got, _reference(x, axes), rtol=1e-5)
   assert got > 1.0  # far from standardized: the test data is not trivially 0
 
@@ -43,12 +43,14 @@ def test_zero_for_standardized_inputs():
 
 def test_near_zero_variance_is_finite():
   x = jnp.concatenate([jnp.full((16, 1), 0.5), jax.random.normal(jax.random.key(0), (16, 1))], 1)
-  loss, grad = jax.value_and_grad(stdloss.standardization_loss)(x)
+  (loss, grad), loss_bf16 = jax.jit(lambda x: (
+      jax.value_and_grad(stdloss.standardization_loss)(x),
+      stdloss.standardization_loss(x.astype(jnp.bfloat16))))(x)
   expected_const = 0.5 * (0.25 + stdloss.EPS - np.log(stdloss.EPS) - 1)
   np.testing.assert_allclose(loss, expected_const + _reference(x[:, 1:], (0,)), rtol=1e-5)
   assert np.all(np.isfinite(grad))
   # bf16 activations: moments in float32, loss float32.
-  assert stdloss.standardization_loss(x.astype(jnp.bfloat16)).dtype == jnp.float32
+  assert loss_bf16.dtype == jnp.float32
 
 
 def _two_pass_loss(x, axes, num_shards=1, eps=stdloss.EPS):
@@ -104,9 +106,10 @@ def test_variance_is_never_negative_nor_cancelled():
 def test_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(1), (6, 3, 2), jnp.float64) * 2.0 + 0.5
-    f = lambda x: stdloss.standardization_loss(x, (0, 1))
+    # jitted: check_grads evaluates f at many points of one shape (eager, each op compiles)
+    f = jax.jit(lambda x: stdloss.standardization_loss(x, (0, 1)))
     test_util.check_grads(f, (x,), order=1, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
-    g = lambda x: stdloss.standardization_loss(x, (0,), num_shards=3)
+    g = jax.jit(lambda x: stdloss.standardization_loss(x, (0,), num_shards=3))
     test_util.check_grads(g, (x,), order=1, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
 
 

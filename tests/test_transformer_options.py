@@ -31,9 +31,14 @@ def _fused_as_split(params):
   return {**params, 'stack': {name: split_block(b) for name, b in params['stack'].items()}}
 
 
-def test_split_qkv_is_the_fused_projection_cut_in_three():
+@pytest.fixture(scope='module')
+def params():
+  """The default model's parameters, shared by the tests (one init compile)."""
+  return jax.jit(_model().init)(jax.random.key(0), TOKENS)['params']
+
+
+def test_split_qkv_is_the_fused_projection_cut_in_three(params):
   fused, split = _model(), _model(qkv_projection='split')
-  params = jax.jit(fused.init)(jax.random.key(0), TOKENS)['params']
   split_shapes = jax.eval_shape(split.init, jax.random.key(0), TOKENS)['params']
   as_split = _fused_as_split(params)
   assert (jax.tree.map(lambda x: x.shape, as_split)
@@ -43,7 +48,7 @@ def test_split_qkv_is_the_fused_projection_cut_in_three():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_bias_free_and_rematerialized_blocks():
+def test_bias_free_and_rematerialized_blocks(params):
   with_bias = jax.eval_shape(_model().init, jax.random.key(0), TOKENS)['params']
   no_bias = jax.eval_shape(_model(use_bias=False).init, jax.random.key(0), TOKENS)['params']
   paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in
@@ -54,7 +59,6 @@ def test_bias_free_and_rematerialized_blocks():
   assert not paths(no_bias) - paths(with_bias)
 
   plain = _model()
-  params = jax.jit(plain.init)(jax.random.key(0), TOKENS)['params']
   loss = lambda m: jax.jit(jax.value_and_grad(
       lambda p: jnp.square(m.apply({'params': p}, TOKENS)).mean()))(params)
   value, grads = loss(plain)
