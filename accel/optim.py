@@ -3,14 +3,17 @@
 schedule(t): linear warm-up from 0 to `lr` over `warmup_steps`, then
   constant | cosine (to lr * end_lr_fraction at total_steps) | linear (same end) |
   exponential (lr * decay_rate ** ((t - warmup) / decay_steps)).
+optimizer.name = 'muon': Muon at `lr` on the Dense kernels, Adam at `adam_lr` (0: lr) on the
+rest, both on the schedule's shape; `muon_beta` its momentum.
 """
 from __future__ import annotations
 
+import jax
 import optax
 
 from accel.errors import UserError
 
-OPTIMIZERS = ('adamw', 'adam', 'sgd', 'rmsprop')
+OPTIMIZERS = ('adamw', 'adam', 'sgd', 'rmsprop', 'muon')
 SCHEDULES = ('constant', 'cosine', 'linear', 'exponential')
 
 
@@ -34,6 +37,28 @@ def build_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def muon_dimension_numbers(params):
+  """Muon's matrices: every Dense 'kernel' leaf, as [..., fan_in, fan_out] (the leading
+  axes, e.g. a stack of layers, are batch axes: each layer's matrix is orthogonalised on
+  its own); every other leaf (embeddings, position table, biases, norms) None: Adam."""
+  spec = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: spec if (path and getattr(path[-1], 'key', None) == 'kernel'
+                                  and leaf.ndim >= 2) else None, params)
+
+
+def muon(lr, adam_lr, beta: float, b1: float, b2: float, eps: float
+         ) -> optax.GradientTransformation:
+  """optax.contrib.muon (Jordan et al. 2024, modded-nanogpt: momentum beta, Nesterov,
+  orthogonalised by 5 Newton-Schulz steps) on the Dense kernels at learning rate `lr`,
+  Adam(b1, b2, eps) at `adam_lr` on the rest (`muon_dimension_numbers`)."""
+  if not hasattr(optax, 'contrib') or not hasattr(optax.contrib, 'muon'):
+    raise UserError(f'optimizer.name=muon needs optax.contrib.muon (optax {optax.__version__})')
+  return optax.contrib.muon(lr, beta=beta, eps=eps, adam_b1=b1, adam_b2=b2,
+                            adam_learning_rate=adam_lr,
+                            muon_weight_dimension_numbers=muon_dimension_numbers)
+
+
 def build_optimizer(opt_cfg, total_steps: int, clip: bool = True
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """clip=False leaves out optax.clip_by_global_norm(opt_cfg.clip_norm), for a caller
@@ -47,6 +72,10 @@ def build_optimizer(opt_cfg, total_steps: int, clip: bool = True
     tx = optax.adam(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   elif name == 'sgd':
     tx = optax.sgd(schedule, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov)
+  elif name == 'muon':
+    ratio = (opt_cfg.get('adam_lr') or opt_cfg.lr) / opt_cfg.lr
+    tx = muon(schedule, lambda count: ratio * schedule(count), beta=opt_cfg.get('muon_beta', 0.95),
+              b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   elif name == 'rmsprop':
     tx = optax.rmsprop(schedule, eps=opt_cfg.eps, momentum=opt_cfg.momentum or None,
                        nesterov=opt_cfg.nesterov)

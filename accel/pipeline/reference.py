@@ -28,6 +28,13 @@ the forward of batch t passes every module within iteration t (on devices, each 
 for the previous one's forward) and module j back-propagates batch t-(K-1-j), so module j's
 weights are K-1-j updates stale instead of 2(K-1-j). Reference only, no SPMD program: it
 measures what the pipelined forward's extra staleness costs (experiments/pipeline_staleness.py).
+
+Remedies (`accel.pipeline.remedies`, each off at 0): `sync_warmup_steps=N` trains
+iterations t < N synchronously and starts the pipeline at N with batch N (`synchronous_at`,
+`first_batch`); `delay_compensation` (DC-ASGD, 'stored': the forward weights are kept with
+each stored vjp, 'fwd_weights'), `error_feedback` (the gradient each module applied last,
+'prev_grads') and `pipemare_steps` (a per-module factor on the optimizer's update) act on
+module j's gradient and update, with its delay d_j at t (`delay`).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from typing import Any
 import jax
 import optax
 
-from accel.pipeline import clipping, families, pieces, prediction
+from accel.pipeline import clipping, families, pieces, prediction, remedies
 from accel.pipeline.layout import Layout
 
 
@@ -70,9 +77,15 @@ _predict = jax.jit(prediction.predict)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _update(tx, grads, opt_state, params):
+def _update(tx, grads, opt_state, params, factor=1.0):
+  """One optimizer step; its update scaled by `factor` (PipeMare's lr factor, 1: none)."""
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+  return optax.apply_updates(params, remedies.scale(updates, factor)), opt_state
+
+
+_corrected = jax.jit(lambda g, dc, fb: remedies.add(g, *(t for t in (dc, fb) if t is not None)))
+_compensation_term = jax.jit(remedies.compensation_term)
+_feedback_term = jax.jit(remedies.feedback_term)
 
 
 class Reference:
@@ -81,16 +94,24 @@ class Reference:
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, synchronous: bool = False, rng=None,
                clip_norm: float = 0.0, forward_locked: bool = False,
-               weight_prediction: float = 0.0):
+               weight_prediction: float = 0.0, sync_warmup_steps: int = 0,
+               delay_compensation: float = 0.0, pipemare_steps: int = 0,
+               error_feedback: float = 0.0):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
-    weight_prediction: s of `accel.pipeline.prediction` (0: off)."""
+    weight_prediction: s of `accel.pipeline.prediction` (0: off); the remedies: N, lambda,
+    T and c of `accel.pipeline.remedies` (0: off)."""
     prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
     if cfg.dropout_rate and rng is None:
       raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
     self.model_pieces = families.for_config(cfg)
+    remedies.check(backward_weights, self.model_pieces.has_memory,
+                   sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
+                   pipemare_steps=pipemare_steps, error_feedback=error_feedback)
+    self.sync_warmup_steps, self.delay_compensation = sync_warmup_steps, delay_compensation
+    self.pipemare_steps, self.error_feedback = pipemare_steps, error_feedback
     self.cfg = self.model_pieces.cfg
     self.layout, self.tx = layout, tx
     self.backward_weights, self.synchronous = backward_weights, synchronous
@@ -119,6 +140,10 @@ class Reference:
                  saved={}, acts={}, grads={}, batches={})
     if self.weight_prediction:   # w^{t-1}: before any update, w^0
       state['prev_modules'] = list(modules)
+    if self.delay_compensation:
+      state['fwd_weights'] = {}
+    if self.error_feedback:
+      state['prev_grads'] = [None] * self._k
     return state
 
   def model_params(self, state):
@@ -127,23 +152,35 @@ class Reference:
     layers = pieces.concat_layers([m['layers'] for m in mods])
     return self.model_pieces.join(state['E'], mods[0]['first'], layers, mods[-1]['last'])
 
+  def synchronous_at(self, t: int) -> bool:
+    """Whether iteration t is synchronous (synchronous=True, or the warm-up t < N)."""
+    return self.synchronous or t < self.sync_warmup_steps
+
+  def first_batch(self, t: int) -> int:
+    """The oldest batch that exists at iteration t: 0, or N once the pipeline has started
+    after a warm-up of N iterations (batches < N trained synchronously)."""
+    return 0 if self.synchronous_at(t) else self.sync_warmup_steps
+
   def fwd_batch(self, j: int, t: int) -> int:
-    return t if self.synchronous or self.forward_locked else t - j
+    return t if self.synchronous_at(t) or self.forward_locked else t - j
 
   def bwd_batch(self, j: int, t: int) -> int:
-    if self.synchronous:
+    if self.synchronous_at(t):
       return t
     if self.forward_locked:
       return t - (self._k - 1 - j)
     return t - self.layout.delay(j) - j
 
+  def delay(self, j: int, t: int) -> int:
+    """d_j at iteration t: the iterations from module j's forward of a batch to its
+    backward of it (pipelined: 2(K-1-j), forward-locked: K-1-j, synchronous: 0)."""
+    return self.fwd_batch(j, t) - self.bwd_batch(j, t)
+
   def forward_weights(self, state, j: int):
     """Module j's params its forward runs with at this iteration: w_j^t, or with weight
-    prediction w_j^t + s d_j (w_j^t - w_j^{t-1}) (`accel.pipeline.prediction`), d_j the
-    iterations from its forward of a batch to its backward of it (pipelined: 2(K-1-j),
-    forward-locked: K-1-j, synchronous: 0)."""
+    prediction w_j^t + s d_j (w_j^t - w_j^{t-1}) (`accel.pipeline.prediction`)."""
     w = state['modules'][j]
-    steps = self.weight_prediction * (self.fwd_batch(j, 0) - self.bwd_batch(j, 0))
+    steps = self.weight_prediction * self.delay(j, state['step'])
     return _predict(w, state['prev_modules'][j], steps) if steps else w
 
   def key(self, j: int, b: int):
@@ -165,10 +202,11 @@ class Reference:
     g_mod = [None] * k
     g_E = []
     loss = None
+    first = self.first_batch(t)
     # Forwards with the weights w^t of this iteration; each advances its module's memory.
     for j in range(k - 1):
       b = self.fwd_batch(j, t)
-      if b < 0:
+      if b < first:
         continue
       x_in = batches[b]['inputs'] if j == 0 else acts.pop((j, b))
       key = self.key(j, b)
@@ -177,6 +215,8 @@ class Reference:
         y, vjp, new_mem = (_vjp_first(mp, w, E, x_in, mems[j], key) if j == 0
                            else _vjp_middle(mp, w, x_in, mems[j], key))
         saved[(j, b)] = vjp
+        if self.delay_compensation and not self.synchronous_at(t):
+          state['fwd_weights'][(j, b)] = w
       else:
         y, new_mem = (_fwd_first(mp, mods[j], E, x_in, mems[j], key) if j == 0
                       else _fwd_middle(mp, mods[j], x_in, mems[j], key))
@@ -185,7 +225,7 @@ class Reference:
       mems[j] = new_mem
     # The last module: forward, loss and backward of the same batch (delay 0).
     b = self.fwd_batch(k - 1, t)
-    if b >= 0:
+    if b >= first:
       (loss, mems[k - 1]), (g_mod[k - 1], g_E_out, dx) = _grad_last(
           mp, mods[k - 1], E, acts.pop((k - 1, b)), batches[b]['targets'], mems[k - 1],
           self.key(k - 1, b))
@@ -194,7 +234,7 @@ class Reference:
     # Backwards of older batches, from the loss side down.
     for j in range(k - 2, -1, -1):
       b = self.bwd_batch(j, t)
-      if b < 0:
+      if b < first:
         continue
       g, key = grads_in.pop((j, b)), self.key(j, b)
       if self.backward_weights == 'stored':
@@ -212,17 +252,37 @@ class Reference:
         g_mod[j], grads_in[(j - 1, b)] = cot
     # Tied table: output-side part (batch t-(K-1)) + input-side part (batch t-2(K-1)).
     g_E_sum = sum(g_E[1:], g_E[0]) if g_E else None
-    grad_norm = optax.tree.norm((g_mod, g_E_sum))     # None: no gradient, not counted
-    applied, applied_E = g_mod, g_E_sum
+    corrected = [g if g is None else self._correct(state, j, g) for j, g in enumerate(g_mod)]
+    grad_norm = optax.tree.norm((corrected, g_E_sum))     # None: no gradient, not counted
+    applied, applied_E = corrected, g_E_sum
     if self.clip_norm:
-      applied, applied_E = clipping.clip((g_mod, g_E_sum), grad_norm, self.clip_norm)
+      applied, applied_E = clipping.clip((corrected, g_E_sum), grad_norm, self.clip_norm)
     if self.weight_prediction:
       state['prev_modules'] = list(mods)
-    # Adam per module, only for modules that have a gradient this iteration.
+    # The optimizer per module, only for modules that have a gradient this iteration.
     for j in range(k):
       if applied[j] is not None:
-        mods[j], state['opt'][j] = _update(self.tx, applied[j], state['opt'][j], mods[j])
+        factor = (remedies.pipemare_factor(t, self.delay(j, t), self.pipemare_steps,
+                                           self.sync_warmup_steps)
+                  if self.pipemare_steps else 1.0)
+        mods[j], state['opt'][j] = _update(self.tx, applied[j], state['opt'][j], mods[j],
+                                           factor)
     if g_E:
       state['E'], state['opt_E'] = _update(self.tx, applied_E, state['opt_E'], E)
     state['step'] = t + 1
     return state, {'loss': loss, 'grads': g_mod, 'grad_E': g_E, 'grad_norm': grad_norm}
+
+  def _correct(self, state, j: int, g):
+    """Module j's gradient g with the remedies' corrections added (`remedies`): DC-ASGD's
+    with the weights its forward of the batch ran with, error feedback's with the gradient
+    it applied last; records g as that one."""
+    t, d = state['step'], self.delay(j, state['step'])
+    dc = fb = None
+    if self.delay_compensation and j < self._k - 1 and not self.synchronous_at(t):
+      w_fwd = state['fwd_weights'].pop((j, self.bwd_batch(j, t)))
+      dc = _compensation_term(g, state['modules'][j], w_fwd, self.delay_compensation)
+    if self.error_feedback:
+      if state['prev_grads'][j] is not None and d:
+        fb = _feedback_term(g, state['prev_grads'][j], self.error_feedback * d)
+      state['prev_grads'][j] = g
+    return g if dc is None and fb is None else _corrected(g, dc, fb)
