@@ -36,7 +36,7 @@ import pytest
 
 CLIP = 0.5
 # (model, K, tied ring, backward weights, data axis, dropout rate, clip norm, weight
-# prediction s)
+# prediction s[, remedies: 'key=value,...' of accel.pipeline.remedies, and optimizer=muon])
 # Weight prediction: shapes, dropout and clip as two s = 0 cases below, whose reference
 # compilations they share (`_TX`); only their SPMD step compiles anew.
 PREDICTION = [('lm', 4, False, 'stored', 2, 0.0, 0.0, 2.0),
@@ -57,7 +57,20 @@ FULL = [(model, k, tied, bw, 1, rate, clip, 0.0)
             ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0, 0.0),
             ('lm', 2, False, 'stored', 2, 0.0, CLIP, 2.0), ('lm', 3, True, 'stored', 1, 0.1, 0.0, 1.0),
             ('txl', 3, False, 'stored', 1, 0.1, CLIP, 2.0)] + PREDICTION
-CASES = FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT
+# The remedies (accel/pipeline/remedies.py), each on alone on the shapes of the K=2 tied
+# ring case above (its reference compilations shared), then all together on the K=3 tied
+# ring with weight prediction, and Muon (per layer: its Newton-Schulz orthogonalises each
+# layer's matrices, as the reference's per-module optax.contrib.muon does over the layer
+# axis) on the 2 x 2 untied K=2 mesh. Each is also run by `simulate.Simulated` (the study's
+# single-device step), which must match the reference as closely.
+REMEDIES = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'sync_warmup_steps=3'),
+            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'delay_compensation=50'),
+            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'pipemare_steps=6'),
+            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'error_feedback=1'),
+            ('lm', 3, True, 'stored', 1, 0.0, CLIP, 1.0, 'sync_warmup_steps=2,'
+             'delay_compensation=50,pipemare_steps=6,error_feedback=0.5'),
+            ('lm', 2, False, 'stored', 2, 0.0, 0.0, 0.0, 'optimizer=muon')]
+CASES = (FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT) + REMEDIES
 # The case whose compiled step is checked for conditionals (the stage program is the same
 # ops on every stage, roles selected by masks: spmd's docstring). In DEFAULT and FULL.
 HLO_CASE = ('lm', 4, True, 'recompute', 1, 0.1, CLIP, 0.0)
@@ -67,11 +80,21 @@ HLO_CASE = ('lm', 4, True, 'recompute', 1, 0.1, CLIP, 0.0)
 RING_CASE = ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0)
 
 
-def _iterations(k, prediction):
+def _iterations(k, prediction, remedies=''):
   """2K+1, past every module's warm-up; with weight prediction 4K, so that module 0's
   first predicted forward (iteration 2K-1, after its first update) is back-propagated
-  (iteration 4K-3) and applied."""
-  return 4 * k if prediction else 2 * k + 1
+  (iteration 4K-3) and applied; after a synchronous warm-up of N iterations N more."""
+  return (4 * k if prediction else 2 * k + 1) + _remedies(remedies).get('sync_warmup_steps', 0)
+
+
+def _remedies(text):
+  """'key=value,...' -> {key: number} (optimizer: its name)."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, value = item.split('=')
+    out[key] = value if key == 'optimizer' else (int(value) if key.endswith('steps')
+                                                 else float(value))
+  return out
 
 
 def _model(name, num_layers, rate):
@@ -111,43 +134,66 @@ def _ring_copies(hlo, state):
 
 
 @functools.cache
-def _tx():
-  """One optimizer object for every case: the reference's jits take it as a static
-  argument, so cases of the same shapes share their compilations."""
+def _tx(name='adam'):
+  """One optimizer object per name for every case: the reference's jits take it as a
+  static argument, so cases of the same shapes share their compilations."""
   import optax
+  if name == 'muon':
+    from accel import optim
+    return optim.muon(1e-2, 1e-2, beta=0.95, b1=0.9, b2=0.999, eps=1e-4)
   return optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
 
 
-def _run_case(model, k, tied, bw, data, rate, clip, prediction):
+def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   """Returns the worst parameter / loss / gradient-norm difference over `_iterations`
-  and how many iterations the clip scaled."""
+  and how many iterations the clip scaled; with remedies also the worst parameter
+  difference of `simulate.Simulated` to the reference and the largest of the reference
+  to the same case without them."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from accel.pipeline.layout import Layout
   from accel.pipeline.reference import Reference
+  from accel.pipeline.simulate import Knobs, Simulated
   from accel.pipeline.spmd import Pipeline, make_mesh
 
+  on = _remedies(remedies)
+  name = on.pop('optimizer', 'adam')
   # Untied: one block per module; tied ring: two per stage (module 0 and K-1 one each).
   layout = Layout(2 * (k - 1) if tied else k, k, tied)
   cfg, params = _model(model, layout.num_layers, rate)
   rng = jax.random.key(7)
-  tx = _tx()
+  tx = _tx(name)
   devices = jax.devices()[:data * layout.num_stages]
   pipe = Pipeline(cfg, layout, tx, bw, make_mesh(data, layout.num_stages, devices), rng=rng,
-                  clip_norm=clip, weight_prediction=prediction)
+                  clip_norm=clip, weight_prediction=prediction, **on)
   batch_size = 2 * data
   state = pipe.init(params, batch_size, 8)
-  ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip, weight_prediction=prediction)
+  ref = Reference(cfg, layout, tx, bw, rng=rng, clip_norm=clip, weight_prediction=prediction,
+                  **on)
   ref_state = ref.init(params, batch_size)
+  others = {}
+  if remedies:   # the study's step, and the reference without the remedies
+    sim = Simulated(cfg, layout, tx, rng=rng, clip_norm=clip)
+    others['sim'] = (sim, jax.jit(sim.step), None)
+    plain = Reference(cfg, layout, _tx(), bw, rng=rng, clip_norm=clip)
+    others['plain'] = (plain, plain.step, plain.init(params, batch_size))
   data_rng = np.random.default_rng(1)
-  worst = {'param': 0.0, 'loss': 0.0, 'grad_norm': 0.0, 'valid_losses': 0, 'clipped': 0}
-  for _ in range(_iterations(k, prediction)):
+  worst = {'param': 0.0, 'loss': 0.0, 'grad_norm': 0.0, 'valid_losses': 0, 'clipped': 0,
+           'sim': 0.0, 'plain': 0.0}
+  for t in range(_iterations(k, prediction, remedies)):
     seq = data_rng.integers(0, 32, (batch_size, 9)).astype(np.int32)
     batch = {'inputs': jnp.asarray(seq[:, :-1]), 'targets': jnp.asarray(seq[:, 1:])}
-    state, m = pipe.step(state, batch)
+    state, m = pipe.step(state, batch, t)
     ref_state, rm = ref.step(ref_state, batch)
+    for key, (other, step, other_state) in others.items():
+      if other_state is None:
+        other_state = other.init(params, batch, Knobs(weight_prediction=prediction, **on))
+      other_state, _ = step(other_state, batch)
+      others[key] = (other, step, other_state)
+      diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                     other.model_params(other_state), ref.model_params(ref_state))
+      worst[key] = max(worst[key], *jax.tree_util.tree_leaves(diffs))
     assert bool(m['loss_valid']) == (rm['loss'] is not None)
     if rm['loss'] is not None:
       worst['loss'] = max(worst['loss'], abs(float(m['loss']) - float(rm['loss'])))
@@ -159,6 +205,8 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction):
                                    pipe.model_params(state), ref.model_params(ref_state))
     worst['param'] = max(worst['param'], *jax.tree_util.tree_leaves(diffs))
   case = (model, k, tied, bw, data, rate, clip, prediction)
+  if remedies:
+    return worst
   if case == HLO_CASE:   # one more compilation (~5 s)
     hlo = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
     worst['conditionals'] = hlo.count(' conditional(')
@@ -188,18 +236,22 @@ def results():
 def _case_id(c):
   return (f'{c[0]}-K{c[1]}-{"tied" if c[2] else "untied"}-{c[3]}-data{c[4]}'
           f'{f"-dropout{c[5]}" if c[5] else ""}{f"-clip{c[6]}" if c[6] else ""}'
-          f'{f"-prediction{c[7]}" if c[7] else ""}')
+          f'{f"-prediction{c[7]}" if c[7] else ""}{f"-{c[8]}" if len(c) > 8 else ""}')
 
 
 @pytest.mark.parametrize('case', CASES, ids=_case_id)
 def test_spmd_matches_reference(results, case):
   worst = results[tuple(case)]
-  k, clip = case[1], case[6]
-  iterations = _iterations(k, case[7])
-  assert worst['valid_losses'] == iterations - (k - 1)   # losses from iteration K-1 on
+  k, clip, remedies = case[1], case[6], case[8] if len(case) > 8 else ''
+  iterations = _iterations(k, case[7], remedies)
+  # losses from iteration K-1 on; with a warm-up in every warm-up iteration, then from N+K-1
+  assert worst['valid_losses'] == iterations - (k - 1), worst
   assert worst['loss'] < 1e-5, worst
   assert worst['grad_norm'] < 1e-5, worst
   assert worst['param'] < 2e-6, worst
+  if remedies:
+    assert worst['sim'] < 2e-6, worst
+    assert worst['plain'] > 1e-4, worst    # the remedies change what is trained
   if tuple(case) == HLO_CASE:
     # A conditional makes XLA:GPU copy the branch index to the host and wait for it.
     assert worst['conditionals'] == 0, worst

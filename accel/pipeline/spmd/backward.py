@@ -71,14 +71,14 @@ def blocks_backward(vjp_a, vjp_b, grad_in, g_head, it: Iteration):
 
 
 def gradients(mp, tied: bool, num_modules: int, E, first, inputs_bwd, dx_emb, g_layers,
-              g_E_out, g_last, keys: Keys, it: Iteration):
+              g_E_out, g_last, keys: Keys, it: Iteration, first_batch: int = 0):
   """All the stage's gradients: its layers', the tied table E's (output-side part on the
-  loss stage, input-side part on stage 0; untied, the two copies add each other's part),
-  module 0's 'first' and module K-1's 'last'."""
+  loss stage, input-side part on stage 0 once module 0's batch b0 >= first_batch; untied,
+  the two copies add each other's part), module 0's 'first' and module K-1's 'last'."""
   _, vjp = jax.vjp(lambda e, f: mp.embed(e, f, inputs_bwd, keys.emb_bwd), E, first)
   g_E_in, g_first = vjp(dx_emb)
   g_E = (jnp.where(it.is_last, g_E_out, 0.0)
-         + jnp.where(it.is_first & (it.b0 >= 0), g_E_in, 0.0))
+         + jnp.where(it.is_first & (it.b0 >= first_batch), g_E_in, 0.0))
   g = {'layers': g_layers, 'E': g_E, 'first': g_first, 'last': g_last}
   if not tied:
     k = num_modules

@@ -13,14 +13,14 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import families, prediction
+from accel.pipeline import families, prediction, remedies
 from accel.pipeline.layout import Layout
-from accel.pipeline.spmd import backward, ring
+from accel.pipeline.spmd import backward, corrections, ring, synchronous
 from accel.pipeline.spmd.forward import forward
 from accel.pipeline.spmd.head import head
-from accel.pipeline.spmd.stage import Iteration, Keys, Segments, advance_tokens, keep
-from accel.pipeline.spmd.state import StageTables, StateLayout
-from accel.pipeline.spmd.update import update
+from accel.pipeline.spmd.stage import Iteration, Keys, Segments, advance_tokens, keep, perms
+from accel.pipeline.spmd.state import StageTables, StateLayout, stage_arrays
+from accel.pipeline.spmd.update import Masks, update
 from accel.pipeline import pieces
 
 _tmap = jax.tree_util.tree_map
@@ -37,10 +37,14 @@ class Pipeline:
 
   def __init__(self, cfg, layout: Layout, tx: optax.GradientTransformation,
                backward_weights: str, mesh: jax.sharding.Mesh, rng=None,
-               clip_norm: float = 0.0, weight_prediction: float = 0.0):
+               clip_norm: float = 0.0, weight_prediction: float = 0.0,
+               sync_warmup_steps: int = 0, delay_compensation: float = 0.0,
+               pipemare_steps: int = 0, error_feedback: float = 0.0):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
-    weight_prediction: s of `accel.pipeline.prediction` (0: off; 'stored' only)."""
+    weight_prediction: s of `accel.pipeline.prediction` (0: off; 'stored' only); the
+    remedies N, lambda, T, c of `accel.pipeline.remedies` (0: off). With N > 0 iterations
+    t < N run `sync_step_fn` (`synchronous`), the others `step_fn`."""
     prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
@@ -50,6 +54,11 @@ class Pipeline:
     if cfg.dropout_rate and rng is None:
       raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
     self.model_pieces = families.for_config(cfg)
+    remedies.check(backward_weights, self.model_pieces.has_memory,
+                   sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
+                   pipemare_steps=pipemare_steps, error_feedback=error_feedback)
+    self.sync_warmup_steps, self.delay_compensation = sync_warmup_steps, delay_compensation
+    self.pipemare_steps, self.error_feedback = pipemare_steps, error_feedback
     self.cfg = self.model_pieces.cfg
     self.layout, self.tx, self.mesh = layout, tx, mesh
     self.rng = rng if cfg.dropout_rate else None
@@ -58,10 +67,15 @@ class Pipeline:
     self.stored = backward_weights == 'stored'
     self.tables = StageTables.build(layout, weight_prediction)
     self.state_layout = StateLayout(self.model_pieces, layout, self.tables, tx, mesh,
-                                    self.stored, weight_prediction, self._dropout_key)
+                                    self.stored, weight_prediction, self._dropout_key,
+                                    delay_compensation, error_feedback)
     # The shard_mapped iteration, to be jitted here or inside a caller's jit.
     self.step_fn = self._build_step()
     self._step = jax.jit(self.step_fn, donate_argnums=0)
+    self.sync_step_fn = self._step_sync = None
+    if sync_warmup_steps:
+      self.sync_step_fn = synchronous.build(self)
+      self._step_sync = jax.jit(self.sync_step_fn, donate_argnums=0)
 
   def init(self, params, batch_size: int, seq_len: int):
     """Pipeline state for the model's `params`; batch_size is the global batch."""
@@ -78,30 +92,35 @@ class Pipeline:
     """Inside the shard_map: module's key for batch on this data shard (None: no dropout)."""
     return pieces.dropout_key(self.rng, batch, module, lax.axis_index('data'))
 
-  def step(self, state, batch):
+  def step(self, state, batch, t: int | None = None):
     """One iteration; batch = dict(inputs, targets) [B, L] int32, sharded over 'data'.
+    t: the iteration's index, which picks the warm-up's program for t < N (None: read
+    from the state, a wait for the device, only with a warm-up).
 
-    Returns (state, metrics): metrics['loss'] is the loss of batch t-(K-1),
-    metrics['loss_valid'] whether that batch exists (false while the pipeline fills) and
-    metrics['grad_norm'] the global norm of the gradients applied, before clipping.
+    Returns (state, metrics): metrics['loss'] is the loss of batch t-(K-1) (warm-up: of
+    batch t), metrics['loss_valid'] whether that batch exists (false while the pipeline
+    fills) and metrics['grad_norm'] the global norm of the gradients applied, before
+    clipping.
     """
     batch = jax.device_put(batch, NamedSharding(self.mesh, P('data')))
+    if self.sync_warmup_steps:
+      t = int(state['step']) if t is None else t
+      if t < self.sync_warmup_steps:
+        return self._step_sync(state, batch)
     return self._step(state, batch)
 
   def _build_step(self):
     lay, tx, mp, clip_norm, tables = (self.layout, self.tx, self.model_pieces,
                                       self.clip_norm, self.tables)
-    k, s, r = lay.num_modules, lay.num_stages, tables.ring_slots
+    k, r = lay.num_modules, tables.ring_slots
     n, a, tied, stored = lay.layers_per_stage, tables.split, lay.tied_ring, self.stored
-    fwd_perm = [(i, (i + 1) % s) for i in range(s)] if tied else [(i, i + 1) for i in range(s - 1)]
-    bwd_perm = [(i, (i - 1) % s) for i in range(s)] if tied else [(i, i - 1) for i in range(1, s)]
-    layer_module_S = jnp.asarray(tables.layer_module)
-    module_a_S = jnp.asarray(tables.module_a)
-    owns_S = {name: jnp.asarray(v) for name, v in
-              (('E', tables.owns_E), ('first', tables.owns_first), ('last', tables.owns_last))}
-    counts_E_S = jnp.asarray(tables.counts_E)
-    layer_steps_S = jnp.asarray(tables.layer_steps)
+    fwd_perm, bwd_perm = perms(lay)
+    arrays = stage_arrays(tables)
+    layer_module_S, module_a_S = arrays['layer_module'], arrays['module_a']
+    owns_S, counts_E_S = arrays['owns'], arrays['counts_E']
+    layer_steps_S, layer_delay_S = arrays['layer_steps'], arrays['layer_delay']
     dropout_key = self._dropout_key
+    first_batch, lam, c = self.sync_warmup_steps, self.delay_compensation, self.error_feedback
 
     def local(state, batch):
       t = state['step']
@@ -116,12 +135,14 @@ class Pipeline:
       E, first, last = p_local['E'], p_local['first'], p_local['last']
       # The weights the forwards run with: w, or predicted (`accel.pipeline.prediction`).
       p_fwd = {'layers': p_local['layers'], 'first': first}
+      fwd_weights = {'layers': p['layers'], 'first': p['first']}   # as stored for DC-ASGD
       if 'prev_params' in state:
         prev = sq(state['prev_params'])
-        p_fwd = to_local({'layers': prediction.predict(p['layers'], prev['layers'],
-                                                       layer_steps_S[me]),
-                          'first': prediction.predict(p['first'], prev['first'],
-                                                      tables.first_steps)})
+        fwd_weights = {'layers': prediction.predict(p['layers'], prev['layers'],
+                                                    layer_steps_S[me]),
+                       'first': prediction.predict(p['first'], prev['first'],
+                                                   tables.first_steps)}
+        p_fwd = to_local(fwd_weights)
       # 'stored': {'a', 'b'}: lists of residual rings [R, size]; 'recompute': [R, B, L, D]
       hist = sq(state['hist'])
       mem = state['mem'][0] if mp.has_memory else None         # [n, B, M, D]
@@ -149,8 +170,22 @@ class Pipeline:
       g_layers, send_grad, dx_emb = backward.blocks_backward(vjp_a, vjp_b, grad_in, g_head, it)
       new_grad = lax.ppermute(send_grad, 'stage', bwd_perm)
       g = backward.gradients(mp, tied, k, E, first, inputs_bwd, dx_emb, g_layers, g_E_out,
-                             g_last, keys, it)
-      upd = update(tx, g, p, opt, layer_module_S, owns_S, counts_E_S, k, clip_norm, it)
+                             g_last, keys, it, first_batch)
+      correct = factors = None
+      if lam or c:
+        w_fwd = (corrections.forward_weights_of_batch(sq(state['hist_w']), p, layer_module_S[me],
+                                                      k, it) if lam else None)
+        prev_g = sq(state['prev_grad']) if c else None
+        has_prev = sq(state['has_prev']) if c else None
+        correct = lambda g_, masks: corrections.correct(
+            g_, p, w_fwd=w_fwd, lam=lam, prev=prev_g, has_prev=has_prev, c=c,
+            layer_delay=layer_delay_S[me], first_delay=tables.first_delay)
+      if self.pipemare_steps:
+        factors = corrections.pipemare_factors(t, layer_delay_S[me], tables.first_delay,
+                                               self.pipemare_steps, first_batch)
+      upd = update(tx, g, p, opt, owns_S, counts_E_S, clip_norm, it,
+                   lambda: Masks.pipelined(layer_module_S, owns_S, k, first_batch, it),
+                   correct, factors)
 
       if stored:
         # The backward reads slot_b inside its fusions; writing slot_now only after all of
@@ -160,6 +195,11 @@ class Pipeline:
         slot_now = ring.after(it.slot_now, (upd.sq_norm, new_grad))
         new_hist = {seg_name: ring.write(rg, fwd.residuals[seg_name], slot_now)
                     for seg_name, rg in hist.items()}
+        if lam:   # the forward weights of this iteration's batch, beside its residuals,
+          # written after the compensation read them (it feeds sq_norm): in place
+          slot_w = ring.after(it.slot_now, upd.sq_norm)
+          hist_w = _tmap(lambda rg, v: lax.dynamic_update_index_in_dim(rg, v, slot_w, 0),
+                         sq(state['hist_w']), fwd_weights)
       else:
         new_hist = lax.dynamic_update_index_in_dim(hist, fwd.a_in, it.slot_now, 0)
       ex = lambda tree: _tmap(lambda v: v[None], tree)
@@ -171,6 +211,11 @@ class Pipeline:
         new_state['mem'] = keep(t - layer_module_S[me] >= 0, fwd.new_mem, mem)[None]
       if 'prev_params' in state:
         new_state['prev_params'] = ex({'layers': p['layers'], 'first': p['first']})
+      if lam:
+        new_state['hist_w'] = ex(hist_w)
+      if c:
+        new_prev, new_has = corrections.next_prev_grad(prev_g, has_prev, upd.raw, upd.masks)
+        new_state['prev_grad'], new_state['has_prev'] = ex(new_prev), ex(new_has)
       if 'hist_mem' in state:
         new_state['hist_mem'] = lax.dynamic_update_index_in_dim(
             state['hist_mem'][0], mem, it.slot_now, 0)[None]

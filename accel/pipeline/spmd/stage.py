@@ -26,6 +26,14 @@ def keep(mask, new, old):
       mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, y), new, old)
 
 
+def perms(layout) -> tuple[list, list]:
+  """(forward, backward) ppermute pairs: to the next / previous stage (tied: a ring)."""
+  s = layout.num_stages
+  if layout.tied_ring:
+    return [(i, (i + 1) % s) for i in range(s)], [(i, (i - 1) % s) for i in range(s)]
+  return [(i, i + 1) for i in range(s - 1)], [(i, i - 1) for i in range(1, s)]
+
+
 def advance_tokens(tokens, batch, t, num_modules: int):
   """The token ring [2K-1, B, L] with batch t written; returns (tokens, the inputs of batch
   t-2(K-1) (module 0's backward), the targets of batch t-(K-1) (the loss))."""

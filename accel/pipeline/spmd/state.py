@@ -15,6 +15,11 @@
            its own layers, advanced by each module's forward of a real batch (t - j >= 0).
   hist_mem ('recompute' with a memory) [S, R, n, B, M, D]: the stage memory at the
            forward of the batch in slot b mod R, i.e. what its delayed re-run must read.
+  hist_w   (DC-ASGD, `accel.pipeline.remedies`) layers [S, R, n, ...], first [S, R, ...]: the
+           forward weights of the batch in each slot of the history ring (as `hist`), what
+           the delayed gradient's compensation subtracts.
+  prev_grad, has_prev  (error feedback) layers [S, n, ...] / [S, n], first [S, ...] / [S]:
+           the gradient each layer applied last, and whether it has applied one.
   prev_params  (weight prediction s > 0, `accel.pipeline.prediction`) layers [S, n, ...]
            and first [S, ...]: w^{t-1}, the params before the last update. The forwards
            run with w + s d (w - w^{t-1}), d per layer from its module
@@ -25,7 +30,9 @@ Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('rec
 and one extra forward per backward) or R residual sets ('stored': about 11 B L D per
 block plus the stage's weights); with a recurrence memory also n B M D live memory and,
 for 'recompute', R n B M D of memory history (in 'stored' it is in the residual sets); with
-weight prediction one more copy of the stage's weights (prev_params).
+weight prediction one more copy of the stage's weights (prev_params); with DC-ASGD R copies
+of them (hist_w; the 'stored' residual sets hold them too, not shared); with error
+feedback one gradient of them (prev_grad).
 
 All of this is plain static-shape state: checkpointing it checkpoints the pipeline.
 """
@@ -56,8 +63,10 @@ class StageTables:
   """Static per-stage tables (host numpy): which module each local layer belongs to, who
   owns E / first / last, where the stage's stack is cut into segments A and B."""
   layer_module: np.ndarray   # [S, n] int32: module of each local layer
+  layer_delay: np.ndarray    # [S, n] float32: d of each local layer's module, 2(K-1-j)
   layer_steps: np.ndarray    # [S, n] float32: weight prediction s * d of each local layer
-  first_steps: float         # s * d_0 for module 0's 'first'
+  first_delay: int           # d_0 of module 0's 'first'
+  first_steps: float         # s * d_0
   last_stage: int            # the stage of module K-1 (the loss stage)
   owns_first: np.ndarray     # [S] bool
   owns_last: np.ndarray      # [S] bool
@@ -78,24 +87,40 @@ class StageTables:
     last_stage = layout.stage_of(k - 1)
     owns_first = np.arange(s) == 0
     owns_last = np.arange(s) == last_stage
-    return cls(layer_module=layer_module,
-               layer_steps=(weight_prediction * np.vectorize(layout.delay)(layer_module)
-                            ).astype(np.float32),
-               first_steps=weight_prediction * layout.delay(0), last_stage=last_stage,
+    layer_delay = np.vectorize(layout.delay)(layer_module).astype(np.float32)
+    return cls(layer_module=layer_module, layer_delay=layer_delay,
+               layer_steps=(weight_prediction * layer_delay).astype(np.float32),
+               first_delay=layout.delay(0), first_steps=weight_prediction * layout.delay(0),
+               last_stage=last_stage,
                owns_first=owns_first, owns_last=owns_last, owns_E=owns_first | owns_last,
                counts_E=owns_last, split=layout.n_last if layout.tied_ring else n,
                module_a=layer_module[:, 0], ring_slots=2 * (k - 1))
+
+
+def stage_arrays(tables: StageTables) -> dict:
+  """The tables the step reads inside the shard_map, as device constants indexed by stage:
+  layer_module, module_a, owns {'E', 'first', 'last'}, counts_E, layer_steps, layer_delay."""
+  return {'layer_module': jnp.asarray(tables.layer_module),
+          'module_a': jnp.asarray(tables.module_a),
+          'owns': {name: jnp.asarray(v) for name, v in
+                   (('E', tables.owns_E), ('first', tables.owns_first),
+                    ('last', tables.owns_last))},
+          'counts_E': jnp.asarray(tables.counts_E),
+          'layer_steps': jnp.asarray(tables.layer_steps),
+          'layer_delay': jnp.asarray(tables.layer_delay)}
 
 
 class StateLayout:
   """Builds, shards and reads the pipeline state (module docstring) for one program."""
 
   def __init__(self, model_pieces, layout: Layout, tables: StageTables, tx, mesh,
-               stored: bool, weight_prediction: float, dropout_key):
+               stored: bool, weight_prediction: float, dropout_key,
+               delay_compensation: float = 0.0, error_feedback: float = 0.0):
     """dropout_key(batch, module): the key inside the shard_map (`Pipeline`)."""
     self.model_pieces, self.layout, self.tables = model_pieces, layout, tables
     self.tx, self.mesh, self.stored = tx, mesh, stored
     self.weight_prediction, self._dropout_key = weight_prediction, dropout_key
+    self.delay_compensation, self.error_feedback = delay_compensation, error_feedback
 
   def stack(self, params):
     """Model params -> stage-stacked params (zeros where not owned)."""
@@ -129,6 +154,10 @@ class StateLayout:
         specs['hist_mem'] = P('stage', None, None, 'data')
     if self.weight_prediction:
       specs['prev_params'] = st
+    for key, on in (('hist_w', self.delay_compensation), ('prev_grad', self.error_feedback),
+                    ('has_prev', self.error_feedback)):
+      if on:
+        specs[key] = st
     return specs
 
   def shardings(self, state):
@@ -151,6 +180,13 @@ class StateLayout:
     if self.weight_prediction:   # w^{t-1}: before any update, w^0 (a copy: donated apart)
       state['prev_params'] = _tmap(jnp.copy, {'layers': stacked['layers'],
                                               'first': stacked['first']})
+    own = {'layers': stacked['layers'], 'first': stacked['first']}
+    if self.delay_compensation:   # [S, R, ...]: the forward weights of each slot's batch
+      state['hist_w'] = _tmap(lambda a: jnp.zeros((s, r) + a.shape[1:], a.dtype), own)
+    if self.error_feedback:
+      state['prev_grad'] = _tmap(jnp.zeros_like, own)
+      state['has_prev'] = {'layers': jnp.zeros((s, self.layout.layers_per_stage), bool),
+                           'first': jnp.zeros((s,), bool)}
     mem = self.model_pieces.zero_memory(self.layout.layers_per_stage, batch_size)
     if mem is not None:    # [S, n, B, M, D]: each stage the memory of its own layers
       state['mem'] = jnp.stack([mem] * s)

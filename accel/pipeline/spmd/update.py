@@ -3,6 +3,8 @@ stages' gradients if clip_norm > 0 (`accel.pipeline.clipping`), and each module 
 own optimizer, only where it has a gradient (warm-up: module j's batch t-2(K-1)+j exists;
 `jnp.where` keeps the old state otherwise). The optimizer runs per layer (vmap over the
 stage's n layers: each counts its own updates) and per owned tensor (E, first, last).
+The remedies' corrections (`accel.pipeline.remedies`) act on the averaged gradients before
+the norm; PipeMare's factors on the optimizer's updates.
 """
 from __future__ import annotations
 
@@ -14,8 +16,28 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from accel.pipeline import clipping
+from accel.pipeline import clipping, remedies
 from accel.pipeline.spmd.stage import Iteration, keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Masks:
+  """Which tensors have a gradient at iteration t on this stage."""
+  layers: Any          # [n] bool
+  loss: Any            # batch t-(K-1) exists (the loss, E's output side, 'last')
+  owned: dict          # {'E', 'first', 'last'}: this stage holds it and it has a gradient
+
+  @classmethod
+  def pipelined(cls, layer_module_S, owns_S, num_modules: int, first_batch: int,
+                it: Iteration) -> 'Masks':
+    """Module j has a gradient once its batch t-2(K-1)+j >= first_batch (0, or N after a
+    synchronous warm-up of N iterations: `accel.pipeline.remedies`)."""
+    me, b0 = it.me, it.b0
+    layers = b0 + layer_module_S[me] >= first_batch               # [n]
+    loss = it.t >= num_modules - 1 + first_batch
+    return cls(layers=layers, loss=loss,
+               owned={'E': owns_S['E'][me] & loss, 'first': owns_S['first'][me] & (b0 >= first_batch),
+                      'last': owns_S['last'][me] & loss})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,40 +47,51 @@ class Update:
   grad_norm: Any       # global norm of the gradients applied, before clipping
   sq_norm: Any         # this stage's part of grad_norm^2 (a reduction of every gradient)
   loss_valid: Any      # whether batch t-(K-1) exists
+  masks: Masks
+  raw: Any             # the gradients after the pmean, before corrections and clipping
 
 
-def update(tx, g, params, opt, layer_module_S, owns_S, counts_E_S, num_modules: int,
-           clip_norm: float, it: Iteration) -> Update:
+def update(tx, g, params, opt, owns_S, counts_E_S, clip_norm: float, it: Iteration,
+           masks_fn, correct=None, factors=None) -> Update:
   """owns_S: {'E', 'first', 'last'} -> [S] bool, who holds the tensor; counts_E_S: which
-  stage counts E's gradient in the norm (once, although untied keeps two copies)."""
-  me, b0, k = it.me, it.b0, num_modules
+  stage counts E's gradient in the norm (once, although untied keeps two copies);
+  masks_fn() -> `Masks`; correct(g, masks) -> g with the remedies' corrections
+  (`accel.pipeline.remedies`); factors: {'layers': [n], 'first': scalar} on the
+  optimizer's updates (PipeMare), None: none."""
+  me = it.me
   g = lax.pmean(g, 'data')
-  # Which parts have a gradient at iteration t (module j: batch t-2(K-1)+j >= 0).
-  layer_valid = b0 + layer_module_S[me] >= 0               # [n]
-  loss_valid = it.t >= k - 1
-  valid = {'E': owns_S['E'][me] & loss_valid, 'first': owns_S['first'][me] & (b0 >= 0),
-           'last': owns_S['last'][me] & loss_valid}
+  masks = masks_fn()
+  raw = g
+  if correct is not None:
+    g = correct(g, masks)
+  layer_valid, valid = masks.layers, masks.owned
   # Global norm of what is applied at t: each tensor with a gradient, counted once.
   sq_layers_N = jax.vmap(lambda v: optax.tree.norm(v, squared=True))(g['layers'])
   sq_norm = jnp.sum(jnp.where(layer_valid, sq_layers_N, 0.0))
-  for name, counted in (('E', counts_E_S[me] & loss_valid), ('first', valid['first']),
+  for name, counted in (('E', counts_E_S[me] & masks.loss), ('first', valid['first']),
                         ('last', valid['last'])):
     sq_norm += jnp.where(counted, optax.tree.norm(g[name], squared=True), 0.0)
   grad_norm = jnp.sqrt(lax.psum(sq_norm, 'stage'))
   if clip_norm:
     g = clipping.clip(g, grad_norm, clip_norm)
 
-  def apply(grads, o, p):
+  def apply(grads, o, p, factor=None):
     updates, o = tx.update(grads, o, p)
+    if factor is not None:
+      updates = remedies.scale(updates, factor)
     return optax.apply_updates(p, updates), o
 
+  factors = factors or {}
   new_p, new_opt = {}, {}
-  lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'])
+  if 'layers' in factors:
+    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], factors['layers'])
+  else:
+    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'])
   new_p['layers'] = keep(layer_valid, lp, params['layers'])
   new_opt['layers'] = keep(layer_valid, lo, opt['layers'])
   for name in ('E', 'first', 'last'):
-    np_, no = apply(g[name], opt[name], params[name])
+    np_, no = apply(g[name], opt[name], params[name], factors.get(name))
     new_p[name] = keep(valid[name], np_, params[name])
     new_opt[name] = keep(valid[name], no, opt[name])
   return Update(params=new_p, opt=new_opt, grad_norm=grad_norm, sq_norm=sq_norm,
-                loss_valid=loss_valid)
+                loss_valid=masks.loss, masks=masks, raw=raw)
