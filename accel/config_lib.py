@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_steps = 1000   # exponential schedule only
   c.optimizer.decay_rate = 0.99    # exponential schedule only
   c.optimizer.clip_norm = 1.0      # 0: no clipping
+  c.optimizer.adam_lr = 0.0        # muon: Adam's lr on the non-matrix params (0: lr)
+  c.optimizer.muon_beta = 0.95     # muon: its momentum
 
   c.layerdrop = ml_collections.ConfigDict()
   c.layerdrop.enabled = False
@@ -112,6 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.tied_ring = True                # K modules on K-1 stages; False: K on K
   c.pipeline.backward_weights = 'recompute'  # 'recompute' (Features Replay) | 'stored' (DDG)
   c.pipeline.weight_prediction = 0.0         # s > 0 ('stored'): accel/pipeline/prediction.py
+  # Remedies for the stale gradients (accel/pipeline/remedies.py), each 0 = off:
+  c.pipeline.sync_warmup_steps = 0           # N: iterations t < N synchronous
+  c.pipeline.delay_compensation = 0.0        # DC-ASGD's lambda ('stored')
+  c.pipeline.pipemare_steps = 0              # T: PipeMare's lr rescheduling length
+  c.pipeline.error_feedback = 0.0            # c: the error-feedback correction
   return c
 
 

@@ -73,8 +73,8 @@ def build_optimizer(opt_cfg, total_steps: int, clip: bool = True
   elif name == 'sgd':
     tx = optax.sgd(schedule, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov)
   elif name == 'muon':
-    ratio = (opt_cfg.get('adam_lr') or opt_cfg.lr) / opt_cfg.lr
-    tx = muon(schedule, lambda count: ratio * schedule(count), beta=opt_cfg.get('muon_beta', 0.95),
+    ratio = (opt_cfg.adam_lr or opt_cfg.lr) / opt_cfg.lr
+    tx = muon(schedule, lambda count: ratio * schedule(count), beta=opt_cfg.muon_beta,
               b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   elif name == 'rmsprop':
     tx = optax.rmsprop(schedule, eps=opt_cfg.eps, momentum=opt_cfg.momentum or None,

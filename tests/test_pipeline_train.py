@@ -8,7 +8,10 @@ masks are a function of the seed and the step, so the resumed run draws the same
 configs/ouroboros_txl.py:smoke (Transformer-XL, K=2 tied ring, 'recompute', here with the
 same dropout and clip) adds the recurrence memory and the memory each delayed batch read
 to that state: a resumed run that lost them would attend to zeros and differ. The 'stored'
-run uses weight prediction (pipeline.weight_prediction = 1), whose w^{t-1} is state too.
+run uses weight prediction (pipeline.weight_prediction = 1), whose w^{t-1} is state too,
+and every remedy (accel/pipeline/remedies.py): a synchronous warm-up of 3 steps (its own
+program, chosen by the step's plan), DC-ASGD (the forward weights beside the history),
+error feedback (each layer's last gradient) and PipeMare's lr factor.
 """
 import os
 import shutil
@@ -23,10 +26,16 @@ from accel.metrics import read_jsonl
 from configs import ouroboros_lm, ouroboros_txl
 
 
+REMEDIES = dict(sync_warmup_steps=3, delay_compensation=50.0, pipemare_steps=8,
+                error_feedback=0.5)
+
+
 def smoke(total_steps, backward_weights='recompute', config_module=ouroboros_lm,
-          weight_prediction=0.0):
+          weight_prediction=0.0, **remedies):
   config = config_module.get_config('smoke')
   config.pipeline.weight_prediction = weight_prediction
+  for key, value in remedies.items():
+    config.pipeline[key] = value
   config.progress_bar = False
   config.total_steps = total_steps
   config.optimizer.schedule = 'constant'   # independent of total_steps: resumable
@@ -49,9 +58,10 @@ def _checkpoint(workdir):
 
 def test_pipeline_trains_and_resumes_exactly(tmp_path):
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  summary = train.train_and_evaluate(smoke(20, 'stored', weight_prediction=1.0), a)
-  train.train_and_evaluate(smoke(10, 'stored', weight_prediction=1.0), b)
-  train.train_and_evaluate(smoke(20, 'stored', weight_prediction=1.0), b)
+  config = lambda steps: smoke(steps, 'stored', weight_prediction=1.0, **REMEDIES)
+  summary = train.train_and_evaluate(config(20), a)
+  train.train_and_evaluate(config(10), b)
+  train.train_and_evaluate(config(20), b)
   la, lb = _logged(a), _logged(b)
   assert [(m['step'], m['train/loss']) for m in la] == [(m['step'], m['train/loss']) for m in lb]
   # K=2: the loss module sees its first batch at iteration 1, so every logged step is filled.
@@ -60,8 +70,10 @@ def test_pipeline_trains_and_resumes_exactly(tmp_path):
   assert all(m['train/grad_norm'] > 0.25 for m in la)   # the clip scaled every logged step
   assert 'eval/bits_per_byte' in la[-1] and summary['eval/loss'] == la[-1]['eval/loss']
   ca, cb = _checkpoint(a), _checkpoint(b)
-  # weight prediction: w^{t-1} is part of the state (lost, the resumed run would differ)
-  assert set(ca['mutable']) == {'act_in', 'grad_in', 'hist', 'tokens', 'prev_params'}
+  # weight prediction's w^{t-1}, DC-ASGD's forward weights and error feedback's gradients
+  # are part of the state (lost, the resumed run would differ)
+  assert set(ca['mutable']) == {'act_in', 'grad_in', 'hist', 'tokens', 'prev_params', 'hist_w',
+                                'prev_grad', 'has_prev'}
   jax.tree.map(np.testing.assert_array_equal, ca, cb)
 
 

@@ -6,7 +6,9 @@ with it when they list 'pipeline' among their `layouts` (`accel.method`).
 """
 from __future__ import annotations
 
-from accel.method import Method
+import numpy as np
+
+from accel.method import Method, StepPlan
 from accel.pipeline import trainer
 
 LAYOUT = 'pipeline'
@@ -17,6 +19,17 @@ class OuroborosPipeline(Method):
   layout = LAYOUT
   layouts = (LAYOUT,)
   models = ('transformer_lm', 'transformer_xl')
+
+  def plan(self, config, step: int) -> StepPlan:
+    """With a synchronous warm-up of N steps (`accel.pipeline.remedies`): steps t < N carry
+    'pipeline_synchronous' of shape (1,), the later ones of shape (0,), so the two kinds
+    of step are two compiled programs chosen on the host."""
+    n = config.pipeline.sync_warmup_steps
+    if not n:
+      return StepPlan()
+    synchronous = step < n
+    return StepPlan({'pipeline_synchronous': np.zeros((int(synchronous),), np.bool_)},
+                    {'pipeline/synchronous': float(synchronous)})
 
   def build_trainer(self, config, task, tx, schedule, mesh):
     return trainer.pipeline_trainer(config, task, tx, schedule, mesh)

@@ -10,8 +10,11 @@ stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
 The state is a `TrainState`: params and opt_state stage-stacked, `mutable` the pipeline's
 history (inboxes, the ring of inputs or vjp residuals, the token ring) and, for
 Transformer-XL, the recurrence memory (and the memory each delayed batch read), with
-pipeline.weight_prediction > 0 the params before the last update, so
-checkpoints hold it and a resumed run continues the very same iterations.
+pipeline.weight_prediction > 0 the params before the last update, with the remedies
+(`accel.pipeline.remedies`) their state (DC-ASGD's forward weights, error feedback's last
+gradients), so checkpoints hold it and a resumed run continues the very same iterations.
+With pipeline.sync_warmup_steps = N the steps t < N run the synchronous warm-up program
+(`spmd.synchronous`), chosen on the host by the step's plan (`method.OuroborosPipeline`).
 
 Metrics: 'loss' is the loss of batch t-(K-1), the batch the loss-side module trained on
 at this iteration; during the K-1 warm-up iterations no batch has reached it yet and the
@@ -40,7 +43,9 @@ from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
 from accel.trainer import Trainer, TrainState, train_rng
 
-_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem', 'prev_params')
+_BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem', 'prev_params', 'hist_w',
+            'prev_grad', 'has_prev')
+REMEDIES = ('sync_warmup_steps', 'delay_compensation', 'pipemare_steps', 'error_feedback')
 
 
 def _check(task):
@@ -69,7 +74,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   pmesh = make_mesh(data_size, stages, devices)
   pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh, rng=train_rng(config),
                   clip_norm=config.optimizer.clip_norm,
-                  weight_prediction=pc.weight_prediction)
+                  weight_prediction=pc.weight_prediction,
+                  **{name: pc[name] for name in REMEDIES})
   eval_task = dataclasses.replace(task, model=model_pieces.model())
   batch_sharding = NamedSharding(pmesh, P('data'))
 
@@ -86,9 +92,11 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
     return to_train_state(pipe.init(params, b, l))
 
   def train_step(ts, batch, plan_kwargs):
-    del plan_kwargs   # no method that plans per step composes with the pipeline yet
+    # The synchronous warm-up's iterations run their own program (`method.plan`).
+    warmup = plan_kwargs.get('pipeline_synchronous')
+    step_fn = pipe.sync_step_fn if warmup is not None and warmup.shape[0] else pipe.step_fn
     batch = {'inputs': batch['inputs'], 'targets': batch['targets']}
-    st, metrics = pipe.step_fn(to_pipeline_state(ts), batch)
+    st, metrics = step_fn(to_pipeline_state(ts), batch)
     filled = metrics['loss_valid']
     return to_train_state(st), {'loss': jnp.where(filled, metrics['loss'], 0.0),
                                 'pipeline_filled': filled.astype(jnp.float32),
