@@ -262,3 +262,49 @@ def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_loc
 def test_weight_prediction_needs_stored_weights():
   with pytest.raises(UserError, match="backward_weights='stored'"):
     Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'recompute', weight_prediction=1.0)
+
+
+def test_remedies_arithmetic_and_schedule():
+  """Each remedy's formula (accel/pipeline/remedies.py) and the warm-up's schedule, on
+  numbers (their effect on training, and the SPMD program's agreement: the REMEDIES cases
+  of test_pipeline_spmd.py)."""
+  from accel import optim
+  from accel.pipeline import remedies
+  g, w, w_fwd, g_prev = (jnp.asarray(v) for v in ([1.0, -2.0], [0.5, 0.5], [0.0, 1.0],
+                                                   [3.0, -1.0]))
+  np.testing.assert_allclose(remedies.compensation_term(g, w, w_fwd, 10.0), [5.0, -20.0])
+  # error feedback, one c*d per layer of a [2, 2] stack
+  np.testing.assert_allclose(remedies.feedback_term(jnp.stack([g, g]), jnp.stack([g_prev] * 2),
+                                                    jnp.asarray([0.0, 2.0])),
+                             [[0.0, 0.0], [-4.0, -2.0]])
+  # PipeMare: lr / tau at the pipeline's start (N = 10), tau^-1/2 halfway through T = 20,
+  # the common lr from N + T on and for delay 0
+  factor = lambda t, d: float(remedies.pipemare_factor(t, d, 20, 10))
+  assert factor(10, 4) == pytest.approx(0.25) and factor(20, 4) == pytest.approx(0.5)
+  assert factor(30, 4) == factor(50, 4) == factor(10, 0) == 1.0
+  np.testing.assert_allclose(remedies.scale({'a': jnp.ones((2, 3))}, jnp.asarray([1.0, 0.5]))['a'],
+                             [[1.0] * 3, [0.5] * 3])
+  # the synchronous warm-up: delay 0 before N, the pipeline from empty at N
+  ref = Reference(CFG3, LAYOUT3, _adam(1e-2), 'stored', rng=RNG, sync_warmup_steps=3)
+  assert [ref.delay(0, t) for t in (0, 2, 3, 9)] == [0, 0, 4, 4]
+  assert [ref.first_batch(t) for t in (0, 2, 3, 9)] == [0, 0, 3, 3]
+  assert ref.bwd_batch(0, 2) == 2 and ref.bwd_batch(0, 3) == -1 and ref.fwd_batch(1, 3) == 2
+  # Muon's matrices: the Dense kernels (a stack's leading axis a batch axis), Adam the rest
+  dims = optim.muon_dimension_numbers(_params())
+  marked = {jax.tree_util.keystr(p) for p, d in jax.tree_util.tree_leaves_with_path(
+      dims, is_leaf=lambda x: x is None or hasattr(x, 'reduction_axis')) if d is not None}
+  assert marked == {f"['stack']['layers']['block']{name}['kernel']" for name in
+                    ("['attn']['qkv']", "['attn']['out']", "['mlp']['fc_in']",
+                     "['mlp']['fc_out']")}
+
+
+def test_remedy_settings_are_checked():
+  from accel.models.transformer_xl import TransformerXLConfig
+  with pytest.raises(UserError, match="delay_compensation > 0 needs"):
+    Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'recompute', delay_compensation=1.0)
+  with pytest.raises(UserError, match='must be >= 0'):
+    Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'stored', pipemare_steps=-1)
+  xl = TransformerXLConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32,
+                           mem_len=4)
+  with pytest.raises(UserError, match='sync_warmup_steps > 0 does not compose'):
+    Reference(xl, Layout(2, 2, True), _adam(1e-2), 'stored', sync_warmup_steps=2)

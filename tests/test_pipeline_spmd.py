@@ -57,16 +57,17 @@ FULL = [(model, k, tied, bw, 1, rate, clip, 0.0)
             ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0, 0.0),
             ('lm', 2, False, 'stored', 2, 0.0, CLIP, 2.0), ('lm', 3, True, 'stored', 1, 0.1, 0.0, 1.0),
             ('txl', 3, False, 'stored', 1, 0.1, CLIP, 2.0)] + PREDICTION
-# The remedies (accel/pipeline/remedies.py), each on alone on the shapes of the K=2 tied
-# ring case above (its reference compilations shared), then all together on the K=3 tied
-# ring with weight prediction, and Muon (per layer: its Newton-Schulz orthogonalises each
-# layer's matrices, as the reference's per-module optax.contrib.muon does over the layer
-# axis) on the 2 x 2 untied K=2 mesh. Each is also run by `simulate.Simulated` (the study's
-# single-device step), which must match the reference as closely.
+# The remedies (accel/pipeline/remedies.py) on the shapes of the K=2 tied ring case above
+# (its reference compilations shared): the synchronous warm-up (its own program) alone,
+# DC-ASGD, PipeMare and error feedback together; all of them with weight prediction on the
+# K=3 tied ring; Muon (per layer: its Newton-Schulz orthogonalises each layer's matrices,
+# as the reference's per-module optax.contrib.muon does over the layer axis) on the 2 x 2
+# untied K=2 mesh. Each is also run by `simulate.Simulated` (the study's single-device
+# step), which must match the reference as closely, and the reference without them, from
+# which it must differ. Each remedy's arithmetic alone: test_pipeline_reference.py.
 REMEDIES = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'sync_warmup_steps=3'),
-            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'delay_compensation=50'),
-            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'pipemare_steps=6'),
-            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'error_feedback=1'),
+            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0,
+             'delay_compensation=50,pipemare_steps=6,error_feedback=1'),
             ('lm', 3, True, 'stored', 1, 0.0, CLIP, 1.0, 'sync_warmup_steps=2,'
              'delay_compensation=50,pipemare_steps=6,error_feedback=0.5'),
             ('lm', 2, False, 'stored', 2, 0.0, 0.0, 0.0, 'optimizer=muon')]
@@ -144,6 +145,18 @@ def _tx(name='adam'):
   return optax.adam(1e-2, eps=1e-4)   # see test_pipeline_reference._adam
 
 
+@functools.cache
+def _simulated(model, k, tied, rate, clip, optimizer):
+  """One `Simulated` and its jitted step per shape (its knobs are state: cases share it)."""
+  import jax
+  from accel.pipeline.layout import Layout
+  from accel.pipeline.simulate import Simulated
+  layout = Layout(2 * (k - 1) if tied else k, k, tied)
+  sim = Simulated(_model(model, layout.num_layers, rate)[0], layout, _tx(optimizer),
+                  rng=jax.random.key(7), clip_norm=clip)
+  return sim, jax.jit(sim.step)
+
+
 def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   """Returns the worst parameter / loss / gradient-norm difference over `_iterations`
   and how many iterations the clip scaled; with remedies also the worst parameter
@@ -154,7 +167,7 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   import numpy as np
   from accel.pipeline.layout import Layout
   from accel.pipeline.reference import Reference
-  from accel.pipeline.simulate import Knobs, Simulated
+  from accel.pipeline.simulate import Knobs
   from accel.pipeline.spmd import Pipeline, make_mesh
 
   on = _remedies(remedies)
@@ -174,8 +187,8 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   ref_state = ref.init(params, batch_size)
   others = {}
   if remedies:   # the study's step, and the reference without the remedies
-    sim = Simulated(cfg, layout, tx, rng=rng, clip_norm=clip)
-    others['sim'] = (sim, jax.jit(sim.step), None)
+    sim, sim_step = _simulated(model, k, tied, rate, clip, name)
+    others['sim'] = (sim, sim_step, None)
     plain = Reference(cfg, layout, _tx(), bw, rng=rng, clip_norm=clip)
     others['plain'] = (plain, plain.step, plain.init(params, batch_size))
   data_rng = np.random.default_rng(1)
