@@ -17,8 +17,10 @@ C = A @ B with A, B holding e5m2 values, an e6m9 accumulator, chunks of 64 (Wang
 - native_fp32   jnp.dot in float32, precision=highest (the reference for 'exact')
 - native_bf16   jnp.dot of bf16 operands, float32 accumulation (the reference for 'fast')
 - jax_exact / jax_fast          chunked.py, the bit-level definition
-- pallas_exact_* / pallas_fast_*   kernel.py, one row per `kernel.Tiling`: every tiling
-  at --sweep_size, the --top best of each mode (and the defaults) at the other sizes.
+- pallas_exact_* / pallas_fast_*   kernel.py, one row per `kernel.Tiling`: the tilings of
+  --tilings (default: the first SWEPT[mode] of TILINGS, those that did not lose clearly on
+  the H200) at --sweep_size, the --top best of each mode (and the defaults) at the other
+  sizes.
 Every kernel row is checked against the JAX path: 'exact' must be bit-identical; 'fast'
 must be bit-identical on operands whose chunk sums are exact in float32 (e5m2 values with
 exponents in [-3, 2]: products on a 2^-10 grid, |chunk sum| <= 64 * 7^2 < 2^12), and on
@@ -70,10 +72,15 @@ DIMS = (((1,), (0,)), ((), ()))
 # (P32, P16) in FLOP/s: float32 FFMA peak and dense bf16 matrix peak, from the datasheets.
 PEAKS = {'NVIDIA H200': (66.9e12, 989.4e12), 'NVIDIA H100 80GB HBM3': (66.9e12, 989.4e12)}
 T = kernel.Tiling
-# The first of each mode runs in --quick (interpreted on CPU).
+# Every tiling the sweep knows (--tilings all). The default sweep (SWEPT) leaves out those
+# that lost clearly on one H200 (results/bench_lowprec_gpu.md at 4096, of native: exact
+# 10.5-16.9% against the best 22.6%; fast 22.2-34.7% against 38.9%).
 TILINGS = {
     'exact': (
-        T(128, 128, num_warps=8, threads_n=16, unroll=8),
+        T(64, 128, num_warps=4, threads_n=16, unroll=8),    # kernel.DEFAULT_TILING
+        T(128, 64, num_warps=4, threads_n=8, unroll=8),
+        T(64, 64, num_warps=4, threads_n=8, unroll=8),
+        T(128, 128, num_warps=8, threads_n=16, unroll=8),   # the default before that sweep
         T(128, 128, num_warps=8, threads_n=16, unroll=8, ptx=False),
         T(128, 128, num_warps=8, threads_n=8, unroll=8),
         T(128, 128, num_warps=8, threads_n=16, unroll=4),
@@ -81,27 +88,26 @@ TILINGS = {
         T(128, 64, num_warps=8, threads_n=8, unroll=8),
         T(64, 128, num_warps=8, threads_n=16, unroll=8),
         T(64, 256, num_warps=8, threads_n=32, unroll=8),
-        T(64, 64, num_warps=4, threads_n=8, unroll=8),
-        T(128, 64, num_warps=4, threads_n=8, unroll=8),
-        T(64, 128, num_warps=4, threads_n=16, unroll=8),
     ),
     # Shared memory: Triton buffers each dot's operands num_stages deep, and 'overlap' has
     # two dots per loop iteration: 128x128 s3 overlapped needs 224 KiB (the H200 allows 227).
     'fast': (
-        T(128, 128, num_warps=8, num_stages=3, overlap=True),
-        T(128, 128, num_warps=8, num_stages=3, overlap=True, ptx=False),
-        T(128, 128, num_warps=8, num_stages=2, overlap=True),
+        T(128, 128, num_warps=8, num_stages=3, overlap=True),    # kernel.DEFAULT_TILING
+        T(64, 64, num_warps=4, num_stages=4, overlap=False),
         T(128, 128, num_warps=8, num_stages=3, overlap=False),
         T(128, 128, num_warps=8, num_stages=4, overlap=False),
+        T(128, 64, num_warps=4, num_stages=3, overlap=False),
+        T(128, 128, num_warps=8, num_stages=3, overlap=True, ptx=False),
+        T(128, 128, num_warps=8, num_stages=2, overlap=True),
         T(128, 64, num_warps=8, num_stages=2, overlap=True),
         T(128, 64, num_warps=4, num_stages=2, overlap=True),
-        T(128, 64, num_warps=4, num_stages=3, overlap=False),
         T(64, 128, num_warps=4, num_stages=2, overlap=True),
         T(64, 64, num_warps=4, num_stages=2, overlap=True),
         T(64, 64, num_warps=4, num_stages=3, overlap=True),
-        T(64, 64, num_warps=4, num_stages=4, overlap=False),
     ),
 }
+# The default sweep: the first SWEPT[mode] of TILINGS[mode] (the first runs in --quick).
+SWEPT = {'exact': 3, 'fast': 5}
 
 
 def tiling_name(mode: str, t: kernel.Tiling) -> str:
@@ -327,7 +333,10 @@ STEP_VARIANTS = {
     'fp8 pallas exact': dict(mode='exact', impl='pallas'),
     'fp8 jax exact': dict(mode='exact', impl='jax'),
 }
-GPU_STEP_VARIANTS = ('fp32', 'fp8 jax fast', 'fp8 pallas fast', 'fp8 pallas exact')
+GPU_STEP_VARIANTS = ('fp32', 'fp8 pallas fast', 'fp8 jax fast', 'fp8 pallas exact')
+# --budget_s: no variant is built with less than this many seconds of the budget left (its
+# compile, mostly Triton's for the Pallas kernels, and the timing rounds must fit).
+STEP_RESERVE_S = 30
 
 
 def step_config(family: str, variant: str, quick: bool):
@@ -364,12 +373,18 @@ def _step(trainer, batch, plan):
   return lambda state: trainer.train_step(state, batch, plan)
 
 
-def bench_steps(run: Run, family: str, variants, rounds: int, steps_per_round: int):
+def bench_steps(run: Run, family: str, variants, rounds: int, steps_per_round: int,
+                left_s=lambda: float('inf')):
   """One train step per variant through accel's own trainer (accel.train.build), timed in
-  interleaved rounds; rows give ms/step and the ratio to the fp32 step."""
+  interleaved rounds; rows give ms/step and the ratio to the fp32 step. A variant is not
+  built once left_s() < STEP_RESERVE_S (a row says so)."""
   from accel import train  # pylint: disable=g-import-not-at-top
   steps, states, first = {}, {}, {}
   for variant in variants:
+    if left_s() < STEP_RESERVE_S:
+      run.add({'family': family, 'variant': variant,
+               'error': f'not run: less than {STEP_RESERVE_S} s of --budget_s left'})
+      continue
     config = step_config(family, variant, run.args.quick)
     info, host_batch = synthetic_data(family, config, run.args.quick)
     try:
@@ -418,23 +433,39 @@ def steps_markdown(rows, meta) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def chosen_tilings(spec: str, quick: bool) -> dict:
+  """--tilings: 'swept' (SWEPT[mode] of each mode; the first of each in --quick), 'all',
+  or comma-separated row names (tiling_name), e.g. pallas_fast_128x128w8s3o."""
+  if spec in ('', 'swept'):
+    return {m: ts[:1] if quick else ts[:SWEPT[m]] for m, ts in TILINGS.items()}
+  if spec == 'all':
+    return dict(TILINGS)
+  names = [n.strip() for n in spec.split(',') if n.strip()]
+  known = {tiling_name(m, t): (m, t) for m, ts in TILINGS.items() for t in ts}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise SystemExit(f'error: unknown --tilings {", ".join(unknown)}; known: '
+                     f'{", ".join(known)}')
+  return {m: tuple(known[n][1] for n in names if known[n][0] == m) for m in TILINGS}
+
+
 def bench_kernels(args, meta, interpret: bool):
   sizes = [int(s) for s in args.sizes.split(',')] if args.sizes else (
       [64, 128] if args.quick else [4096, 8192])
   sweep_size = args.sweep_size or sizes[0]
   run = Run(args, meta, interpret, 'bench_lowprec', markdown)
-  every = {m: ts[:1] if args.quick else ts for m, ts in TILINGS.items()}
+  every = chosen_tilings(args.tilings, args.quick)
   iters, slow = (2, 1) if args.quick else (args.iters, args.slow_iters)
   ranked = bench_size(run, sweep_size, every, iters, slow)
   best = {m: [t for _, t in ranked[m][:args.top]] for m in every}
-  for m in every:   # the defaults run at every size
-    if kernel.DEFAULT_TILING[m] not in best[m]:
+  for m in every:   # the defaults run at every size (of the modes swept)
+    if every[m] and kernel.DEFAULT_TILING[m] not in best[m]:
       best[m].append(kernel.DEFAULT_TILING[m])
   for n in sizes:
     if n != sweep_size:
       bench_size(run, n, best, iters, slow)
   check_general_path(run, args.check_size or (32 if args.quick else 1024),
-                     {m: best[m][:1] for m in best})
+                     {m: best[m][:1] for m in best if best[m]})
   run.write(final=True)
 
 
@@ -447,6 +478,9 @@ def main(argv=None):
   p.add_argument('--sizes', default='', help='comma-separated n (default 4096,8192; quick 64,128)')
   p.add_argument('--sweep_size', type=int, default=0,
                  help='the n at which every tiling runs, first (default: the first size)')
+  p.add_argument('--tilings', default='swept',
+                 help="kernels: 'swept' (the default sweep), 'all', or comma-separated row "
+                 'names (pallas_fast_128x128w8s3o, ...)')
   p.add_argument('--top', type=int, default=3, help='tilings per mode carried to other sizes')
   p.add_argument('--check_size', type=int, default=0,
                  help='n of the general-rounding-path check (default 1024; quick 32)')
@@ -457,6 +491,11 @@ def main(argv=None):
                  f'{", ".join(GPU_STEP_VARIANTS)}; --quick: all)')
   p.add_argument('--rounds', type=int, default=3, help='steps: interleaved rounds')
   p.add_argument('--steps_per_round', type=int, default=5)
+  p.add_argument('--families', default=','.join(STEP_FAMILIES),
+                 help=f'steps: comma-separated, of {", ".join(STEP_FAMILIES)}, in this order')
+  p.add_argument('--budget_s', type=float, default=0,
+                 help=f'steps: build no variant with less than {STEP_RESERVE_S} s of this '
+                 'many seconds left (0: no budget), so one GPU call writes what it measured')
   p.add_argument('--out', default='results')
   args = p.parse_args(argv)
   interpret = args.quick or jax.default_backend() != 'gpu'
@@ -469,10 +508,15 @@ def main(argv=None):
   unknown = set(variants) - set(STEP_VARIANTS)
   if unknown:
     p.error(f'unknown --step_variants {sorted(unknown)}')
+  if set(args.families.split(',')) - set(STEP_FAMILIES):
+    p.error(f'unknown --families {args.families!r}; known: {", ".join(STEP_FAMILIES)}')
   run = Run(args, meta, interpret, 'bench_lowprec_steps', steps_markdown)
   rounds, per_round = (2, 1) if args.quick else (args.rounds, args.steps_per_round)
-  for family in STEP_FAMILIES:
-    bench_steps(run, family, variants, rounds, per_round)
+  started = time.monotonic()
+  left_s = ((lambda: args.budget_s - (time.monotonic() - started)) if args.budget_s
+            else (lambda: float('inf')))
+  for family in args.families.split(','):
+    bench_steps(run, family, variants, rounds, per_round, left_s)
   run.write(final=True)
 
 
