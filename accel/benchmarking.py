@@ -169,10 +169,12 @@ def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> None
 
 # --- compiling and timing ----------------------------------------------------------------
 
-def compiled(jitted, *args) -> tuple[Any, float]:
-  """(jitted lowered and compiled for `args`, seconds it took)."""
+def compiled(jitted, *args, compiler_options: dict | None = None) -> tuple[Any, float]:
+  """(jitted lowered and compiled for `args`, seconds it took). compiler_options: XLA
+  options for this program alone (e.g. {'xla_gpu_enable_latency_hiding_scheduler': True},
+  the XLA_FLAGS names without '--'), so variants under other flags share one process."""
   start = time.perf_counter()
-  program = jitted.lower(*args).compile()
+  program = jitted.lower(*args).compile(compiler_options=compiler_options)
   return program, time.perf_counter() - start
 
 
@@ -198,14 +200,15 @@ class Variant:
   batch: Any = None
 
 
-def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0) -> Variant:
+def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0,
+                    compiler_options: dict | None = None) -> Variant:
   """The train step `config` trains with, compiled for `batch`, as a `Variant`.
 
   Built as the loop builds it: `accel.train.build(config, info, devices)` gives the task
   and trainer; the state is `trainer.init`'s; the step is `trainer.train_step(state, batch,
   plan_kwargs)` with plan_kwargs = `task.methods.plan(plan_step).model_kwargs`, the arrays
   the enabled methods decide on the host. devices: default the first device (one-device
-  step time); `batch`: host arrays of one global batch.
+  step time); `batch`: host arrays of one global batch; compiler_options as `compiled`'s.
   """
   from accel import train  # pylint: disable=g-import-not-at-top  (train imports the world)
   devices = jax.devices()[:1] if devices is None else devices
@@ -213,7 +216,8 @@ def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0)
   batch = jax.device_put(batch, trainer.batch_sharding)
   state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
   plan = jax.device_put(task.methods.plan(plan_step).model_kwargs, trainer.replicated)
-  program, seconds = compiled(trainer.train_step, state, batch, plan)
+  program, seconds = compiled(trainer.train_step, state, batch, plan,
+                              compiler_options=compiler_options)
   return Variant(step=lambda s: program(s, batch, plan), state=state, compile_s=seconds,
                  flops=cost_flops(program), temp_bytes=temp_bytes(program), program=program,
                  task=task, trainer=trainer, batch=batch)

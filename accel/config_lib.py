@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.progress_bar = True
+  c.train_accuracy = True        # LM tasks: top-1 accuracy in the train step's metrics too
+                                 # (an argmax over the logits; evaluation always has it)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shakespeare'
@@ -57,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = ''      # remat: what is saved, '' (nothing) | 'dots' | 'dots_no_batch'
   c.model.use_bias = True        # Dense and LayerNorm biases of the Transformer (nanoGPT's bias)
   c.model.qkv_projection = 'fused'   # 'fused' (one D x 3D Dense) | 'split' (query/key/value)
+  c.model.gelu_recompute = False     # the MLP's backward recomputes bias add + GELU (no tanh kept)
+  c.model.position_lookup = 'broadcast'   # 'broadcast' P[:L] | 'gather' P[positions]
   c.model.attention_impl = ''    # '' (XLA picks) | 'xla' | 'cudnn'
   # image classifiers (model.name cnn | mlp | resnet, accel/models/cnn.py)
   c.model.norm = 'none'          # 'none' | 'batch' | 'group' | 'layer'

@@ -11,30 +11,30 @@ accel.train.build on random tokens (no input pipeline). Model FLOPs per token = 
 rate measured in the same process.
 
 What is timed, all in one set of interleaved rounds (accel.benchmarking.compare_with_processes):
-- VARIANTS: each a config change a user can make (model.* keys), built in this process;
-- FLAG_SETS: the 'baseline' variant (or --flag_variant) under other XLA flags, one child
-  process per flag set (XLA reads XLA_FLAGS once per process), compiled one after another
-  once this process has compiled its own variants; autotuning results are shared through
-  XLA's per-fusion autotune cache, so every process picks the same kernels for the same
-  fusions;
+- VARIANTS: each a config change a user can make (model.* keys, train_accuracy), built in
+  this process; 'baseline' is configs/lm.py:gpu as it was at commit 9dfa920 (every option
+  since is off by default), 'candidate' the options issue 16's profile points to, together:
+  positions by gather (the residual stream's layout), the GELU recomputed in the backward
+  (no tanh kept), no train-step accuracy (results/bench_lm_gpu_profile.md, the loss table);
+- FLAG_SETS: --flag_variant ('candidate') compiled under other XLA options, in this process
+  (benchmarking.compiled's compiler_options: the XLA_FLAGS names, for that program alone),
+  after the variants and only while --budget_s leaves 60 s;
 - --torch: experiments/bench_lm_torch.py (torch.compile, flash SDPA, bf16 autocast, fused
   AdamW) in a child process, started first: its compilation runs while this process
   compiles its variants (both autotune on the device meanwhile; the timing comes after).
-The children serve 'run N' requests (accel.benchmarking.ProcessVariant), so every round runs
-N steps of every variant and process in turn. With children, no process preallocates device
-memory (XLA_PYTHON_CLIENT_PREALLOCATE=false).
+The child serves 'run N' requests (accel.benchmarking.ProcessVariant), so every round runs
+N steps of every variant and of the bar in turn. With the child, no process preallocates
+device memory (XLA_PYTHON_CLIENT_PREALLOCATE=false).
 Before the steps, LOSS_HEADS times the loss and accuracy over B x L x V bf16 logits alone
 (forward only: the backward is the same formula in all), the two-pass logsumexp with a
 separate argmax as the code was before issue 16 against accel.losses' one pass.
---profile DIR: a trace of 3 steps of each variant named in --profile_variants (children
-too), summarised per step by phase and module (accel.traces.breakdown) into
+--profile DIR: a trace of 3 steps of each variant named in --profile_variants, summarised per step by phase and module (accel.traces.breakdown) into
 OUT/bench_lm_<platform>_profile.md; the traces themselves go to DIR.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,23 +48,31 @@ from accel.data.input_pipeline import DatasetInfo
 from configs import lm
 
 # name -> dotted config overrides; 'baseline' is configs/lm.py:gpu with cuDNN attention.
+CANDIDATE = {'model.position_lookup': 'gather', 'model.gelu_recompute': True,
+             'train_accuracy': False}
 VARIANTS = {
     'baseline': {},
-    'qkv split': {'model.qkv_projection': 'split'},
+    'candidate': CANDIDATE,
+    'candidate + no bias': {**CANDIDATE, 'model.use_bias': False},
+    'position gather': {'model.position_lookup': 'gather'},
+    'gelu recompute': {'model.gelu_recompute': True},
+    'no train accuracy': {'train_accuracy': False},
     'no bias': {'model.use_bias': False},
+    'qkv split': {'model.qkv_projection': 'split'},
     'remat dots': {'model.remat': True, 'model.remat_policy': 'dots'},
     'qkv split + no bias': {'model.qkv_projection': 'split', 'model.use_bias': False},
 }
-# Not in the default GPU run (its time is ~4 minutes): 'remat dots' recomputes every
-# block's elementwise work and its cuDNN attention (not a dot) in the backward.
-GPU_DEFAULT = ('baseline', 'qkv split', 'no bias')
-CPU_DEFAULT = ('baseline', 'qkv split', 'no bias', 'remat dots')
+# The default GPU run fits one call of ~150 s (--budget_s): its 4 variants and 1 flag set
+# compile in this process one after another. On one H200 (results/bench_lm_gpu.md) 'qkv
+# split' was 1.3% slower than 'baseline' and 'no bias' 2.0% faster; 'remat dots'
+# recomputes every block's elementwise work and its cuDNN attention in the backward.
+GPU_DEFAULT = ('baseline', 'candidate', 'candidate + no bias', 'position gather')
+CPU_DEFAULT = ('baseline', 'candidate', 'candidate + no bias', 'position gather')
 FLAG_SETS = {
-    'XLA latency-hiding scheduler': '--xla_gpu_enable_latency_hiding_scheduler=true',
-    'XLA cuBLASLt': '--xla_gpu_enable_cublaslt=true',
+    'XLA latency-hiding scheduler': {'xla_gpu_enable_latency_hiding_scheduler': True},
+    'XLA cuBLASLt': {'xla_gpu_enable_cublaslt': True},
 }
-CPU_FLAG_SETS = ('XLA latency-hiding scheduler',)   # no effect on CPU: tests the plumbing
-AUTOTUNE_CACHE_FLAG = '--xla_gpu_per_fusion_autotune_cache_dir'
+DEFAULT_FLAG_SETS = ('XLA latency-hiding scheduler',)   # on CPU: no effect, the plumbing
 TORCH = 'PyTorch bar (bench_lm_torch)'
 QUICK = dict(rounds=3, steps=3)
 FULL = dict(rounds=5, steps=10)
@@ -102,32 +110,22 @@ def random_batch(config, vocab: int) -> dict:
   return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
 
 
-def build_variant(quick: bool, name: str) -> benchmarking.Variant:
+def build_variant(quick: bool, name: str,
+                  compiler_options: dict | None = None) -> benchmarking.Variant:
   config = variant_config(quick, name)
   vocab = vocab_size(quick)
   return benchmarking.trainer_variant(config, DatasetInfo('lm', vocab_size=vocab),
-                                      random_batch(config, vocab))
+                                      random_batch(config, vocab),
+                                      compiler_options=compiler_options)
 
 
-def variant_info(variant: benchmarking.Variant) -> dict:
-  """What the table needs of a variant that may live in another process."""
+def variant_info(variant: benchmarking.Variant, compiler_options: dict | None = None) -> dict:
+  """What the table needs of a variant."""
   variant.state, metrics = variant.step(variant.state)
   return {'compile_s': variant.compile_s, 'flops': variant.flops,
           'temp_bytes': variant.temp_bytes, 'loss': float(jax.device_get(metrics['loss'])),
           'params': int(sum(x.size for x in jax.tree.leaves(variant.state.params))),
-          'xla_flags': os.environ.get('XLA_FLAGS', '')}
-
-
-def serve_variant(quick: bool, name: str) -> None:
-  """A child process: one variant under this process's XLA_FLAGS, served to the parent."""
-  start = time.perf_counter()
-  variant = build_variant(quick, name)
-  info = variant_info(variant)
-  run_steps = benchmarking.step_runner(variant)
-  run_steps(2)
-  info['warmup_s'] = time.perf_counter() - start - variant.compile_s
-  benchmarking.serve(run_steps, info,
-                     {'profile': lambda directory: traces.profile_breakdown(variant, directory)})
+          'compiler_options': compiler_options or {}}
 
 
 # --- the loss over the logits alone ------------------------------------------------------
@@ -176,24 +174,6 @@ def time_loss_heads(config, vocab: int, rounds: int, steps: int) -> dict:
 
 # --- the parent ---------------------------------------------------------------------------
 
-def flags_parse(flags: str) -> bool:
-  """Whether XLA accepts `flags` (an unknown flag aborts the process that reads it)."""
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
-                        capture_output=True, check=False).returncode == 0
-
-
-def start_child(argv: list[str], env: dict, log_dir: str, name: str):
-  log = os.path.join(log_dir, name.replace(' ', '_').replace('/', '_') + '.log')
-  child = benchmarking.ProcessVariant(argv, env=env, log_path=log)
-  try:
-    child.wait_ready(READY_TIMEOUT_S)
-  except RuntimeError:
-    child.close()
-    raise
-  return child
-
-
 def log(message: str) -> None:
   print(f'[bench_lm {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
 
@@ -206,25 +186,23 @@ def main(argv=None):
   parser.add_argument('--variants', default=None,
                       help=f'comma-separated names of VARIANTS ({", ".join(VARIANTS)})')
   parser.add_argument('--flags', default=None, help='comma-separated names of FLAG_SETS '
-                      f'({", ".join(FLAG_SETS)}), or none')
-  parser.add_argument('--flag_variant', default='baseline',
-                      help='the variant the flag-set children run')
+                      f'({", ".join(FLAG_SETS)}), or none (default: '
+                      f'{", ".join(DEFAULT_FLAG_SETS)})')
+  parser.add_argument('--flag_variant', default='candidate',
+                      help='the variant compiled under each flag set')
   parser.add_argument('--profile', default='', help='trace folder: profile the variants of '
                       '--profile_variants (3 steps each) and summarise where the time goes')
   parser.add_argument('--profile_variants', default='baseline',
                       help="comma-separated row names to profile, or 'all'")
   parser.add_argument('--budget_s', type=float, default=420,
-                      help='start no flag-set child after this many seconds (60 s before it) '
-                      'and no profile (20 s before it), so the results are written in time')
-  parser.add_argument('--serve', default='', help=argparse.SUPPRESS)   # child mode
+                      help='compile no flag-set variant after this many seconds (60 s before '
+                      'it) and no profile (20 s before it), so the results are written in time')
   args = benchmarking.scale_defaults(parser.parse_args(argv), QUICK, FULL)
-  if args.serve:
-    return serve_variant(args.quick, args.serve)
   names = lambda text, default: (default if text is None else
                                  [] if text == 'none' else
                                  [n.strip() for n in text.split(',') if n.strip()])
   chosen = list(names(args.variants, CPU_DEFAULT if args.quick else GPU_DEFAULT))
-  flag_sets = list(names(args.flags, CPU_FLAG_SETS if args.quick else FLAG_SETS))
+  flag_sets = list(names(args.flags, DEFAULT_FLAG_SETS))
   unknown = [n for n in chosen + [args.flag_variant] if n not in VARIANTS]
   unknown += [n for n in flag_sets if n not in FLAG_SETS]
   if unknown:
@@ -233,13 +211,8 @@ def main(argv=None):
   started = time.monotonic()
   left_s = lambda: args.budget_s - (time.monotonic() - started)
   work = tempfile.mkdtemp(prefix='bench_lm_')
-  children = bool(flag_sets or args.torch)
-  if children:   # several processes share the device: none takes it all up front
+  if args.torch:   # two processes share the device: neither takes it all up front
     os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
-  cache_flag = f'{AUTOTUNE_CACHE_FLAG}={os.path.join(work, "autotune")}'
-  if flag_sets and not args.quick and flags_parse(cache_flag):
-    os.makedirs(os.path.join(work, 'autotune'))
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + cache_flag).strip()
   config = gpt2_config(args.quick)
   vocab = vocab_size(args.quick)
   processes, errors = {}, {}
@@ -252,12 +225,23 @@ def main(argv=None):
         module + ['experiments.bench_lm_torch', '--serve', f'--batch={config.batch_size}',
                   f'--seq={config.data.seq_len}'], env=env,
         log_path=os.path.join(work, 'torch.log'))
-  variants, build_errors = benchmarking.try_variants(
-      {name: (lambda n=name: build_variant(args.quick, n)) for name in chosen})
-  errors.update(build_errors)
-  infos = {name: variant_info(v) for name, v in variants.items()}
-  log(f'built {", ".join(variants)}; compile s: '
-      f'{", ".join(f"{v.compile_s:.0f}" for v in variants.values())}')
+  # Build order: the variants up to --flag_variant, its flag sets, the other variants; once
+  # less than 60 s of --budget_s is left, the rest are reported as not run.
+  builds = [(name, name, None) for name in chosen]
+  at = chosen.index(args.flag_variant) + 1 if args.flag_variant in chosen else len(chosen)
+  builds[at:at] = [(f'{args.flag_variant} + {f}', args.flag_variant, FLAG_SETS[f])
+                   for f in flag_sets]
+  variants, infos = {}, {}
+  for row, name, options in builds:
+    if variants and left_s() < 60:
+      errors[row] = f'not run: less than 60 s of --budget_s {args.budget_s:.0f} left'
+      continue
+    built, build_errors = benchmarking.try_variants(
+        {row: lambda n=name, o=options: build_variant(args.quick, n, o)})
+    errors.update(build_errors)
+    for variant in built.values():
+      variants[row], infos[row] = variant, variant_info(variant, options)
+      log(f'built {row} (compile {variant.compile_s:.0f} s)')
   if torch_child is not None:
     try:
       torch_child.wait_ready(READY_TIMEOUT_S)
@@ -271,24 +255,6 @@ def main(argv=None):
                                         jnp.float32 if args.quick else jnp.bfloat16)
   log('loss heads')
   head_rows = time_loss_heads(config, vocab, args.rounds, args.steps)
-  for flag_name in flag_sets:
-    row = f'{args.flag_variant} + {flag_name}'
-    flags = FLAG_SETS[flag_name]
-    if left_s() < 60:
-      errors[row] = f'not run: less than 60 s of --budget_s {args.budget_s:.0f} left'
-      continue
-    if not flags_parse(flags):
-      errors[row] = f'XLA does not know {flags}'
-      continue
-    log(f'starting {row}')
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip())
-    argv_child = module + ['experiments.bench_lm', '--serve', args.flag_variant]
-    argv_child += ['--quick'] if args.quick else []
-    try:
-      processes[row] = start_child(argv_child, env, work, row)
-      infos[row] = processes[row].info
-    except RuntimeError as e:
-      errors[row] = str(e)
   log(f'timing {args.rounds} rounds of {args.steps} steps')
   rows, run_errors = benchmarking.compare_with_processes(variants, processes, args.rounds,
                                                          args.steps)
@@ -305,8 +271,6 @@ def main(argv=None):
       try:
         if name in variants:
           profiles[name] = traces.profile_breakdown(variants[name], directory)
-        elif name in processes and name != TORCH:
-          profiles[name] = processes[name].request(f'profile {directory}')
       except (RuntimeError, OSError, KeyError) as e:
         profiles[name] = {'error': str(e)[:300]}
   for child in processes.values():
@@ -319,7 +283,7 @@ def main(argv=None):
     flops_per_s = model_flops_per_token(info['params'], config) * tokens_per_s
     row.update(tokens_per_s=tokens_per_s, model_flops_per_s=flops_per_s,
                mfu=flops_per_s / ceiling['flops_per_s'], loss=info['loss'],
-               xla_flags=info.get('xla_flags', ''),
+               compiler_options=info.get('compiler_options', {}),
                torch=info.get('torch'))
   bar = rows.get(TORCH)
   for row in rows.values():
@@ -338,8 +302,8 @@ def main(argv=None):
            f'{config.model.num_heads} heads, batch {config.batch_size} x '
            f'{config.data.seq_len}, vocabulary {vocab}, AdamW; the train step of '
            f'accel.train.build; median of {args.rounds} interleaved rounds of {args.steps} '
-           f'steps, every row in the same rounds (rows named "+ XLA ..." and the PyTorch bar '
-           f'in their own processes). Ceiling: {ceiling["dtype"]} {ceiling["n"]}^3 matmul = '
+           f'steps, every row in the same rounds (the PyTorch bar in its own process; rows '
+           f'named "+ XLA ..." compiled with those XLA options). Ceiling: {ceiling["dtype"]} {ceiling["n"]}^3 matmul = '
            f'{ceiling["flops_per_s"] / 1e12:.1f} TFLOP/s. Variants: '
            + '; '.join(f'{n}: {VARIANTS[n] or "configs/lm.py:gpu"}' for n in chosen)
            + '; flag sets: ' + ('; '.join(f'{n}: {FLAG_SETS[n]}' for n in flag_sets) or 'none'))

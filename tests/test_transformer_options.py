@@ -1,6 +1,7 @@
 """The Transformer's speed options change how it computes, not what: qkv_projection,
-use_bias, remat_policy (accel/models/transformer.py)."""
+use_bias, remat_policy, gelu_recompute, position_lookup (accel/models/transformer.py)."""
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,11 +63,38 @@ def test_bias_free_and_rematerialized_blocks(params):
   loss = lambda m: jax.jit(jax.value_and_grad(
       lambda p: jnp.square(m.apply({'params': p}, TOKENS)).mean()))(params)
   value, grads = loss(plain)
-  for policy in ('dots',):
-    r_value, r_grads = loss(_model(remat=True, remat_policy=policy))
+  same_values = (dict(remat=True, remat_policy='dots'), dict(gelu_recompute=True),
+                 dict(position_lookup='gather'))
+  for options in same_values:
+    r_value, r_grads = loss(_model(**options))
     np.testing.assert_allclose(r_value, value, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  r_grads, grads)
-  for bad in (dict(remat_policy='everything'), dict(qkv_projection='packed')):
+  for bad in (dict(remat_policy='everything'), dict(qkv_projection='packed'),
+              dict(position_lookup='sinusoid')):
     with pytest.raises(UserError, match=f'unknown model.{next(iter(bad))}'):
       _model(**bad)
+
+
+def test_gelu_recompute_keeps_the_matmul_output_not_the_tanh(params, capsys):
+  """What the backward reads: the plain MLP saves the GELU's tanh (a B x L x F tensor per
+  block), gelu_recompute saves only what the matmul computed."""
+  def saved(model):
+    ad_checkpoint.print_saved_residuals(
+        lambda p: jnp.square(model.apply({'params': p}, TOKENS)).mean(), params)
+    return capsys.readouterr().out
+  assert 'output of tanh' in saved(_model())
+  recomputed = saved(_model(gelu_recompute=True))
+  assert 'output of tanh' not in recomputed and 'output of dot_general' in recomputed
+
+
+def test_train_accuracy_off_leaves_the_loss_and_evaluation():
+  from accel import tasks
+  c = config_lib.base_config()
+  c.train_accuracy = False
+  logits = jax.random.normal(jax.random.key(1), (2, 12, 16))
+  task = tasks.LanguageModelTask(c, None, None)
+  loss, train_metrics = jax.jit(task.train_objective)(logits, {'targets': TOKENS})
+  eval_loss, eval_metrics = jax.jit(task.objective)(logits, {'targets': TOKENS})
+  assert 'accuracy' not in train_metrics and 'accuracy' in eval_metrics
+  np.testing.assert_allclose(loss, eval_loss, rtol=1e-6)

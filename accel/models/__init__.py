@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from accel.errors import UserError
 from accel.models import adaptive_softmax, cnn, transformer_xl
 from accel.models.encoder import MaskedLM, SequenceClassifier
-from accel.models.transformer import (QKV_PROJECTIONS, REMAT_POLICIES, TransformerConfig,
+from accel.models.transformer import (POSITION_LOOKUPS, QKV_PROJECTIONS, REMAT_POLICIES,
+                                      TransformerConfig,
                                       TransformerLM)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -37,13 +38,17 @@ def transformer_config(model_cfg, *, vocab_size: int, max_len: int, causal: bool
   if model_cfg.qkv_projection not in QKV_PROJECTIONS:
     raise UserError(f'unknown model.qkv_projection {model_cfg.qkv_projection!r}; known: '
                     f'{", ".join(QKV_PROJECTIONS)}')
+  if model_cfg.position_lookup not in POSITION_LOOKUPS:
+    raise UserError(f'unknown model.position_lookup {model_cfg.position_lookup!r}; known: '
+                    f'{", ".join(POSITION_LOOKUPS)}')
   return TransformerConfig(
       vocab_size=vocab_size, num_layers=model_cfg.num_layers, d_model=model_cfg.d_model,
       num_heads=model_cfg.num_heads, d_ff=model_cfg.d_ff, max_len=max_len,
       dropout_rate=model_cfg.dropout_rate, pre_ln=model_cfg.pre_ln, causal=causal,
       dtype=dtype(model_cfg.dtype), scan_layers=model_cfg.scan_layers,
       remat=model_cfg.remat, remat_policy=model_cfg.remat_policy, use_bias=model_cfg.use_bias,
-      qkv_projection=model_cfg.qkv_projection,
+      qkv_projection=model_cfg.qkv_projection, gelu_recompute=model_cfg.gelu_recompute,
+      position_lookup=model_cfg.position_lookup,
       attention_impl=model_cfg.attention_impl or None, **overrides)
 
 

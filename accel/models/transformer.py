@@ -53,6 +53,17 @@ class TransformerConfig:
   remat_policy: str = ''             # with remat: what is saved, REMAT_POLICIES
   use_bias: bool = True              # Dense and LayerNorm biases (nanoGPT's `bias`)
   qkv_projection: str = 'fused'      # 'fused': one D x 3D Dense; 'split': three D x D
+  # The MLP's backward recomputes the fc_in bias add and the GELU from the matmul's output
+  # (saved anyway) instead of keeping the GELU's tanh: one B x L x F tensor less written in
+  # the forward and read in the backward per block. An fc_in inside it is in a lifted
+  # transform (nn.remat) for accel.stdloss.
+  gelu_recompute: bool = False
+  # 'broadcast': P[:L] added to every row (its gradient a reduction over the batch, whose
+  # preferred layout XLA:GPU propagates to the whole residual stream: the profile of
+  # results/bench_lm_gpu_profile.md keeps it L x D x B, transposed around every LayerNorm
+  # and matmul); 'gather': P looked up at each token's position like the token embedding
+  # (its gradient a scatter-add). Same values.
+  position_lookup: str = 'broadcast'
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
   dot_general: DotGeneral = lax.dot_general
   head_dot_general: DotGeneral = lax.dot_general
@@ -63,6 +74,17 @@ class TransformerConfig:
 REMAT_POLICIES = {'': None, 'dots': jax.checkpoint_policies.dots_saveable,
                   'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 QKV_PROJECTIONS = ('fused', 'split')
+POSITION_LOOKUPS = ('broadcast', 'gather')
+# Primitives a gelu_recompute MLP recomputes in the backward; every other output (the
+# matmul's, whatever dot_general computes it) is saved.
+_RECOMPUTED = frozenset({'add', 'add_any', 'sub', 'mul', 'div', 'neg', 'integer_pow', 'pow',
+                         'tanh', 'erf', 'exp', 'logistic', 'max', 'min', 'select_n',
+                         'convert_element_type', 'broadcast_in_dim', 'reshape', 'squeeze',
+                         'expand_dims'})
+
+
+def _save_all_but_elementwise(prim, *_, **__) -> bool:
+  return prim.name not in _RECOMPUTED
 
 
 def _dense(cfg: TransformerConfig, features: int, name: str) -> nn.Dense:
@@ -111,7 +133,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.cfg
-    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, 'fc_in')(x_BxLxD))
+    fc_in = _dense(cfg, cfg.d_ff, 'fc_in')
+    if cfg.gelu_recompute:
+      h_BxLxF = nn.remat(lambda mdl, x: nn.gelu(mdl(x)),
+                         policy=_save_all_but_elementwise)(fc_in, x_BxLxD)
+    else:
+      h_BxLxF = nn.gelu(fc_in(x_BxLxD))
     out_BxLxD = _dense(cfg, cfg.d_model, 'fc_out')(h_BxLxF)
     return nn.Dropout(cfg.dropout_rate)(out_BxLxD, deterministic=deterministic)
 
@@ -233,7 +260,12 @@ class TransformerLM(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def embed(self, tokens_BxL, deterministic: bool = True):
-    x_BxLxD = self.token_embed(tokens_BxL) + self.pos_embed[: tokens_BxL.shape[1]]
+    b, l = tokens_BxL.shape
+    if self.cfg.position_lookup == 'gather':
+      positions_BxL = lax.broadcasted_iota(jnp.int32, (b, l), 1)
+      x_BxLxD = self.token_embed(tokens_BxL) + jnp.take(self.pos_embed, positions_BxL, axis=0)
+    else:
+      x_BxLxD = self.token_embed(tokens_BxL) + self.pos_embed[:l]
     return self.dropout(x_BxLxD.astype(self.cfg.dtype), deterministic=deterministic)
 
   def logits(self, x_BxLxD):

@@ -40,6 +40,10 @@ class Task:
     """(loss, metrics) of the model's outputs on `batch`."""
     raise NotImplementedError
 
+  def train_objective(self, outputs, batch):
+    """(loss, metrics) of a training step; default `objective`."""
+    return self.objective(outputs, batch)
+
   def tokens_per_example(self) -> int:
     return 0
 
@@ -63,7 +67,8 @@ class Task:
                                                          plan_kwargs)
     if train:
       outputs = self.methods.transform_outputs(outputs)
-    task_loss, task_metrics = self.objective(outputs, batch)
+    objective = self.train_objective if train else self.objective
+    task_loss, task_metrics = objective(outputs, batch)
     return task_loss + aux_loss, ({**task_metrics, **metrics}, new_mutable)
 
   def evaluate(self, params, mutable, batch):
