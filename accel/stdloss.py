@@ -146,25 +146,53 @@ class LayerStats(NamedTuple):
   mean_var: jax.Array
 
 
-def _stats_of_layers(moments: list[tuple[jax.Array, jax.Array]], eps) -> list[LayerStats]:
-  """LayerStats of layers from their (mu_SxC, sigma^2_SxC), computed stacked: the layers'
-  channels padded to the widest, so the per-layer scalars of the whole model are a few
-  kernels, not a few per layer."""
-  widths = np.array([mu.shape[-1] for mu, _ in moments])
+class _Partial(NamedTuple):
+  """One layer's moments before their last reduction: per shard s and example g of it,
+  the sums over the other reduced axes of d = x - K and d^2 (count elements each)."""
+  shift_SxC: jax.Array
+  a_SxGxC: jax.Array
+  b_SxGxC: jax.Array
+  count: int                      # elements per channel and shard
+
+
+def _layer_moments(x, num_shards) -> _Partial:
+  """x's one-pass shifted sums over all axes but the last, short of the sum over the
+  batch: that one is taken for all captured layers at once (`_stats_of_layers`), so the
+  per-layer kernels are the sums fused with the layer's consumer and nothing more."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  if x.shape[0] % num_shards:
+    raise ValueError(f'batch {x.shape[0]} is not divisible by num_shards {num_shards}')
+  x_SxGxPxC = x.reshape(num_shards, x.shape[0] // num_shards, -1, x.shape[-1])
+  shift_SxC = lax.stop_gradient(x_SxGxPxC[:, 0, 0, :]).astype(dtype)
+  d = x_SxGxPxC.astype(dtype) - shift_SxC[:, None, None, :]
+  return _Partial(shift_SxC, jnp.sum(d, 2), jnp.sum(jnp.square(d), 2),
+                  x_SxGxPxC.shape[1] * x_SxGxPxC.shape[2])
+
+
+def _stats_of_layers(partials: list[_Partial], eps) -> list[LayerStats]:
+  """LayerStats of layers from their `_Partial` sums, computed stacked: the layers'
+  channels padded to the widest, so the batch sums, moments and per-layer scalars of the
+  whole model are a few kernels, not a few per layer (on a GPU the step's many small
+  kernels are what it waits for: results/stdloss_gpu_profile.md)."""
+  widths = np.array([p.shift_SxC.shape[-1] for p in partials])
   width = int(widths.max())
-  pad = lambda a, value: jnp.pad(a, ((0, 0), (0, width - a.shape[-1])), constant_values=value)
-  mu_LxSxC = jnp.stack([pad(mu, 0.0) for mu, _ in moments])
-  var_LxSxC = jnp.stack([pad(var, 1.0) for _, var in moments])
+  if len({p.a_SxGxC.shape[:2] for p in partials}) > 1:   # batch axes differ: sum each first
+    partials = [p._replace(a_SxGxC=p.a_SxGxC.sum(1, keepdims=True),
+                           b_SxGxC=p.b_SxGxC.sum(1, keepdims=True)) for p in partials]
+  pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+  stack = lambda field: jnp.stack([pad(getattr(p, field)) for p in partials])
+  count_Lx1x1 = np.array([p.count for p in partials], np.float32)[:, None, None]
+  a_LxSxC = stack('a_SxGxC').sum(2) / count_Lx1x1
+  b_LxSxC = stack('b_SxGxC').sum(2) / count_Lx1x1
+  mu_LxSxC = stack('shift_SxC') + a_LxSxC
+  var_LxSxC = jnp.maximum(b_LxSxC - jnp.square(a_LxSxC), 0.0)
   mask_Lx1xC = (np.arange(width) < widths[:, None])[:, None, :]
+  var_LxSxC = jnp.where(mask_Lx1xC, var_LxSxC, 1.0)
   loss_L = _loss_from_moments(mu_LxSxC, var_LxSxC, eps, mask_Lx1xC)
   count_L = widths * mu_LxSxC.shape[1]
   mean_abs_mu_L = lax.stop_gradient(jnp.sum(jnp.abs(mu_LxSxC) * mask_Lx1xC, (1, 2)) / count_L)
   mean_var_L = lax.stop_gradient(jnp.sum(var_LxSxC * mask_Lx1xC, (1, 2)) / count_L)
   return [LayerStats(loss_L[i], mean_abs_mu_L[i], mean_var_L[i]) for i in range(len(widths))]
-
-
-def _layer_moments(x, num_shards):
-  return _moments(x, tuple(range(x.ndim - 1)), num_shards, None)
 
 
 class LiftedLayerError(ValueError):
@@ -212,7 +240,7 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
   exclude_re = re.compile(exclude) if exclude else None
 
   def wrapped(*args, **kwargs):
-    moments: dict[str, tuple[jax.Array, jax.Array]] = {}
+    moments: dict[str, _Partial] = {}
     top_scope_root = []   # the root scope of the outermost module call
 
     def interceptor(next_fun, call_args, call_kwargs, context):
