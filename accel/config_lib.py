@@ -6,11 +6,13 @@ line is an error before anything runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import ml_collections
 
-from accel.errors import UserError
+from accel.errors import ConfigError, UserError
 
 # Keys whose change does not make a workdir a different experiment: a run may be resumed
 # (and extended) with new values for them.
@@ -124,6 +126,91 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.pipemare_steps = 0              # T: PipeMare's lr rescheduling length
   c.pipeline.error_feedback = 0.0            # c: the error-feedback correction
   return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """low <= value <= high (< high when high_open, > low when low_open); `also`: values
+  outside it that mean something (-1: all)."""
+  low: float
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  also: tuple = ()
+
+  def __contains__(self, value) -> bool:
+    if value in self.also:
+      return True
+    if isinstance(value, float) and not math.isfinite(value):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = (self.high is None or
+             (value < self.high if self.high_open else value <= self.high))
+    return above and below
+
+  def __str__(self) -> str:
+    if self.high is None:
+      text = f'{"above" if self.low_open else "at least"} {self.low:g}'
+    else:
+      text = (f'in {"(" if self.low_open else "["}{self.low:g}, {self.high:g}'
+              f'{")" if self.high_open else "]"}')
+    return text + ''.join(f', or {a:g}' for a in self.also)
+
+
+# The valid range of every count, size and rate key (checked by `validate` before anything
+# is prepared or compiled; a key a config does not have is skipped). The meaning of each
+# key is beside it in base_config.
+RANGES = {
+    'total_steps': Range(1),
+    'batch_size': Range(1),
+    'eval_batch_size': Range(0),
+    'eval_every': Range(1),
+    'eval_steps': Range(1, also=(-1,)),
+    'log_every': Range(1),
+    'checkpoint_every': Range(1),
+    'keep_checkpoints': Range(1),    # a run resumes from its last checkpoint
+    'data.seq_len': Range(1),
+    'data.vocab_size': Range(0),
+    'model.num_layers': Range(1),
+    'model.d_model': Range(1),
+    'model.num_heads': Range(1),
+    'model.d_ff': Range(1),
+    'model.dropout_rate': Range(0, 1, high_open=True),
+    'model.num_groups': Range(1),
+    'model.depth': Range(1),
+    'model.width': Range(1),
+    'model.mem_len': Range(0),
+    'optimizer.lr': Range(0),
+    'optimizer.b1': Range(0, 1, high_open=True),
+    'optimizer.b2': Range(0, 1, high_open=True),
+    'optimizer.eps': Range(0),
+    'optimizer.weight_decay': Range(0),
+    'optimizer.momentum': Range(0, 1, high_open=True),
+    'optimizer.warmup_steps': Range(0),
+    'optimizer.end_lr_fraction': Range(0, 1),
+    'optimizer.decay_steps': Range(1),
+    'optimizer.decay_rate': Range(0, low_open=True),
+    'optimizer.clip_norm': Range(0),
+    'layerdrop.theta_bar': Range(0, 1),
+    'layerdrop.gamma': Range(0),
+    'stdloss.weight': Range(0),
+    'lowprec.fwd.chunk_size': Range(1),
+    'lowprec.bwd_data.chunk_size': Range(1),
+    'lowprec.bwd_weight.chunk_size': Range(1),
+    'lowprec.loss_scale': Range(0, low_open=True),
+    'pipeline.num_modules': Range(2),
+    'pipeline.weight_prediction': Range(0),
+}
+UNBOUNDED = ('seed', 'lowprec.seed')   # numeric keys where any integer is a valid value
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming every key of RANGES whose value is outside its range."""
+  values = dict(_flatten(config.to_dict()))
+  bad = [f'{key}={values[key]!r} (must be {valid})' for key, valid in RANGES.items()
+         if key in values and values[key] not in valid]
+  if bad:
+    raise ConfigError(f'{"; ".join(bad)}; nothing was run')
 
 
 def to_json(config) -> str:

@@ -1,12 +1,14 @@
 r"""Reproduces a paper's headline table with accel's runs, beside the paper's numbers.
 
   python -m experiments.reproduce {ouroboros,pld,lowprec,stdloss,together} \
-      [--scale smoke|cpu|gpu|paper] [--out results/tables] [--runs_dir runs/reproduce] \
+      [--scale smoke|cpu|gpu|paper] [--out runs/tables] [--runs_dir runs/reproduce] \
       [--parallel N] [--retry_failed]
 
 Runs the target's runs through the sweep machinery (accel.sweep: one subprocess and workdir
 per run in RUNS_DIR/TARGET_SCALE/, resumable: a second call reuses finished runs) and writes
 OUT/TARGET_SCALE.md (the table, with command, device, versions and date), .csv and .png.
+Everything goes under runs/ (git-ignored) by default; `--out results/tables` writes the
+committed tables (what the README cites) instead.
 smoke and cpu run on CPU here; gpu and paper need GPUs, and every table lists their commands.
 Exit status 1 if a run failed (the table is still written, its cells '-').
 """
@@ -17,11 +19,12 @@ import sys
 
 from absl import app, flags
 
-from accel import reproduce
+from accel import faults, reproduce
 from accel.errors import UserError
 
 _SCALE = flags.DEFINE_enum('scale', 'smoke', reproduce.SCALES, 'Size of the runs.')
-_OUT = flags.DEFINE_string('out', 'results/tables', 'Folder of the tables and plots.')
+_OUT = flags.DEFINE_string('out', 'runs/tables', 'Folder of the tables and plots '
+                           '(results/tables: the committed ones).')
 _RUNS_DIR = flags.DEFINE_string('runs_dir', 'runs/reproduce', 'Folder of the sweeps.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained side by side.')
 _RETRY = flags.DEFINE_bool('retry_failed', False, 'Run failed runs again.')
@@ -43,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(faults.main(main))

@@ -1,6 +1,6 @@
 r"""Runs a sweep of experiments.train runs and writes its summary table and curves.
 
-  python -m experiments.sweep --config configs/lm.py:smoke --sweep_dir runs/lr_sweep \
+  python -m experiments.sweep --config configs/lm.py:smoke [--sweep_dir runs/lr_sweep] \
       --sweep 'optimizer.lr=1e-3,3e-3' --sweep 'seed=0,1,2' [--zip] \
       [--target 'eval/loss<=2.5'] [--metrics eval/loss,eval/accuracy] [--parallel N] \
       [--retry_failed] [--launcher slurm [--submit] [--slurm_option=--partition=gpu ...]
@@ -9,7 +9,8 @@ r"""Runs a sweep of experiments.train runs and writes its summary table and curv
 Without --sweep the config file's `get_sweep(preset)` declares the runs (a list of override
 dicts, built with accel.sweep.product / zip). Several --sweep axes are crossed (every
 combination), or paired one-to-one with --zip; an axis with one value is a fixed override.
-Each run trains in its own subprocess in SWEEP_DIR/NAME, NAME made of its overrides. Running
+Each run trains in its own subprocess in SWEEP_DIR/NAME, NAME made of its overrides;
+SWEEP_DIR is runs/sweeps/CONFIG[-PRESET] (git-ignored) unless --sweep_dir is given. Running
 the same command again skips finished runs, resumes interrupted ones from their checkpoints,
 and leaves failed ones (recorded with their error in NAME/sweep_status.json, log in
 NAME/train.log) unless --retry_failed. --parallel N trains N runs side by side: on GPU each
@@ -33,6 +34,7 @@ import sys
 
 from absl import app, flags
 
+from accel import faults
 from accel import sweep as sweep_lib
 from accel.errors import UserError
 from accel.sweep import runner, slurm, summary
@@ -41,7 +43,8 @@ from accel.sweep import status as status_lib
 _CONFIG = flags.DEFINE_string('config', None, 'Config file, PATH[:PRESET].', required=True)
 _SWEEP = flags.DEFINE_multi_string('sweep', [], "An axis 'KEY=V1,V2,...'; repeatable.")
 _ZIP = flags.DEFINE_bool('zip', False, 'Pair the --sweep axes one-to-one instead of crossing.')
-_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Folder of the runs.', required=True)
+_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Folder of the runs (default: '
+                                  'runs/sweeps/CONFIG[-PRESET]).')
 _RETRY = flags.DEFINE_bool('retry_failed', False, 'Run failed runs again.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained side by side (slurm: array '
                                  'tasks running at once, when given).')
@@ -62,6 +65,13 @@ _RUN_INDEX = flags.DEFINE_integer('run_index', None, 'Run only the sweep\'s run 
                                   '0-based index, no summary (what a Slurm array task runs).')
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False, 'Run nothing; write the summary of '
                                   'what the folder holds.')
+
+
+def default_sweep_dir(config_arg: str) -> str:
+  """runs/sweeps/CONFIG[-PRESET]: under runs/, which git ignores."""
+  path, _, preset = config_arg.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', 'sweeps', f'{name}-{preset}' if preset else name)
 
 
 def declared_sweep(config_arg: str) -> list[dict]:
@@ -130,6 +140,8 @@ def write_summary(runs: list[sweep_lib.Run], statuses: dict[str, dict],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _SWEEP_DIR.value:
+    flags.FLAGS.sweep_dir = default_sweep_dir(_CONFIG.value)
   try:
     targets = [summary.Target.parse(t) for t in _TARGET.value]
     runs = sweep_lib.make_runs(_CONFIG.value, declared_sweep(_CONFIG.value))
@@ -156,4 +168,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(faults.main(main))

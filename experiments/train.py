@@ -15,11 +15,11 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from accel import distributed
-from accel.errors import UserError
+from accel import distributed, faults
+from accel.errors import ConfigError, UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'lm.py')
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file.',
@@ -49,26 +49,19 @@ def print_summary(summary: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   try:
     distributed.initialize(_DISTRIBUTED.value)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    raise ConfigError(str(e)) from e
   from accel import train  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
     config = _CONFIG.value
     config.to_dict()  # a config file that failed to load raises on first access
   except Exception as e:  # config files are user code: any error is a bad config
-    print(f'error: {one_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    raise ConfigError(one_line(e)) from e
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']))
-  try:
-    print_summary(train.train_and_evaluate(config, workdir))
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  print_summary(train.train_and_evaluate(config, workdir))
 
 
 def _unknown_override(argv) -> str | None:
@@ -122,4 +115,4 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(faults.main(main), flags_parser=parse_flags)

@@ -92,8 +92,17 @@ def _user_text_files(path: str) -> list[pathlib.Path]:
   if not path or not root.exists():
     raise UserError(f'data.path {path!r} does not exist (data.name=text needs a UTF-8 file '
                     'or a folder of them)')
-  files = sorted(p for p in ([root] if root.is_file() else root.rglob('*'))
-                 if p.is_file() and not p.name.startswith('.'))
+  candidates = sorted(p for p in ([root] if root.is_file() else root.rglob('*'))
+                      if p.is_file() and not p.name.startswith('.'))
+  # A symlink to a file that is read anyway (one of the folder's, or one another symlink
+  # reaches) is that file again: each file is read once.
+  seen = {p.resolve() for p in candidates if not p.is_symlink()}
+  files = [p for p in candidates if not p.is_symlink()]
+  for p in candidates:
+    if p.is_symlink() and p.resolve() not in seen:
+      seen.add(p.resolve())
+      files.append(p)
+  files.sort()
   if not files or all(p.stat().st_size == 0 for p in files):
     raise UserError(f'data.path {path!r} holds no non-empty files')
   for p in files:

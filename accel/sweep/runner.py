@@ -90,8 +90,9 @@ def execute(run: Run, run_dir: str, gpus: str | None = None) -> dict:
   status['finished'] = time.strftime('%Y-%m-%dT%H:%M:%S%z')
   if returncode == 0:
     status['state'] = 'finished'
-  elif -returncode in INTERRUPTS:
-    status['state'] = 'interrupted'   # stopped from outside: the next sweep resumes it
+  elif -returncode in INTERRUPTS or returncode - 128 in INTERRUPTS:
+    status['state'] = 'interrupted'   # stopped from outside (killed by it, or experiments.train
+                                      # exiting 128 + its number): the next sweep resumes it
   else:
     with open(log_path) as f:
       status['error'] = (f'killed by {signal.Signals(-returncode).name}' if returncode < 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import json
 import os
 import re
 from typing import Any
 
 from accel.errors import UserError
+from accel.metrics import read_jsonl
 from accel.sweep.declare import Run, flag_value
 
 
@@ -48,8 +48,7 @@ def read_metrics(run_dir: str) -> list[dict]:
   path = os.path.join(run_dir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(path)     # without a torn last line (a run killed while writing it)
 
 
 def train_seconds(lines: list[dict]) -> list[float]:
