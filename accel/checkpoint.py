@@ -66,8 +66,9 @@ class Checkpoints:
       reason = 'its train state folder default/ is missing'
     elif not os.path.exists(os.path.join(state, '_METADATA')):
       reason = "default/_METADATA, the state's structure, is missing"
-    elif any(w in text for w in ('structure', 'shape', 'dtype')):
-      reason = "its train state does not match this run's (written by another accel?)"
+    elif 'structure' in text:
+      reason = ("its train state's structure is not this run's (a checkpoint of another "
+                'model, or of another version of accel?)')
     else:
       reason = f'its data does not read back ({type(e).__name__})'
     earlier = [s for s in self.steps_on_disk() if s < step]

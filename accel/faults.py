@@ -90,13 +90,29 @@ class _LibraryNoise(logging.Filter):
     return record.levelno >= logging.WARNING or not record.name.startswith(('jax', 'absl'))
 
 
+def _closed_loop_callbacks_hook(previous):
+  """sys.unraisablehook without TensorStore's callbacks into the event loop of an orbax save
+  that already failed (a full disk): its C++ threads report 'RuntimeError: Event loop is
+  closed' for each write still in flight, before accel's line."""
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+  hook.quiets_closed_loops = True
+  return hook
+
+
 def quiet_logs() -> None:
   """Library logging down to what the user needs: warnings and errors, no orbax."""
+  if not getattr(sys.unraisablehook, 'quiets_closed_loops', False):
+    sys.unraisablehook = _closed_loop_callbacks_hook(sys.unraisablehook)
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
-  noise = _LibraryNoise()
   for handler in [absl_logging.get_absl_handler(), *logging.getLogger().handlers]:
-    handler.addFilter(noise)
+    if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
+      handler.addFilter(_LibraryNoise())
   logging.getLogger('jax').setLevel(logging.WARNING)
 
 

@@ -58,8 +58,9 @@ def _claim(workdir: str) -> workdir_lib.Lock | None:
 
 def _already_done(workdir: str, step: int) -> dict:
   """The summary of a workdir whose run already reached `total_steps`."""
-  print(f'already at step {step} in {os.path.abspath(workdir)}; nothing to train (raise '
-        'total_steps to extend the run)', flush=True)
+  if jax.process_index() == 0:
+    print(f'already at step {step} in {os.path.abspath(workdir)}; nothing to train (raise '
+          'total_steps to extend the run)', flush=True)
   summary: dict = {}
   path = os.path.join(workdir, 'metrics.jsonl')
   for line in read_jsonl(path) if os.path.exists(path) else []:

@@ -208,8 +208,8 @@ def check_resumable(config, workdir: str, latest_step: int | None) -> None:
     config_lib.check_same_experiment(saved, config, workdir)
     if latest_step is None:
       raise UserError(f'workdir {workdir} holds {CONFIG_FILE} but no checkpoint to resume '
-                      f'from ({os.path.join(workdir, CHECKPOINTS)} is empty or missing); use a '
-                      f'new --workdir, or delete {CONFIG_FILE} there to train it from step 0')
+                      f'from in {os.path.join(workdir, CHECKPOINTS)}; it was left as it is — use '
+                      f'a new --workdir, or delete {CONFIG_FILE} there to train from step 0')
   if latest_step is not None and latest_step > config.total_steps:
     raise UserError(f'workdir {workdir} is already at step {latest_step}, beyond '
                     f'total_steps={config.total_steps}; raise total_steps above '

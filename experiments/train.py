@@ -4,7 +4,10 @@ r"""Trains one experiment config.
       [--distributed auto|on|off|METHOD]
 
 Without --config: configs/lm.py (its default preset). Without --workdir: runs/<config>-<time>.
-An existing workdir is resumed from its last checkpoint (raise total_steps to extend a run).
+An existing workdir is resumed from its last checkpoint (raise total_steps to extend a run);
+one run at a time holds it (WORKDIR/run.lock). Ctrl-C or SIGTERM stops after the current
+step with a checkpoint of it. Exit status (accel/faults.py): 0 finished; 1 one `error:`
+line; 2 a bad config or command line; 130 / 143 interrupted by SIGINT / SIGTERM.
 Several processes (srun, mpirun, a TPU pod, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID on each) start jax.distributed first: accel/distributed.py.
 """

@@ -15,3 +15,31 @@ def data_dir(tmp_path_factory):
   path = os.environ.get('ACCEL_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('tfds'))
   os.environ['ACCEL_DATA_DIR'] = path
   return path
+
+
+@pytest.fixture(scope='session')
+def compile_cache_dir(tmp_path_factory):
+  """One JAX persistent compilation cache for the tests that train the smoke LM (in this
+  process through tests.helpers.compilation_cache, in subprocesses through cache_env)."""
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+# The run that `trained_workdir` holds: the smoke LM, 10 steps, constant learning rate (so
+# that extending it to N steps repeats an uninterrupted N-step run exactly).
+TRAINED_STEPS = 10
+TRAINED_ARGS = ('--config=configs/lm.py:smoke', '--config.optimizer.schedule=constant',
+                '--config.progress_bar=False')
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, compile_cache_dir):
+  """A workdir that trained TRAINED_ARGS to step TRAINED_STEPS (checkpoint at 10, metrics
+  at 5 and 10), shared by the tests: read it, or copy it (`copy_of`) to change it."""
+  from accel import train  # pylint: disable=g-import-not-at-top
+  from tests.helpers import compilation_cache  # pylint: disable=g-import-not-at-top
+  from tests.test_train import smoke  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  with compilation_cache(compile_cache_dir):
+    train.train_and_evaluate(
+        smoke(total_steps=TRAINED_STEPS, **{'optimizer.schedule': 'constant'}), workdir)
+  return workdir

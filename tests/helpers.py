@@ -1,10 +1,44 @@
-"""Test utilities: run code in a subprocess with N simulated CPU devices, run the CLI."""
+"""Test utilities: run code in a subprocess with N simulated CPU devices, run the CLI (in a
+subprocess, or in this process), share JAX's persistent compilation cache."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_KEYS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+              'jax_persistent_cache_min_entry_size_bytes')
+
+
+def cache_env(directory):
+  """The environment that points a subprocess's JAX at the persistent cache `directory`."""
+  if not directory:
+    return {}
+  return {'JAX_COMPILATION_CACHE_DIR': str(directory),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+  """JAX's persistent compilation cache in `directory` for this process, then as before: a
+  program compiled once (here or by a subprocess given `cache_env`) is read, not compiled."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  before = [getattr(jax.config, k) for k in CACHE_KEYS]
+  for key, value in zip(CACHE_KEYS, (str(directory), 0, 0)):
+    jax.config.update(key, value)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for key, value in zip(CACHE_KEYS, before):
+      jax.config.update(key, value)
+    cc.reset_cache()
 
 
 def run_python(code: str, devices: int = 1, timeout: int = 300, env=None):
@@ -15,7 +49,46 @@ def run_python(code: str, devices: int = 1, timeout: int = 300, env=None):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def cli_command(*args):
+  return [sys.executable, '-m', 'experiments.train', *args]
+
+
+def cli_env(env=None):
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **(env or {})}
+
+
 def run_cli(*args, timeout: int = 300, env=None):
-  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **(env or {})}
-  return subprocess.run([sys.executable, '-m', 'experiments.train', *args], cwd=ROOT,
-                        env=full_env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cli_command(*args), cwd=ROOT, env=cli_env(env), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+  """experiments.train's command line run in this process (flag parsing, the entry point
+  and accel.faults.main as `python -m experiments.train` runs them), with its exit status,
+  stdout and stderr: for the many cases that fail before training, without a new
+  interpreter, jax import and compile each. Needs the working directory at ROOT."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from accel import faults  # pylint: disable=g-import-not-at-top
+  from experiments import train as entry  # pylint: disable=g-import-not-at-top
+  out, err, status = io.StringIO(), io.StringIO(), 0
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  hooks, argv = (threading.excepthook, sys.unraisablehook), sys.argv
+  levels = logging.getLogger('jax').level, absl_logging.get_verbosity()
+  sys.argv = ['experiments.train', *args]   # ml_collections reads the overrides from here
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        flags.FLAGS.unparse_flags()
+        faults.main(entry.main)(entry.parse_flags(sys.argv))
+      except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  finally:
+    (threading.excepthook, sys.unraisablehook), sys.argv = hooks, argv
+    logging.disable(logging.NOTSET)
+    logging.getLogger('jax').setLevel(levels[0])
+    absl_logging.set_verbosity(levels[1])
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+      delattr(flags.FLAGS, name)       # defined by each parse of --config, for its overrides
+  return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())

@@ -262,14 +262,15 @@ def test_devices_per_run(monkeypatch, tmp_path):
   assert not os.path.exists(tmp_path / run.name)
 
 
-@pytest.mark.parametrize('sig, state, error', [('SIGTERM', 'interrupted', None),
-                                                ('SIGKILL', 'failed', 'killed by SIGKILL')])
-def test_signalled_run_is_interrupted_or_failed(tmp_path, sig, state, error):
-  """A run stopped by SIGTERM is resumed by the next sweep; one killed (e.g. out of memory)
-  is a failure."""
+@pytest.mark.parametrize('stop, state, error', [
+    ('os.kill(os.getpid(), signal.SIGTERM)', 'interrupted', None),
+    ('sys.exit(143)', 'interrupted', None),     # experiments.train stopped by SIGTERM
+    ('os.kill(os.getpid(), signal.SIGKILL)', 'failed', 'killed by SIGKILL')])
+def test_signalled_run_is_interrupted_or_failed(tmp_path, stop, state, error):
+  """A run stopped by SIGTERM (killed by it, or exiting 128 + 15 as experiments.train does)
+  is resumed by the next sweep; one killed (e.g. out of memory) is a failure."""
   config = tmp_path / 'signal_config.py'
-  config.write_text(f'import os, signal\n\ndef get_config():\n'
-                    f'  os.kill(os.getpid(), signal.{sig})\n')
+  config.write_text(f'import os, signal, sys\n\ndef get_config():\n  {stop}\n')
   run = sweep.Run(str(config), {})
   status = runner.run_sweep([run], str(tmp_path / 'sweep'), log=lambda m: None)[run.name]
   assert (status['state'], status.get('error')) == (state, error)
