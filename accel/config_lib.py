@@ -191,6 +191,8 @@ RANGES = {
     'optimizer.decay_steps': Range(1),
     'optimizer.decay_rate': Range(0, low_open=True),
     'optimizer.clip_norm': Range(0),
+    'optimizer.adam_lr': Range(0),
+    'optimizer.muon_beta': Range(0, 1, high_open=True),
     'layerdrop.theta_bar': Range(0, 1),
     'layerdrop.gamma': Range(0),
     'stdloss.weight': Range(0),
@@ -200,6 +202,10 @@ RANGES = {
     'lowprec.loss_scale': Range(0, low_open=True),
     'pipeline.num_modules': Range(2),
     'pipeline.weight_prediction': Range(0),
+    'pipeline.sync_warmup_steps': Range(0),
+    'pipeline.delay_compensation': Range(0),
+    'pipeline.pipemare_steps': Range(0),
+    'pipeline.error_feedback': Range(0),
 }
 UNBOUNDED = ('seed', 'lowprec.seed')   # numeric keys where any integer is a valid value
 

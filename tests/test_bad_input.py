@@ -439,7 +439,7 @@ def test_ctrl_c_sigterm_second_run_and_stale_lock(trained_workdir, tmp_path, com
   with open(os.path.join(workdir, 'run.lock')) as f:
     lock = f.read()
   assert json.loads(lock)['pid'] == first.pid
-  second = run_cli(*args, env=cache_env(compile_cache_dir))
+  second = cli_in_process(*args)     # another process than `first`: refused at its lock
   assert_one_error_line(second, f'is in use by pid {first.pid} on host {socket.gethostname()}',
                         1)
   with open(os.path.join(workdir, 'run.lock')) as f:
