@@ -334,9 +334,11 @@ STEP_VARIANTS = {
     'fp8 jax exact': dict(mode='exact', impl='jax'),
 }
 GPU_STEP_VARIANTS = ('fp32', 'fp8 pallas fast', 'fp8 jax fast', 'fp8 pallas exact')
-# --budget_s: no variant is built with less than this many seconds of the budget left (its
-# compile, mostly Triton's for the Pallas kernels, and the timing rounds must fit).
-STEP_RESERVE_S = 30
+# --budget_s: family i of n may use the budget up to (i + 1) / n of it, and no variant is
+# built with less than this many seconds of its share left (its compile, mostly Triton's
+# for the Pallas kernels, and the timing rounds must fit); each family's rows are written
+# once it is timed, so a call cut short keeps the families before.
+STEP_RESERVE_S = 20
 
 
 def step_config(family: str, variant: str, quick: bool):
@@ -377,13 +379,13 @@ def bench_steps(run: Run, family: str, variants, rounds: int, steps_per_round: i
                 left_s=lambda: float('inf')):
   """One train step per variant through accel's own trainer (accel.train.build), timed in
   interleaved rounds; rows give ms/step and the ratio to the fp32 step. A variant is not
-  built once left_s() < STEP_RESERVE_S (a row says so)."""
+  built once left_s() (the family's share of --budget_s) < STEP_RESERVE_S (a row says so)."""
   from accel import train  # pylint: disable=g-import-not-at-top
   steps, states, first = {}, {}, {}
   for variant in variants:
     if left_s() < STEP_RESERVE_S:
       run.add({'family': family, 'variant': variant,
-               'error': f'not run: less than {STEP_RESERVE_S} s of --budget_s left'})
+               'error': f'not run: less than {STEP_RESERVE_S} s of its --budget_s share left'})
       continue
     config = step_config(family, variant, run.args.quick)
     info, host_batch = synthetic_data(family, config, run.args.quick)
@@ -494,8 +496,8 @@ def main(argv=None):
   p.add_argument('--families', default=','.join(STEP_FAMILIES),
                  help=f'steps: comma-separated, of {", ".join(STEP_FAMILIES)}, in this order')
   p.add_argument('--budget_s', type=float, default=0,
-                 help=f'steps: build no variant with less than {STEP_RESERVE_S} s of this '
-                 'many seconds left (0: no budget), so one GPU call writes what it measured')
+                 help='steps: seconds for all families, split evenly; no variant is built with '
+                 f'less than {STEP_RESERVE_S} s of its family\'s share left (0: no budget)')
   p.add_argument('--out', default='results')
   args = p.parse_args(argv)
   interpret = args.quick or jax.default_backend() != 'gpu'
@@ -513,9 +515,11 @@ def main(argv=None):
   run = Run(args, meta, interpret, 'bench_lowprec_steps', steps_markdown)
   rounds, per_round = (2, 1) if args.quick else (args.rounds, args.steps_per_round)
   started = time.monotonic()
-  left_s = ((lambda: args.budget_s - (time.monotonic() - started)) if args.budget_s
-            else (lambda: float('inf')))
-  for family in args.families.split(','):
+  families = args.families.split(',')
+  for i, family in enumerate(families):
+    share_s = args.budget_s * (i + 1) / len(families)
+    left_s = ((lambda s=share_s: s - (time.monotonic() - started)) if args.budget_s
+              else (lambda: float('inf')))
     bench_steps(run, family, variants, rounds, per_round, left_s)
   run.write(final=True)
 
