@@ -148,6 +148,6 @@ def main(fn: Callable[[list[str]], None], user_error_status: int = 1):
       _finish(f'error: {e}', user_error_status)
     except interrupts.Interrupted as e:
       _finish(e.line, e.exit_status, now=e.exit_now)
-    except KeyboardInterrupt:    # outside a run's own handlers (a sweep between runs)
+    except KeyboardInterrupt:    # where no StopSignals is installed (interrupts.py)
       _finish(interrupts.Interrupted(2).line, interrupts.exit_status(2))
   return wrapped

@@ -109,8 +109,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` up to `config.total_steps`; returns the final metrics."""
   config_lib.validate(config)
   methods.Enabled(config)          # the methods' checks, before any data is prepared
-  with interrupts.StopSignals() as stop:
+  with interrupts.StopSignals(before_loop='before the first step') as stop:
     lock = _claim(workdir)
+    if lock is not None:
+      stop.cleanup = lock.release
     try:
       return _train(config, workdir, stop)
     finally:

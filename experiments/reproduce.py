@@ -14,6 +14,10 @@ Exit status 1 if a run failed (the table is still written, its cells '-').
 """
 from __future__ import annotations
 
+if __name__ == '__main__':        # first, so that Ctrl-C while jax imports is one line too
+  from accel import interrupts
+  interrupts.stop_from_the_start()
+
 import shlex
 import sys
 

@@ -28,6 +28,10 @@ unchanged. accel/sweep/slurm.py.
 """
 from __future__ import annotations
 
+if __name__ == '__main__':        # first, so that Ctrl-C while jax imports is one line too
+  from accel import interrupts
+  interrupts.stop_from_the_start()
+
 import importlib.util
 import os
 import sys
