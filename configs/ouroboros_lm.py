@@ -9,6 +9,10 @@ Command (each preset):
 Switches: --config.pipeline.num_modules=4 --config.pipeline.tied_ring=False
           --config.pipeline.backward_weights=stored
           --config.pipeline.weight_prediction=2 (with stored)
+Remedies for the stale gradients (accel/pipeline/remedies.py, each 0 = off):
+          --config.pipeline.sync_warmup_steps=N --config.pipeline.delay_compensation=L
+          (stored) --config.pipeline.pipemare_steps=T --config.pipeline.error_feedback=C
+          --config.optimizer.name=muon (--config.optimizer.adam_lr for the non-matrices)
 The pipeline uses num_modules-1 stages (tied ring) or num_modules (untied); the remaining
 factor of the device count becomes the data-parallel axis.
 

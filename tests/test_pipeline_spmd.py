@@ -23,8 +23,8 @@ compared too); weight prediction ('stored', `PREDICTION`): 'lm' K=4 untied on 2 
 and K=4 tied ring with dropout and clip, s = 1. ACCEL_PIPELINE_FULL=1 runs all 12 'lm' and
 8 'txl' (K, layout, backward) combinations with and without dropout and clip, plus 'lm' on
 2 x 4 and 4 x 2 (tied ring K=3) meshes, 'txl' on two 2 x S meshes, and weight prediction
-also for 'lm' K=2 untied, K=3 tied ring and 'txl' K=3 untied. Two cases compile their step once more: one
-checks for conditionals, one for copies of the 'stored' history ring.
+also for 'lm' K=2 untied, K=3 tied ring and 'txl' K=3 untied. Two cases read the compiled text of the step
+they ran: one checks for conditionals, one for copies of the 'stored' history ring.
 """
 import functools
 import json
@@ -57,17 +57,16 @@ FULL = [(model, k, tied, bw, 1, rate, clip, 0.0)
             ('txl_preln', 3, False, 'stored', 2, 0.0, 0.0, 0.0),
             ('lm', 2, False, 'stored', 2, 0.0, CLIP, 2.0), ('lm', 3, True, 'stored', 1, 0.1, 0.0, 1.0),
             ('txl', 3, False, 'stored', 1, 0.1, CLIP, 2.0)] + PREDICTION
-# The remedies (accel/pipeline/remedies.py) on the shapes of the K=2 tied ring case above
-# (its reference compilations shared): the synchronous warm-up (its own program) alone,
-# DC-ASGD, PipeMare and error feedback together; all of them with weight prediction on the
-# K=3 tied ring; Muon (per layer: its Newton-Schulz orthogonalises each layer's matrices,
+# The remedies (accel/pipeline/remedies.py), all together: on the shapes of the K=2 tied
+# ring case above (its reference compilations shared), and with weight prediction on the
+# K=3 tied ring; the synchronous warm-up is its own program, the others act within the
+# pipelined one. Muon (per layer: its Newton-Schulz orthogonalises each layer's matrices,
 # as the reference's per-module optax.contrib.muon does over the layer axis) on the 2 x 2
 # untied K=2 mesh. Each is also run by `simulate.Simulated` (the study's single-device
 # step), which must match the reference as closely, and the reference without them, from
 # which it must differ. Each remedy's arithmetic alone: test_pipeline_reference.py.
-REMEDIES = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0, 'sync_warmup_steps=3'),
-            ('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0,
-             'delay_compensation=50,pipemare_steps=6,error_feedback=1'),
+REMEDIES = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0,
+             'sync_warmup_steps=3,delay_compensation=50,pipemare_steps=6,error_feedback=1'),
             ('lm', 3, True, 'stored', 1, 0.0, CLIP, 1.0, 'sync_warmup_steps=2,'
              'delay_compensation=50,pipemare_steps=6,error_feedback=0.5'),
             ('lm', 2, False, 'stored', 2, 0.0, 0.0, 0.0, 'optimizer=muon')]
@@ -220,19 +219,31 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   case = (model, k, tied, bw, data, rate, clip, prediction)
   if remedies:
     return worst
-  if case == HLO_CASE:   # one more compilation (~5 s)
-    hlo = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
-    worst['conditionals'] = hlo.count(' conditional(')
-  if case == RING_CASE:   # one more compilation (~4 s)
+  # The compiled step's text: the program the loop ran (the persistent compilation cache,
+  # `results`, returns it without compiling it again).
+  if case in (HLO_CASE, RING_CASE):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    batch = jax.device_put(batch, NamedSharding(pipe.mesh, P('data')))
     hlo = jax.jit(pipe.step_fn, donate_argnums=0).lower(state, batch).compile().as_text()
-    worst['ring_copies'] = _ring_copies(hlo, state)
+    if case == HLO_CASE:
+      worst['conditionals'] = hlo.count(' conditional(')
+    if case == RING_CASE:
+      worst['ring_copies'] = _ring_copies(hlo, state)
   return worst
 
 
 @pytest.fixture(scope='module')
-def results():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+def results(tmp_path_factory):
+  """All cases in one subprocess of 8 CPU devices. XLA compiles with its backend (LLVM)
+  optimizations off: the cases check what the programs compute and the compiled HLO (its
+  conditionals and copies), not their speed; and a persistent compilation cache returns the
+  programs whose text two checks read."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+                       '--xla_backend_optimization_level=0',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(CASES)],
