@@ -196,7 +196,7 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   status = {n: status_lib.read_status(os.path.join(sweep_dir, n)) for n in names}
   assert [status[n]['state'] for n in names] == ['finished', 'failed', 'finished']
   assert status[names[1]]['error'] == ("unknown optimizer.name 'nosuch'; known: adamw, adam, "
-                                       'sgd, rmsprop')
+                                       'sgd, rmsprop, muon')
   for n in (names[0], names[2]):
     steps = [l['step'] for l in summary.read_metrics(os.path.join(sweep_dir, n))]
     assert steps[-1] == 4
