@@ -17,7 +17,7 @@ from accel.errors import ConfigError, UserError
 # Keys whose change does not make a workdir a different experiment: a run may be resumed
 # (and extended) with new values for them.
 RESUMABLE_KEYS = ('total_steps', 'eval_every', 'eval_steps', 'checkpoint_every',
-                  'log_every', 'keep_checkpoints', 'progress_bar')
+                  'log_every', 'keep_checkpoints', 'progress_bar', 'compilation_cache')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.train_accuracy = True        # LM tasks: top-1 accuracy in the train step's metrics too
                                  # (an argmax over the logits; evaluation always has it)
+  c.compilation_cache = ''       # JAX's persistent compilation cache: '' -> <data dir>/
+                                 # jax_compilation_cache, 'off', or a folder (accel.programs)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shakespeare'

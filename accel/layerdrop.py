@@ -6,28 +6,43 @@ Schedule over the training step t (section 2 of papers.md):
   p_l(t)   = 1 - (l / L) * (1 - theta(t)),  l = 1..L                (lower layers kept more)
 
 Each training step draws one gate G_l ~ Bernoulli(p_l(t)) per layer, shared by the whole
-batch. The gates come from a key derived only from (seed, step), so every data-parallel
-replica and every host draws the same gates without communicating. The gates and p_l go
-to `accel.models.transformer.BlockStack`, which runs a block under `nn.cond` only when its
-gate is 1 (a dropped block does no compute) and scales a kept block's sublayers by 1/p_l.
-Evaluation passes no gates: every layer runs, unscaled.
+batch, from a key derived only from (seed, step): drawn on the host (jax on the CPU
+backend), before the step is dispatched, the same bits on every host and replica with no
+communication. The step gets the kept layers as data, `layer_ids_N` (int32 [N], sorted)
+and `keep_probs_N` (their p_l), and `accel.models.transformer.BlockStack` runs exactly those
+N blocks, unrolled, with their parameters gathered from the stacked layer parameters by
+index and both sublayers scaled by 1/p_l: h = x + Attn(LN1(x)) / p_l, out = h +
+FFN(LN2(h)) / p_l. A step's program depends only on N, so a run has at most L + 1 of them
+(`accel.programs`), and none holds a cond, switch, scan or while (on XLA:GPU each of those
+waits for the host). Evaluation passes no plan: every layer runs, unscaled. theta_bar >= 1
+never drops a layer and plans nothing: the baseline's program, bitwise.
 
-FLOPs: XLA's cost analysis of a `conditional` counts its costliest branch, so the
-compiled cost of a step with switchable blocks is that of the full model. The FLOPs
-actually executed are `executed_flops(step_flops, block_flops, L, layers_run)`, with
-`block_flops` the cost of one block's forward + backward (`block_train_flops`).
+FLOPs: the loop reports the cost analysis of the program that ran (program N).
+
+A dropped block's parameters get a zero gradient this step, and the optimizer still steps
+them. AdamW (optax.adamw) then decays their moments, m <- b1 m and v <- b2 v, and applies
+-lr_t (m_hat / (sqrt(v_hat) + eps) + weight_decay * w): a dropped block keeps moving along
+its momentum (shrinking by about b1 / sqrt(b2) per dropped step) and is weight-decayed as
+usual; its zeros add nothing to the global gradient norm that clipping uses. DeepSpeed's
+implementation did the same: its BERT (DeepSpeedExamples bing_bert/nvidia/
+modelingpreln_layerdrop.py, BertLayer.forward) skips a dropped layer in Python, so the
+layer's parameters have no gradient, and DeepSpeed's FP16_Optimizer
+(deepspeed/runtime/fp16/fused_optimizer.py, used by the fp16 PLD recipe with Adam,
+weight decay 0.01) puts zeros in place of every missing gradient before its flat Adam step.
+Its gates came from numpy's host RNG on each rank (np.random.choice per layer), and it
+lowered p before calling the layer, so a kept layer was sampled with p_l but scaled by
+1/p_(l+1) (papers.md: use the formula, as here).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accel.errors import UserError
 from accel.method import Method, StepPlan
-from accel.models.transformer import SWITCHABLE_REMAT_POLICY, Block, TransformerConfig
 
 # Separates the gate stream from every other use of `seed` (init, dropout, data).
 _GATE_STREAM = 0x5D1D
@@ -55,27 +70,16 @@ def sample_gates(key: jax.Array, keep_probs_L: jax.Array) -> jax.Array:
   return jax.random.bernoulli(key, keep_probs_L)
 
 
-def step_gates(ld_config: Any, num_layers: int, seed: int, step, train: bool):
-  """The train-step hook: (gates_L, keep_probs_L, metrics) for `TransformerLM`.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def step_gates(num_layers: int, theta_bar: float, gamma: float, seed: int, step):
+  """(gates_L, keep_probs_L, theta) of train step `step`.
 
-  ld_config has `enabled`, `theta_bar`, `gamma`. Evaluation (train=False) or disabled
-  dropping gives gates None (all layers, unscaled). theta_bar >= 1 can never drop a
-  layer, so it too gives gates None: the plain stack, bitwise the baseline (the
-  `nn.cond` path with every gate 1 can differ from it in the last bit of a gradient).
-  metrics: `layerdrop/theta`, `layerdrop/layers_run` (blocks executed this step).
+  Pure: the same bits for the same (seed, step) wherever it runs (jax.random is backend
+  independent); `LayerDrop.plan` runs it on the host's CPU.
   """
-  if not (train and ld_config.enabled):
-    return None, None, {'layerdrop/theta': jnp.float32(1.0),
-                        'layerdrop/layers_run': jnp.float32(num_layers)}
-  theta_t = theta(step, ld_config.theta_bar, ld_config.gamma)
-  if ld_config.theta_bar >= 1.0:
-    return None, None, {'layerdrop/theta': theta_t,
-                        'layerdrop/layers_run': jnp.float32(num_layers)}
-  keep_probs_L = keep_probs(step, num_layers, ld_config.theta_bar, ld_config.gamma)
-  gates_L = sample_gates(gate_key(seed, step), keep_probs_L)
-  return gates_L, keep_probs_L, {
-      'layerdrop/theta': theta_t,
-      'layerdrop/layers_run': jnp.sum(gates_L).astype(jnp.float32)}
+  keep_probs_L = keep_probs(step, num_layers, theta_bar, gamma)
+  return (sample_gates(gate_key(seed, step), keep_probs_L), keep_probs_L,
+          theta(step, theta_bar, gamma))
 
 
 def expected_layers(num_layers: int, theta_value) -> jax.Array:
@@ -83,60 +87,43 @@ def expected_layers(num_layers: int, theta_value) -> jax.Array:
   return num_layers - (1.0 - theta_value) * (num_layers + 1) / 2.0
 
 
-def block_train_flops(cfg: TransformerConfig, batch_size: int, seq_len: int) -> float:
-  """FLOPs of one switchable block's forward + backward (params and input), per XLA.
-
-  The output is returned with the gradients, as inside a stack where the next block
-  reads it (otherwise XLA drops the last projection of the forward as dead code).
-  """
-  block = Block(cfg)
-  x_BxLxD = jax.ShapeDtypeStruct((batch_size, seq_len, cfg.d_model), cfg.dtype)
-  params = jax.eval_shape(block.init, jax.random.key(0), x_BxLxD)
-
-  def forward_backward(params, x_BxLxD, scale, cotangent_BxLxD):
-    apply = jax.checkpoint(lambda p, x: block.apply(p, x, scale, True),
-                           policy=SWITCHABLE_REMAT_POLICY)   # as in the switchable stack
-    out_BxLxD, vjp = jax.vjp(apply, params, x_BxLxD)
-    return out_BxLxD, vjp(cotangent_BxLxD)
-
-  compiled = jax.jit(forward_backward).lower(
-      params, x_BxLxD, jax.ShapeDtypeStruct((), jnp.float32), x_BxLxD).compile()
-  return float(compiled.cost_analysis()['flops'])
-
-
-def executed_flops(step_flops, block_flops, num_layers: int, layers_run):
-  """FLOPs a train step executed: the compiled cost (all L blocks) less the dropped ones."""
-  return step_flops - (num_layers - layers_run) * block_flops
+def plan_arrays(gates_L, keep_probs_L) -> dict[str, np.ndarray]:
+  """The model inputs of one step: layer_ids_N (int32, the kept layers in order) and
+  keep_probs_N (float32, their p_l)."""
+  layer_ids_N = np.flatnonzero(np.asarray(gates_L)).astype(np.int32)
+  return {'layer_ids_N': layer_ids_N,
+          'keep_probs_N': np.asarray(keep_probs_L, np.float32)[layer_ids_N]}
 
 
 class LayerDrop(Method):
-  """The method: gates drawn on the host for each train step, given to the model's blocks.
+  """The method: the kept layers of each train step decided on the host (`plan`).
 
-  plan(step): `step_gates` evaluated on the host's CPU (the same bits as on any device:
-  jax.random is backend independent), as model inputs `gates_L` / `keep_probs_L`, and the
-  metrics `layerdrop/theta` and `layerdrop/layers_run` (blocks executed this step).
-  With theta_bar >= 1 the plan is empty: the baseline's program.
+  plan(step): the gates of `step_gates`, evaluated on the host's CPU, as the model inputs
+  of `plan_arrays`, and the metrics `layerdrop/theta` and `layerdrop/layers_run` (blocks
+  executed this step). With theta_bar >= 1 the plan is empty: the baseline's program.
   """
   block = 'layerdrop'
   models = ('transformer_lm', 'bert')
 
+  def check(self, config) -> None:
+    ld = config.layerdrop
+    if config.model.scan_layers:
+      raise UserError('layerdrop.enabled runs the kept blocks unrolled (a scan waits for '
+                      'the host on GPU); set model.scan_layers=False')
+    if not 0.0 < ld.theta_bar <= 1.0 or ld.gamma < 0.0:
+      raise UserError(f'layerdrop needs 0 < theta_bar <= 1 and gamma >= 0, got theta_bar '
+                      f'{ld.theta_bar}, gamma {ld.gamma}')
+
   def plan(self, config, step: int) -> StepPlan:
+    ld, num_layers = config.layerdrop, config.model.num_layers
+    if ld.theta_bar >= 1.0:
+      return StepPlan({}, {'layerdrop/theta': 1.0, 'layerdrop/layers_run': float(num_layers)})
     with jax.default_device(jax.local_devices(backend='cpu')[0]):
-      gates_L, keep_probs_L, metrics = step_gates(config.layerdrop, config.model.num_layers,
-                                                  config.seed, step, train=True)
-      kwargs = {} if gates_L is None else {'gates_L': np.asarray(gates_L),
-                                           'keep_probs_L': np.asarray(keep_probs_L)}
-      return StepPlan(kwargs, {k: float(v) for k, v in metrics.items()})
+      gates_L, keep_probs_L, theta_t = jax.device_get(step_gates(
+          num_layers, float(ld.theta_bar), float(ld.gamma), int(config.seed), step))
+    kwargs = plan_arrays(gates_L, keep_probs_L)
+    return StepPlan(kwargs, {'layerdrop/theta': float(theta_t),
+                             'layerdrop/layers_run': float(len(kwargs['layer_ids_N']))})
 
-  def executed_flops(self, config, model, program_flops: float, plan: StepPlan) -> float:
-    """The compiled cost (a conditional counts its costliest branch: all L blocks) less one
-    block's forward + backward (at the per-device batch) for every block the step dropped."""
-    block = _block_train_flops_cached(model.cfg, config.batch_size // jax.device_count(),
-                                      config.data.seq_len)
-    return executed_flops(program_flops, block, config.model.num_layers,
-                          plan.metrics['layerdrop/layers_run'])
-
-
-_block_train_flops_cached = functools.lru_cache(maxsize=8)(block_train_flops)
 
 METHOD = LayerDrop()

@@ -20,8 +20,6 @@ a method overrides only what it changes:
                                                                (outputs, aux_loss, metrics)
   transform_outputs(config, outputs) Task.loss (training)      the outputs before the objective
   wrap_optimizer(config, tx)         trainer.build_trainer     the optimizer
-  executed_flops(config, model,      the training loop         FLOPs the step executed, from
-    program_flops, plan)                                       its program's cost analysis
   layout / build_trainer             trainer.build_trainer     a parallel layout of its own
                                                                (the Ouroboros pipeline)
 
@@ -35,7 +33,8 @@ is decided on the host, before the step is dispatched, and enters the jitted ste
 arrays: the same bits on every host and replica with no communication, and no device-side
 `cond` or `switch`, whose predicate XLA:GPU brings back to the host (design.md). The
 arrays' shapes may differ from step to step: each distinct shape signature is its own
-compiled program (the loop keeps them, `accel.programs`).
+compiled program (the loop keeps them, `accel.programs`), and the FLOPs the loop reports are
+the cost analysis of the program that ran.
 
 A fifth method is one new file with its `Method` subclass, its config block in
 `accel.config_lib.base_config` and its tests, plus one line in `accel.methods.METHODS`.
@@ -102,11 +101,6 @@ class Method:
 
   def wrap_optimizer(self, config, tx):
     return tx
-
-  def executed_flops(self, config, model, program_flops: float, plan: StepPlan) -> float:
-    """FLOPs the step executed, from the cost analysis of its program (a method whose
-    program holds conditionals, which the analysis counts at their costliest, corrects it)."""
-    return program_flops
 
   def build_trainer(self, config, task, tx, schedule, mesh):
     raise NotImplementedError(f'{type(self).__name__} supplies no layout')

@@ -96,9 +96,3 @@ class Enabled:
     for m in self.methods:
       tx = m.wrap_optimizer(self.config, tx)
     return tx
-
-
-  def executed_flops(self, model, program_flops: float, plan: StepPlan) -> float:
-    for m in self.methods:
-      program_flops = m.executed_flops(self.config, model, program_flops, plan)
-    return program_flops

@@ -2,18 +2,31 @@
 
 The methods decide some inputs of each step on the host (`accel.method.StepPlan`); when
 their shapes change (layer dropping: how many blocks run), the step is another program.
-`Programs` compiles each on first use and keeps it; `prefetch` compiles the next step's in
-a background thread while the current step runs, so the loop does not stall on a compile
-it could see coming. Each program's FLOPs come from XLA's cost analysis of that program.
+`Programs` compiles each on first use and keeps it; `Lookahead` computes the plans of the
+next `horizon` steps ahead of time and has their programs compiled in a background thread
+in the order the run will need them, so the loop does not stall on a compile it could see
+coming. Each program's FLOPs come from XLA's cost analysis of that program.
+
+`use_compilation_cache` turns on JAX's persistent compilation cache (config key
+`compilation_cache`: by default a folder beside the prepared data), so a resumed or repeated
+run loads its programs instead of compiling them again. JAX caches a program whose compile
+took at least `jax_persistent_cache_min_compile_time_secs` (default 1 s).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import os
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+LOOKAHEAD_STEPS = 2000
+CACHE_OFF = 'off'
 
 
 def signature(plan_kwargs: dict) -> tuple:
@@ -35,15 +48,46 @@ def abstract(tree):
                       tree)
 
 
-class Programs:
-  """train_step (jitted) specialised by plan signature, lowered against `state`/`batch` shapes."""
+def cache_dir(config) -> str | None:
+  """The persistent compilation cache folder of `config` (None: off).
 
-  def __init__(self, train_step, state, batch):
+  config.compilation_cache: '' -> <prepared data dir>/jax_compilation_cache; 'off' -> no
+  cache; otherwise the folder itself.
+  """
+  setting = config.get('compilation_cache', '')
+  if setting == CACHE_OFF:
+    return None
+  if setting:
+    return os.path.abspath(os.path.expanduser(setting))
+  from accel.data.builders import default_data_dir  # pylint: disable=g-import-not-at-top
+  return os.path.join(default_data_dir(config.data.dir or None), 'jax_compilation_cache')
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Points JAX's persistent compilation cache at `directory` (None: off), from now on.
+
+  The cache binds its folder at the first compile of a process; a different folder later
+  (another run in the same process) resets it.
+  """
+  if jax.config.jax_compilation_cache_dir == directory:
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  compilation_cache.reset_cache()
+
+
+class Programs:
+  """train_step (jitted) specialised by plan signature, lowered against `state`/`batch` shapes.
+
+  workers: compiles that may run at once in the background (XLA compiles outside the GIL).
+  """
+
+  def __init__(self, train_step, state, batch, workers: int = 1):
     self._train_step = train_step
     self._state, self._batch = abstract(state), abstract(batch)
     self._compiled: dict[tuple, Any] = {}
     self._pending: dict[tuple, concurrent.futures.Future] = {}
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+    self._lock = threading.Lock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='compile')
     self.compile_seconds: dict[tuple, float] = {}
     self.flops: dict[tuple, float] = {}
 
@@ -60,19 +104,54 @@ class Programs:
   def prefetch(self, plan_kwargs: dict) -> None:
     """Starts compiling the program of `plan_kwargs` if it is neither compiled nor pending."""
     sig = signature(plan_kwargs)
-    if sig not in self._compiled and sig not in self._pending:
-      self._pending[sig] = self._pool.submit(self._compile, plan_kwargs)
+    with self._lock:
+      if sig not in self._compiled and sig not in self._pending:
+        self._pending[sig] = self._pool.submit(self._compile, plan_kwargs)
 
   def get(self, plan_kwargs: dict):
     """The compiled program for `plan_kwargs` (waits for a pending compile; compiles if new)."""
     sig = signature(plan_kwargs)
-    if sig not in self._compiled:
+    program = self._compiled.get(sig)
+    if program is None:
       self.prefetch(plan_kwargs)
-      self._compiled[sig] = self._pending.pop(sig).result()
-    return self._compiled[sig]
+      program = self._pending[sig].result()
+      with self._lock:
+        self._compiled[sig] = program
+        self._pending.pop(sig, None)
+    return program
 
   def __len__(self) -> int:
     return len(self._compiled)
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Lookahead:
+  """The plans of steps [start, stop), each computed `horizon` steps before it runs, its
+  program prefetched then (so programs compile in the order the run first needs them).
+
+  plan_fn(step) -> StepPlan. `pop()` gives the next step's plan; `advance()`, called after
+  that step is dispatched, plans one more step ahead.
+  """
+
+  def __init__(self, plan_fn: Callable[[int], Any], programs: Programs, start: int,
+               stop: int, horizon: int = LOOKAHEAD_STEPS):
+    self._plan_fn, self._programs, self._stop = plan_fn, programs, stop
+    self._plans: collections.deque = collections.deque()
+    self._next = start
+    for _ in range(max(1, horizon)):
+      self.advance()
+
+  def advance(self) -> None:
+    if self._next < self._stop:
+      plan = self._plan_fn(self._next)
+      self._programs.prefetch(plan.model_kwargs)
+      self._plans.append(plan)
+      self._next += 1
+
+  def peek(self):
+    return self._plans[0]
+
+  def pop(self):
+    return self._plans.popleft()

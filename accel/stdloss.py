@@ -31,20 +31,21 @@ from N(0, 1). It stays >= 0, is 0 at sigma_i^2 = 1 - eps, and for a constant cha
 
 Which layers. `capture` runs any Flax linen apply function under `nn.intercept_methods`
 and takes the output of every `nn.Dense`/`nn.DenseGeneral`/`nn.Conv` `__call__` whose
-module path ('/'-joined names, e.g. 'stage0_block1_conv0' or 'stack/block_0/mlp/fc_in')
+module path ('/'-joined names, e.g. 'stage0_block1_conv0' or 'stack/layers/block_0/mlp/fc_in')
 matches the regex `layers` and not the regex `exclude`. Defaults: every Dense and Conv
 except the classifier named 'logits' (`accel.models.cnn`), which is exactly the layers
 that feed a nonlinearity in the MLP and CNN; in the ResNet it includes the second conv of
 each block and the projection shortcut, which feed relu through the residual sum. For the
 Transformer only 'fc_in' feeds a nonlinearity: set `layers='fc_in$'`. The interceptor
 returns each output unchanged, so the model's outputs are bitwise those of a plain apply.
-A chosen layer inside a lifted transform (nn.scan, nn.remat, nn.cond: the Transformer
-with scan_layers, remat or layer dropping) cannot hand its output out of that transform's
-trace (a lifted transform gives its modules a scope with another root, which is how it is
-detected). For such a layer `capture` either raises LiftedLayerError or, given a weight,
-passes the output through an identity whose backward adds weight * dL/dy to the
-cotangent: the parameters get exactly the gradient of weight * L (a block skipped by layer
-drop gets none), but L's value and the layer's statistics are not available.
+A chosen layer inside a lifted transform that traces its body (nn.scan, nn.remat, nn.cond:
+the Transformer with scan_layers or remat) cannot hand its output out of that transform's
+trace (its scope was created under another JAX trace than the outermost module's, which is
+how it is detected). For such a layer `capture` either raises LiftedLayerError or, given a
+weight, passes the output through an identity whose backward adds weight * dL/dy to the
+cotangent: the parameters get exactly the gradient of weight * L, but L's value and the
+layer's statistics are not available. `nn.map_variables` traces nothing: the unrolled
+Transformer blocks, and the kept blocks of layer dropping, are captured directly.
 
 Training (`METHOD.wrap_apply`, through `accel.methods.Enabled` in `accel.tasks.Task.apply`):
 with `config.stdloss.enabled`, the model's training apply runs under `capture` and the task loss gets
@@ -196,7 +197,7 @@ def _stats_of_layers(partials: list[_Partial], eps) -> list[LayerStats]:
 
 
 class LiftedLayerError(ValueError):
-  """A chosen layer runs inside a Flax lifted transform (its scope has another root)."""
+  """A chosen layer runs inside a Flax lifted transform that traces its body."""
 
 
 def _loss_gradient_identity(weight: float, eps: float, num_shards: int):
@@ -231,7 +232,7 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
   matches `layers` (re.search; '' matches all) and does not match `exclude` ('' excludes
   none). A module called k > 1 times gets keys 'path', 'path#1', ... The moments run
   over all axes but the last (channels).
-  A chosen layer inside a lifted transform raises LiftedLayerError, unless
+  A chosen layer inside a tracing lifted transform raises LiftedLayerError, unless
   `lifted_weight` is given: then its output goes through `_loss_gradient_identity`
   (the gradient of lifted_weight * L, no value, no LayerStats) and its path is added to
   `lifted_paths`.
@@ -241,19 +242,19 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
 
   def wrapped(*args, **kwargs):
     moments: dict[str, _Partial] = {}
-    top_scope_root = []   # the root scope of the outermost module call
+    top_trace = []   # the JAX trace the outermost module's scope was created in
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       module = context.module
-      if not top_scope_root:
-        top_scope_root.append(module.scope.root)
+      if not top_trace:
+        top_trace.append(module.scope.trace_level)
       y = next_fun(*call_args, **call_kwargs)
       if context.method_name != '__call__' or not isinstance(module, CAPTURED_TYPES):
         return y
       path = '/'.join(module.path)
       if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
         return y
-      if module.scope.root is not top_scope_root[0]:
+      if module.scope.trace_level != top_trace[0]:
         if lifted_weight is None:
           raise LiftedLayerError(f'layer {path} runs inside a lifted transform (nn.scan, '
                                  'nn.remat, nn.cond); its output cannot leave it')

@@ -30,7 +30,7 @@ from accel.checkpoint import Checkpoints
 from accel.data import input_pipeline
 from accel.errors import UserError
 from accel.metrics import MetricWriter, read_jsonl
-from accel.programs import Programs, signature
+from accel.programs import Lookahead, Programs, cache_dir, signature, use_compilation_cache
 from accel.trainer import Trainer, build_trainer
 
 
@@ -109,6 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` up to `config.total_steps`; returns the final metrics."""
   config_lib.validate(config)
   methods.Enabled(config)          # the methods' checks, before any data is prepared
+  use_compilation_cache(cache_dir(config))
   with interrupts.StopSignals(before_loop='before the first step') as stop:
     lock = _claim(workdir)
     if lock is not None:
@@ -175,8 +176,8 @@ def _train_with(config, workdir: str, stop: interrupts.StopSignals, checkpoints:
       print(f'resumed from step {start} ({os.path.join(checkpoints.directory, str(start))})',
             flush=True)
   programs = Programs(trainer.train_step, state, first_batch)
-  next_plan = enabled.plan(start)
-  programs.get(next_plan.model_kwargs)
+  plans = Lookahead(enabled.plan, programs, start, config.total_steps)
+  programs.get(plans.peek().model_kwargs)
   tokens_per_example = task.tokens_per_example()
 
   prefetch = concurrent.futures.ThreadPoolExecutor(1)
@@ -220,14 +221,12 @@ def _train_with(config, workdir: str, stop: interrupts.StopSignals, checkpoints:
       if stop.requested:
         break
       batch = _device_batch(trainer, next_batch.result())
-      plan = next_plan
+      plan = plans.pop()
       if step + 1 < config.total_steps:
         next_batch = prefetch.submit(data.train, step + 1)
       state, device_metrics = programs.get(plan.model_kwargs)(
           state, batch, jax.device_put(plan.model_kwargs, trainer.replicated))
-      if step + 1 < config.total_steps:
-        next_plan = enabled.plan(step + 1)
-        programs.prefetch(next_plan.model_kwargs)
+      plans.advance()
       if pending is not None:
         fetch(*pending)
       pending = (step, device_metrics, plan)
@@ -244,8 +243,7 @@ def _train_with(config, workdir: str, stop: interrupts.StopSignals, checkpoints:
         elapsed, steps = time.perf_counter() - timer[0], done - timer[1]
         perf = {'perf/step_time_s': elapsed / steps,
                 'perf/examples_per_s': steps * config.batch_size / elapsed,
-                'perf/flops_per_step': enabled.executed_flops(
-                    task.model, programs.flops[signature(plan.model_kwargs)], plan),
+                'perf/flops_per_step': programs.flops[signature(plan.model_kwargs)],
                 'perf/programs': len(programs)}
         if tokens_per_example:
           perf['perf/tokens_per_s'] = perf['perf/examples_per_s'] * tokens_per_example

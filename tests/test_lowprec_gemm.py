@@ -86,7 +86,7 @@ def test_transformer_trains_through_the_hook():
   tokens = jnp.arange(16).reshape(2, 8) % 16
   params = TransformerLM(dataclasses.replace(cfg, dot_general=lax.dot_general)).init(jax.random.key(0), tokens)
   grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply(p, tokens) ** 2)))(params)
-  g = grads['params']['stack']['block_0']['mlp']['fc_in']['kernel']
+  g = grads['params']['stack']['layers']['block']['mlp']['fc_in']['kernel']
   assert np.all(np.isfinite(g)) and np.any(g != 0)
   assert np.all(np.asarray(F.is_representable(g, F.E6M9)))
 

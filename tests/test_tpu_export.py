@@ -80,7 +80,7 @@ def test_train_step_exports_for_tpu(exported, name):
             'lowprec': ['lowprec'], 'pipeline': ['pipeline']}[name]
   assert got['methods'] == method
   if name == 'layerdrop':
-    assert got['plan'] == ['gates_L', 'keep_probs_L']   # the host-decided gates
+    assert got['plan'] == ['keep_probs_N', 'layer_ids_N']   # the host-decided kept blocks
   if name == 'pipeline':
     assert got['collective_permutes'] > 0   # activations and gradients passed between stages
 

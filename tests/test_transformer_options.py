@@ -21,15 +21,17 @@ def _model(**model_overrides):
 
 
 def _fused_as_split(params):
-  """The fused model's parameters with each block's qkv cut into query, key, value."""
+  """The fused model's parameters with each block's qkv cut into query, key, value (the
+  blocks' parameters are stacked: leading layer axis)."""
   def split_block(block):
     qkv = block['attn']['qkv']
-    parts = zip(('query', 'key', 'value'), jnp.split(qkv['kernel'], 3, axis=1),
-                jnp.split(qkv['bias'], 3))
+    parts = zip(('query', 'key', 'value'), jnp.split(qkv['kernel'], 3, axis=-1),
+                jnp.split(qkv['bias'], 3, axis=-1))
     attn = {k: v for k, v in block['attn'].items() if k != 'qkv'}
     attn.update({part: {'kernel': kernel, 'bias': bias} for part, kernel, bias in parts})
     return {**block, 'attn': attn}
-  return {**params, 'stack': {name: split_block(b) for name, b in params['stack'].items()}}
+  blocks = params['stack']['layers']['block']
+  return {**params, 'stack': {'layers': {'block': split_block(blocks)}}}
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,8 @@ from a pretrained masked LM by copying that subtree (`accel.tasks.encoder`).
   pooler on the first ([CLS]) position (BERT section 4), LN_f only for PreLN; C = 1 for a
   regression (STS-B). With `pad_id` no position attends to PAD tokens (padded GLUE pairs).
 
-Both accept the layer-dropping gates of `TransformerLM` (`accel.layerdrop`).
+Both accept the layer-dropping plan of `TransformerLM` (the kept blocks' ids and keep
+probabilities, `accel.layerdrop`).
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ class MaskedLM(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+  def __call__(self, tokens_BxL, *, train: bool = False, layer_ids_N=None, keep_probs_N=None):
     encoder = TransformerLM(self.cfg, name='encoder')
-    return encoder(tokens_BxL, train=train, gates_L=gates_L, keep_probs_L=keep_probs_L)
+    return encoder(tokens_BxL, train=train, layer_ids_N=layer_ids_N, keep_probs_N=keep_probs_N)
 
 
 class SequenceClassifier(nn.Module):
@@ -37,12 +38,12 @@ class SequenceClassifier(nn.Module):
   pad_id: int | None = None
 
   @nn.compact
-  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
+  def __call__(self, tokens_BxL, *, train: bool = False, layer_ids_N=None, keep_probs_N=None):
     cfg = self.cfg
     encoder = TransformerLM(cfg, name='encoder')
     key_mask_BxL = None if self.pad_id is None else tokens_BxL != self.pad_id
-    h_BxLxD = encoder.features(tokens_BxL, train=train, gates_L=gates_L,
-                               keep_probs_L=keep_probs_L, key_mask_BxL=key_mask_BxL)
+    h_BxLxD = encoder.features(tokens_BxL, train=train, layer_ids_N=layer_ids_N,
+                               keep_probs_N=keep_probs_N, key_mask_BxL=key_mask_BxL)
     if encoder.final_ln is not None:
       h_BxLxD = encoder.final_ln(h_BxLxD)
     pooled_BxD = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.dtype, name='pooler')(

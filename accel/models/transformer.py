@@ -7,12 +7,14 @@ Hooks the methods attach to, without forking this file:
 - `dot_general`: every Dense in the blocks calls it (low-precision GEMMs, `accel.lowprec`).
 - `Block.__call__(x, residual_scale)`: the sublayer outputs are multiplied by
   `residual_scale` before the residual add (1/p_l in progressive layer dropping).
-- `BlockStack(..., gates_L, keep_probs_L)`: a block whose gate is 0 is skipped by
-  `nn.cond` and does no compute (`accel.layerdrop`).
+- `BlockStack(..., layer_ids_N, keep_probs_N)`: only the N listed blocks run, unrolled,
+  their parameters gathered from the stacked layer parameters by index (`accel.layerdrop`).
 - Dense outputs are plain `nn.Dense.__call__` results, so `nn.intercept_methods` sees
-  every pre-activation (`accel.stdloss`).
+  every pre-activation (`accel.stdloss`); the unrolled blocks are in the caller's trace.
 - `embed`, `BlockStack` over a layer range and `logits` are separate methods, so a
   pipeline (`accel.pipeline`) can run them on different stages.
+Parameters: the blocks' are stacked, params['stack']['layers']['block'] with leaves
+[num_layers, ...], whether the blocks run scanned, unrolled or a kept subset of them.
 Padding: `key_mask_BxL` (True = a real token; None = every token) keeps attention off the
 PAD keys of padded inputs (an encoder on GLUE pairs): scores of masked keys are -inf.
 """
@@ -168,77 +170,100 @@ class Block(nn.Module):
     return ln2(h_BxLxD + scale * mlp(h_BxLxD, deterministic))
 
 
-# What a switchable block saves for its backward pass: the matmul outputs only. Under
-# autodiff every residual leaves the cond as an output (zeros when skipped); saving all of
-# them made the step 2x slower on CPU, this costs ~1.5% more (elementwise) FLOPs.
-SWITCHABLE_REMAT_POLICY = jax.checkpoint_policies.dots_saveable
-
-
-def _switchable(block: Block, x, gate, keep_prob, deterministic, key_mask_BxL=None):
-  """Runs `block` with its sublayers scaled by 1/keep_prob if `gate`, else identity.
-
-  `nn.cond` lowers to `lax.cond` on a scalar predicate, so a skipped block runs no
-  compute (papers.md section 2: a mask would still pay for it).
-  """
-  kept = nn.remat(lambda mdl, x, scale, mask: mdl(x, scale, deterministic, mask),
-                  policy=SWITCHABLE_REMAT_POLICY)
-  return nn.cond(
-      gate,
-      lambda mdl, x: kept(mdl, x, 1.0 / keep_prob, key_mask_BxL),
-      lambda mdl, x: x,
-      block, x)
+def _split_layers(layers, count: int) -> list:
+  """[count, ...] leaves -> `count` trees of their slices. lax.split, whose transpose is one
+  concatenate (indexing a[j] would transpose to `count` zero-padded copies, summed)."""
+  leaves, treedef = jax.tree.flatten(layers)
+  parts = [lax.split(a, [1] * count, axis=0) for a in leaves]
+  return [treedef.unflatten([p[j][0] for p in parts]) for j in range(count)]
 
 
 class _ScanBody(nn.Module):
-  """One scan step: a block, optionally switchable; carries x, scans gates/probs."""
+  """One scan step: a block; carries x."""
   cfg: TransformerConfig
-  switchable: bool
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, gate_and_prob, key_mask_BxL):
-    block = Block(self.cfg, name='block')
-    if self.switchable:
-      gate, keep_prob = gate_and_prob
-      return _switchable(block, x, gate, keep_prob, self.deterministic, key_mask_BxL), None
-    return block(x, 1.0, self.deterministic, key_mask_BxL), None
+  def __call__(self, x, key_mask_BxL):
+    return Block(self.cfg, name='block')(x, 1.0, self.deterministic, key_mask_BxL), None
+
+
+class _Unrolled(nn.Module):
+  """Blocks `names` run one after another (a Python loop: no device-side control flow),
+  block j with its sublayers scaled by scales_N[j] (None: 1). Their parameters come from
+  `BlockStack`'s variable map, one tree per name."""
+  cfg: TransformerConfig
+  names: tuple[str, ...]
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, scales_N, key_mask_BxL):
+    cfg = self.cfg
+    block_cls = (nn.remat(Block, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat_policy])
+                 if cfg.remat else Block)
+    for j, name in enumerate(self.names):
+      scale = 1.0 if scales_N is None else scales_N[j]
+      x_BxLxD = block_cls(cfg, name=name)(x_BxLxD, scale, self.deterministic, key_mask_BxL)
+    return x_BxLxD
 
 
 class BlockStack(nn.Module):
-  """`num_layers` blocks, looped or scanned; optionally switchable (layer dropping).
+  """`num_layers` blocks with stacked parameters: params['layers']['block'], every leaf
+  [num_layers, ...] (created by the scanned stack, whichever way the blocks then run).
 
-  gates_L: bool per layer (None: run all); keep_probs_L: p_l for the 1/p_l scale.
+  - scan_layers: one `nn.scan` over the layer axis.
+  - otherwise unrolled: block l takes its slice l of the stacked leaves (module names
+    'layers/block_{l}').
+  - layer dropping (`layer_ids_N`, int32 [N], sorted and distinct, with their keep
+    probabilities `keep_probs_N`): only the N kept blocks run, unrolled: kept block j is
+    layer layer_ids_N[j], its parameters gathered from the stacked leaves by that index
+    (the ids are data, so one program serves every kept set of size N), its sublayers
+    scaled by 1 / keep_probs_N[j] (papers.md section 2); module names 'layers/kept_{j}'.
+    N = num_layers means ids 0..L-1: the leaves are sliced without a gather. The dropped
+    blocks' parameters get a zero gradient. No cond, switch, scan or while: on XLA:GPU each
+    of those waits for the host (design.md).
+  The unrolled blocks run under `nn.map_variables`, which maps the stacked leaves to one
+  tree per block without a JAX transform: their layers are in the caller's trace.
   """
   cfg: TransformerConfig
   num_layers: int
 
   @nn.compact
-  def __call__(self, x_BxLxD, gates_L=None, keep_probs_L=None,
+  def __call__(self, x_BxLxD, layer_ids_N=None, keep_probs_N=None,
                deterministic: bool = True, key_mask_BxL=None):
     cfg = self.cfg
-    switchable = gates_L is not None
-    if cfg.scan_layers:
+    if self.is_initializing() or cfg.scan_layers:
+      if layer_ids_N is not None and not self.is_initializing():
+        raise ValueError('layer dropping runs the kept blocks unrolled; '
+                         'scan_layers must be False')
       body = _ScanBody
       if cfg.remat:
         body = nn.remat(body, prevent_cse=False, static_argnums=(),
                         policy=REMAT_POLICIES[cfg.remat_policy])
       scanned = nn.scan(body, variable_axes={'params': 0},
                         split_rngs={'params': True, 'dropout': True},
-                        in_axes=(0, nn.broadcast), length=self.num_layers)
-      xs = (gates_L, keep_probs_L) if switchable else None
-      x_BxLxD, _ = scanned(cfg, switchable, deterministic, name='layers')(
-          x_BxLxD, xs, key_mask_BxL)
+                        in_axes=nn.broadcast, length=self.num_layers)
+      x_BxLxD, _ = scanned(cfg, deterministic, name='layers')(x_BxLxD, key_mask_BxL)
       return x_BxLxD
-    block_cls = (nn.remat(Block, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat_policy])
-                 if cfg.remat else Block)
-    for i in range(self.num_layers):
-      block = block_cls(cfg, name=f'block_{i}')
-      if switchable:
-        x_BxLxD = _switchable(block, x_BxLxD, gates_L[i], keep_probs_L[i], deterministic,
-                              key_mask_BxL)
-      else:
-        x_BxLxD = block(x_BxLxD, 1.0, deterministic, key_mask_BxL)
-    return x_BxLxD
+    if layer_ids_N is None:
+      names = tuple(f'block_{l}' for l in range(self.num_layers))
+      scales_N = None
+    else:
+      names = tuple(f'kept_{j}' for j in range(layer_ids_N.shape[0]))
+      scales_N = 1.0 / keep_probs_N.astype(jnp.float32)
+    num_layers = self.num_layers
+
+    def per_block(variables):
+      layers = variables['params']['block']
+      if len(names) < num_layers:       # the kept layers' slices, by their ids
+        layers = jax.tree.map(
+            lambda a: a.at[layer_ids_N].get(mode='promise_in_bounds', unique_indices=True,
+                                            indices_are_sorted=True), layers)
+      trees = _split_layers(layers, len(names)) if names else []
+      return {**variables, 'params': dict(zip(names, trees))}
+
+    unrolled = nn.map_variables(_Unrolled, 'params', trans_in_fn=per_block, mutable=False)
+    return unrolled(cfg, names, deterministic, name='layers')(x_BxLxD, scales_N, key_mask_BxL)
 
 
 class TransformerLM(nn.Module):
@@ -276,13 +301,13 @@ class TransformerLM(nn.Module):
         x_BxLxD, table_VxD, (((2,), (1,)), ((), ())))
     return logits_BxLxV   # compute dtype; losses upcast (a float32 copy of BxLxV is costly)
 
-  def features(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None,
+  def features(self, tokens_BxL, *, train: bool = False, layer_ids_N=None, keep_probs_N=None,
                key_mask_BxL=None):
     """Final hidden states (before the final LayerNorm)."""
     x_BxLxD = self.embed(tokens_BxL, deterministic=not train)
-    return self.stack(x_BxLxD, gates_L, keep_probs_L, deterministic=not train,
+    return self.stack(x_BxLxD, layer_ids_N, keep_probs_N, deterministic=not train,
                       key_mask_BxL=key_mask_BxL)
 
-  def __call__(self, tokens_BxL, *, train: bool = False, gates_L=None, keep_probs_L=None):
-    return self.logits(self.features(tokens_BxL, train=train, gates_L=gates_L,
-                                     keep_probs_L=keep_probs_L))
+  def __call__(self, tokens_BxL, *, train: bool = False, layer_ids_N=None, keep_probs_N=None):
+    return self.logits(self.features(tokens_BxL, train=train, layer_ids_N=layer_ids_N,
+                                     keep_probs_N=keep_probs_N))
