@@ -1,33 +1,40 @@
-r"""Progressive Layer Dropping vs the PreLN baseline, side by side in one process (issue 3).
+r"""Progressive Layer Dropping vs the PreLN baseline, in one process (issue 14).
 
-  python -m experiments.bench_layerdrop --quick --out results   # CPU, tiny encoder, seconds
+  python -m experiments.bench_layerdrop --gpu --out results     # one GPU: BERT-base, seq 128
   python -m experiments.bench_layerdrop --out results           # CPU, configs/pld_bert.py:cpu
-  python -m experiments.bench_layerdrop --gpu --out results     # GPU, BERT-base, seq 128
+  python -m experiments.bench_layerdrop --quick --out results   # CPU, a tiny encoder
 
-The variants are configs/pld_bert.py at one preset — same data order, seed and learning
-rate: the baseline with layerdrop.enabled=False, PLD, and `no_drop` (the PLD code path with
-gamma = 0, so nothing is ever dropped: the cost of the mechanism alone). They train in interleaved chunks of
-`--chunk` steps (queued, one synchronization per chunk; the order alternates each chunk, so
-drift in the machine's load hits both alike) and are evaluated at the same steps (not timed).
+Every variant is configs/pld_bert.py at one preset, built through `accel.train.build` (the
+task, trainer and compiled programs the training loop runs, `accel.programs`): `baseline`
+(layerdrop.enabled=False) and `pld` (theta_bar 0.5; gamma so that theta is within 0.01 of
+theta_bar after a quarter of the run). Parts, each written to OUT/layerdrop_<mode>.{json,md}
+as soon as it is done (a cut run keeps what it finished); `--budget_s` skips the sweep runs
+that would not fit:
 
-Reported:
-- FLOPs per step at steady state: XLA's cost of the compiled step less the dropped blocks
-  (`LayerDrop.executed_flops`, per device), mean over the steady window;
-- wall-clock per step at steady state: the median over the chunks of the same window of
-  chunk time / steps; the window starts when theta(t) - theta_bar < 0.01, or at half the
-  run if that is later;
-- wall-clock (training only, evaluation excluded) until the validation MLM loss first
-  reaches the baseline's final validation MLM loss; PLD may train up to `--extra` x steps
-  longer (at the final learning rate) to get there.
-The issue's goals (GPU, BERT-base, seq 128, theta_bar 0.5): >= 25% fewer FLOPs and >= 24%
-less time per step, >= 1.3x faster to the baseline's final validation loss.
-The --gpu mode shortens the gpu preset to `--steps` steps (gamma raised so that theta
-settles within the first quarter) to fit in about 3 minutes on one H200.
+1. Programs. The baseline's program and PLD's program N for every N its steady state uses
+   (theta = theta_bar): compile seconds each (cold, from an empty persistent cache; and
+   loaded back from that cache), XLA's FLOPs, and ms/step, timed in interleaved rounds.
+   no_drop is the mechanism alone: program L with every p_l = 1 (what gamma = 0 runs).
+   Then the steady state itself: PLD's real gate sequence from the steady window in chunks,
+   interleaved with the baseline's; the ratio of median ms/step, and how many steps a run
+   needs to win back its extra compile time.
+2. Convergence, same learning rate: baseline and PLD train `--steps` steps at the preset lr
+   (training time only: steps queued in chunks, one synchronization per chunk, evaluation
+   every `--eval_every` steps not timed); PLD may train up to `--extra` x steps longer to
+   reach the best baseline final validation MLM loss known so far.
+3. The sweep: the other learning rates (`--lr_factors` x preset lr) for both.
+Reported: wall-clock to the baseline's final validation MLM loss at the same lr and with each
+variant at its best lr of the sweep (by validation loss at `--steps`); loss curves as a plot.
+Goals (GPU, BERT-base, seq 128): s/step PLD / baseline <= 0.78, no_drop <= 1.02, >= 1.3x
+faster to the baseline's final validation loss.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
+import tempfile
 import time
 
 import jax
@@ -35,218 +42,395 @@ import numpy as np
 
 from accel import benchmarking, layerdrop, train
 from accel.data import input_pipeline
-from accel.programs import Programs, signature
+from accel.programs import Programs, signature, use_compilation_cache
 from configs import pld_bert
 
-# no_drop: the PLD code path (blocks under cond, their remat policy) with gamma = 0, so
-# theta = 1 and no block is ever dropped: what the mechanism itself costs or saves.
-VARIANTS = ('baseline', 'pld', 'no_drop')
+PRESETS = {'quick': 'smoke', 'cpu': 'cpu', 'gpu': 'gpu'}
 
 
-def make_config(mode: str, steps: int, variant: str):
-  preset = {'quick': 'smoke', 'cpu': 'cpu', 'gpu': 'gpu'}[mode]
-  c = pld_bert.get_config(preset)
+def make_config(mode: str, steps: int, pld: bool, lr: float | None = None):
+  c = pld_bert.get_config(PRESETS[mode])
   c.progress_bar = False
   if mode == 'quick':
     c.model.update(num_layers=6, d_model=64, num_heads=2, d_ff=256)
     c.data.seq_len = 64
-  if steps:
-    c.total_steps = steps
-  if mode != 'cpu':   # theta within 0.01 of theta_bar after a quarter of the run
-    c.layerdrop.gamma = math.log((1 - c.layerdrop.theta_bar) / 0.01) / (c.total_steps / 4)
-    c.optimizer.warmup_steps = max(1, c.total_steps // 50)
-  c.layerdrop.enabled = variant != 'baseline'
-  if variant == 'no_drop':
-    c.layerdrop.gamma = 0.0
+  c.total_steps = steps
+  c.optimizer.warmup_steps = max(1, steps // 50)
+  c.layerdrop.gamma = math.log((1 - c.layerdrop.theta_bar) / 0.01) / (steps / 4)
+  c.layerdrop.enabled = pld
+  if lr is not None:
+    c.optimizer.lr = lr
   return c
 
 
 def steady_start(config) -> int:
   ld = config.layerdrop
-  settle = math.log((1 - ld.theta_bar) / 0.01) / ld.gamma
-  return max(int(math.ceil(settle)), config.total_steps // 2)
+  return max(int(math.ceil(math.log((1 - ld.theta_bar) / 0.01) / ld.gamma)),
+             config.total_steps // 2)
 
 
-class Variant:
-  """One config's trainer, compiled step, state and records."""
+def steady_probs(config) -> dict[int, float]:
+  """P(N kept blocks) at theta = theta_bar: the Poisson-binomial law of the gates."""
+  p_L = np.asarray(layerdrop.keep_probs(10 ** 9, config.model.num_layers,
+                                        config.layerdrop.theta_bar, 0.001))
+  dist = np.array([1.0])
+  for p in p_L:
+    dist = np.convolve(dist, [1 - p, p])
+  return {n: float(q) for n, q in enumerate(dist)}
 
-  def __init__(self, config, data):
+
+class Run:
+  """One config as the loop runs it: trainer, programs, state and a clock of training."""
+
+  def __init__(self, config, data, workers: int):
     self.config = config
     self.task, self.trainer = train.build(config, data.info)
     batch = self.put(data.train(0))
     self.state = self.trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
-    t0 = time.perf_counter()
-    self.programs = Programs(self.trainer.train_step, self.state, batch)
-    self.programs.get(self.task.methods.plan(0).model_kwargs)
-    self.compile_s = time.perf_counter() - t0
-    self.compiled_flops = next(iter(self.programs.flops.values()))
-    self.step_seconds, self.step_flops, self.layers_run, self.train_loss = [], [], [], []
-    self.evals = []   # (step, training seconds so far, eval loss)
+    self.programs = Programs(self.trainer.train_step, self.state, batch, workers)
+    self.batch = batch
+    self.step, self.train_s, self.curve, self.plans = 0, 0.0, [], {}
 
   def put(self, host_batch):
     return jax.device_put(host_batch, self.trainer.batch_sharding)
 
-  def run_chunk(self, first_step, batches):
-    plans = [self.task.methods.plan(first_step + i) for i in range(len(batches))]
-    for plan in plans:
-      self.programs.get(plan.model_kwargs)   # compiled outside the timed chunk
-    t0 = time.perf_counter()
-    metrics = []
-    for batch, plan in zip(batches, plans):
-      self.state, m = self.programs.get(plan.model_kwargs)(
-          self.state, batch, jax.device_put(plan.model_kwargs, self.trainer.replicated))
-      metrics.append(m)
-    jax.block_until_ready(self.state)
-    seconds = time.perf_counter() - t0
-    for m, plan in zip(jax.device_get(metrics), plans):
-      run = plan.metrics.get('layerdrop/layers_run', self.config.model.num_layers)
-      self.layers_run.append(run)
-      self.step_flops.append(self.task.methods.executed_flops(
-          self.task.model, self.programs.flops[signature(plan.model_kwargs)], plan))
-      self.train_loss.append(float(m['loss']))
-      self.step_seconds.append(seconds / len(batches))
+  def plan(self, step):
+    if step not in self.plans:
+      self.plans[step] = self.task.methods.plan(step)
+    return self.plans[step]
 
-  def evaluate(self, data, step):
-    loss = train.evaluate(self.trainer, self.state, data)['eval/loss']
-    self.evals.append((step, float(np.sum(self.step_seconds)), loss))
+  def compile(self, plan_kwargs: list) -> dict:
+    """Compiles the programs of `plan_kwargs` (all at once, up to `workers` in parallel)."""
+    new = {signature(k): k for k in plan_kwargs}
+    start = time.perf_counter()
+    for k in new.values():
+      self.programs.prefetch(k)
+    for k in new.values():
+      self.programs.get(k)
+    return {'wall_s': time.perf_counter() - start, 'programs': len(new)}
+
+  def reset(self):
+    """A fresh state (the programs stay compiled) and an empty record."""
+    self.state = self.trainer.init(jax.random.fold_in(jax.random.key(self.config.seed), 0),
+                                   self.batch)
+    self.step, self.train_s, self.curve = 0, 0.0, []
+
+  def dispatch(self, plan, batch=None):
+    program = self.programs.get(plan.model_kwargs)
+    self.state, metrics = program(self.state, self.batch if batch is None else batch,
+                                  jax.device_put(plan.model_kwargs, self.trainer.replicated))
+    return metrics
+
+  def train(self, data, stop: int, chunk: int, eval_every: int):
+    while self.step < stop:
+      end = min(stop, (self.step // chunk + 1) * chunk)
+      batches = [self.put(data.train(s)) for s in range(self.step, end)]
+      plans = [self.plan(s) for s in range(self.step, end)]
+      for p in plans:
+        self.programs.get(p.model_kwargs)        # compiled outside the clock
+      jax.block_until_ready(self.state)
+      t0 = time.perf_counter()
+      for p, b in zip(plans, batches):
+        metrics = self.dispatch(p, b)
+      jax.block_until_ready(metrics)
+      self.train_s += time.perf_counter() - t0
+      self.step = end
+      if self.step % eval_every == 0 or self.step == stop:
+        loss = train.evaluate(self.trainer, self.state, data)['eval/loss']
+        self.curve.append((self.step, self.train_s, float(loss)))
+
+  def loss_at(self, step):
+    return next((loss for s, _, loss in self.curve if s == step), None)
 
 
-def run(mode: str, steps: int, chunk: int, eval_every: int, extra: float) -> dict:
-  configs = {v: make_config(mode, steps, v) for v in VARIANTS}
-  total = configs['baseline'].total_steps
-  data = input_pipeline.build(configs['baseline'])   # identical batches for both
-  variants = {v: Variant(c, data) for v, c in configs.items()}
-  for start in range(0, total, chunk):
-    stop = min(start + chunk, total)
-    host = [data.train(s) for s in range(start, stop)]
-    order = VARIANTS if (start // chunk) % 2 == 0 else VARIANTS[::-1]
-    for v in order:
-      variants[v].run_chunk(start, [variants[v].put(b) for b in host])
-    if stop % eval_every == 0 or stop == total:
-      for v in VARIANTS:
-        variants[v].evaluate(data, stop)
-  target = variants['baseline'].evals[-1][2]
-  pld = variants['pld']
-  step = total
-  while pld.evals[-1][2] > target and step < total + extra * total:
-    for start in range(step, step + eval_every, chunk):
-      pld.run_chunk(start, [pld.put(data.train(s)) for s in range(start, start + chunk)])
-    step += eval_every
-    pld.evaluate(data, step)
-  window = slice(steady_start(configs['pld']), total)
+def _per_n_plans(run: Run, steps) -> dict[int, object]:
+  """One steady-state plan for each number N of kept blocks the steady window holds."""
+  plans = {}
+  for t in steps:
+    plan = run.plan(t)
+    plans.setdefault(len(plan.model_kwargs['layer_ids_N']), plan)
+  return dict(sorted(plans.items()))
+
+
+def programs_part(args, data, base: Run, pld: Run) -> dict:
+  """Compile time and ms/step of every program; the steady state's mix."""
+  cfg = pld.config
+  num_layers = cfg.model.num_layers
+  start = steady_start(cfg)
+  window = range(start, start + args.rounds * args.chunk)
+  per_n = _per_n_plans(pld, window)
+  no_drop = layerdrop.plan_arrays(np.ones(num_layers, bool), np.ones(num_layers, np.float32))
+  timed = [('baseline', base, {}), ('no_drop', pld, no_drop)] + [
+      (f'N={n}', pld, p.model_kwargs) for n, p in per_n.items()]
+  base.compile([{}])
+  compile_wall = pld.compile([kwargs for _, run, kwargs in timed if run is pld])
   rows = {}
-  for v, var in variants.items():
-    reached = next(((s, t) for s, t, loss in var.evals if loss <= target), None)
-    at_total = next(e for e in var.evals if e[0] == total)
-    rows[v] = {
-        'compiled_flops': var.compiled_flops, 'compile_s': var.compile_s,
-        'flops_per_step': float(np.mean(var.step_flops[window])),
-        'seconds_per_step': float(np.median(var.step_seconds[window])),
-        'layers_run': float(np.mean(var.layers_run[window])),
-        'final_eval_loss': at_total[2],
-        'train_seconds': at_total[1],
-        'steps_to_target': reached[0] if reached else None,
-        'seconds_to_target': reached[1] if reached else None,
-        'evals': var.evals,
-    }
-  base, pld, no_drop = rows['baseline'], rows['pld'], rows['no_drop']
-  ratios = {
-      'flops_per_step pld/baseline': pld['flops_per_step'] / base['flops_per_step'],
-      'seconds_per_step pld/baseline': pld['seconds_per_step'] / base['seconds_per_step'],
-      'flops_per_step no_drop/baseline': no_drop['flops_per_step'] / base['flops_per_step'],
-      'seconds_per_step no_drop/baseline': (no_drop['seconds_per_step']
-                                            / base['seconds_per_step']),
-      'speedup to baseline final eval loss': (
-          base['seconds_to_target'] / pld['seconds_to_target']
-          if pld['seconds_to_target'] else None),
+  for name, run, plan_kwargs in timed:
+    sig = signature(plan_kwargs)
+    rows[name] = {'compile_s': run.programs.compile_seconds[sig],
+                  'flops': run.programs.flops[sig]}
+  for name, run, plan_kwargs in timed[:2]:   # a repeated run: traced, then read from the cache
+    jax.clear_caches()                       # (not the in-memory copy of this process)
+    t0 = time.perf_counter()
+    run.trainer.train_step.lower(run.state, run.batch, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plan_kwargs)).compile()
+    rows[name]['cache_load_s'] = time.perf_counter() - t0
+  steps, states = {}, {}
+  for name, run, plan_kwargs in timed:
+    program = run.programs.get(plan_kwargs)
+    device_plan = jax.device_put(plan_kwargs, run.trainer.replicated)
+    steps[name] = (lambda s, program=program, plan=device_plan, batch=run.batch:
+                   program(s, batch, plan))
+    states[name] = jax.tree.map(lambda a: a.copy(), run.state)
+  for name, step in steps.items():   # warm-up
+    states[name], out = step(states[name])
+  jax.block_until_ready(out)
+  ms, spread = benchmarking.interleaved_rounds(steps, states, (), args.rounds, args.chunk)
+  del states
+  for name in steps:
+    rows.setdefault(name, {}).update(ms_per_step=ms[name], ms_range=spread[name])
+  # The steady state: PLD's own gate sequence, chunk by chunk against the baseline's.
+  pld_ms, base_ms = [], []
+  for r in range(args.rounds):
+    plans = [pld.plan(t) for t in window[r * args.chunk:(r + 1) * args.chunk]]
+    for who, times in ((base, base_ms), (pld, pld_ms)) if r % 2 == 0 else ((pld, pld_ms),
+                                                                             (base, base_ms)):
+      jax.block_until_ready(who.state)
+      t0 = time.perf_counter()
+      for p in (plans if who is pld else [base.plan(0)] * len(plans)):
+        metrics = who.dispatch(p)
+      jax.block_until_ready(metrics)
+      times.append(1e3 * (time.perf_counter() - t0) / len(plans))
+  probs = steady_probs(cfg)
+  layers_run = [len(pld.plan(t).model_kwargs['layer_ids_N']) for t in window]
+  base_ms_step, pld_ms_step = statistics.median(base_ms), statistics.median(pld_ms)
+  compile_pld = sum(pld.programs.compile_seconds.values())
+  extra_compile = compile_pld - rows['baseline']['compile_s']
+  saved_ms = base_ms_step - pld_ms_step
+  return {
+      'rows': rows, 'steady_window': [window.start, window.stop],
+      'steady_probs': {n: probs[n] for n in range(num_layers + 1)},
+      'expected_ms_per_step': sum(probs[n] * rows[f'N={n}']['ms_per_step']
+                                  for n in per_n) / sum(probs[n] for n in per_n),
+      'baseline_ms_per_step': base_ms_step, 'pld_ms_per_step': pld_ms_step,
+      'pld_layers_run': float(np.mean(layers_run)),
+      'ratio_pld': pld_ms_step / base_ms_step,
+      'ratio_no_drop': rows['no_drop']['ms_per_step'] / rows['baseline']['ms_per_step'],
+      'compile_s_pld_total': compile_pld, 'compile_s_baseline': rows['baseline']['compile_s'],
+      'compile_wall_s_pld': compile_wall['wall_s'],
+      'break_even_steps': (extra_compile / (saved_ms / 1e3) if saved_ms > 0 else None),
   }
-  c = configs['pld']
-  setup = {
-      'mode': mode, 'steps': total, 'chunk': chunk, 'eval_every': eval_every,
-      'pld_extra_steps_allowed': int(extra * total), 'steady_window_from_step': window.start, 'batch_size': c.batch_size,
-      'seq_len': c.data.seq_len, 'model': dict(c.model), 'optimizer': dict(c.optimizer),
-      'layerdrop': dict(c.layerdrop),
-      'expected_layers_at_theta_bar': float(layerdrop.expected_layers(
-          c.model.num_layers, c.layerdrop.theta_bar)),
-  }
-  return {'meta': benchmarking.provenance(), 'setup': setup, 'rows': rows, 'ratios': ratios}
 
 
-def _fmt(x, spec):
-  return 'not reached' if x is None else format(x, spec)
+def run_summary(run: Run) -> dict:
+  return {'lr': run.config.optimizer.lr, 'steps': run.step, 'train_s': run.train_s,
+          'curve': run.curve, 'programs': len(run.programs),
+          'compile_s': sum(run.programs.compile_seconds.values()),
+          'layers_run': float(np.mean([run.plan(s).metrics.get(
+              'layerdrop/layers_run', run.config.model.num_layers) for s in range(run.step)]))}
+
+
+def comparisons(runs: dict, steps: int) -> dict:
+  """Same-lr and tuned (each variant's best lr by validation loss at `steps`)."""
+  out = {}
+  def best(variant):
+    done = [r for name, r in runs.items() if name.startswith(variant) and r['final'] is not None]
+    return min(done, key=lambda r: r['final'], default=None)
+  pairs = {'same_lr': (runs.get('baseline@1'), runs.get('pld@1')),
+           'tuned': (best('baseline'), best('pld'))}
+  for key, (base, pld) in pairs.items():
+    if base is None or pld is None:
+      continue
+    target = base['final']
+    _, base_s = _time_to(base['curve'], target)
+    pld_step, pld_s = _time_to(pld['curve'], target)
+    out[key] = {'baseline_lr': base['lr'], 'pld_lr': pld['lr'], 'target': target,
+                'baseline_s': base_s, 'pld_step': pld_step, 'pld_s': pld_s,
+                'speedup': base_s / pld_s if pld_s else None}
+  return out
+
+
+def _time_to(curve, target):
+  return next(((s, t) for s, t, loss in curve if loss <= target), (None, None))
 
 
 def to_markdown(r: dict) -> str:
-  s, m, rows, ratios = r['setup'], r['meta'], r['rows'], r['ratios']
-  model, ld = s['model'], s['layerdrop']
-  lines = [
-      f'# Progressive Layer Dropping vs baseline PreLN ({s["mode"]})', '',
-      f'{m["date"]}, {m["device"]} x{m["device_count"]}, jax {m["jax"]}, flax {m["flax"]}, '
-      f'commit {m["git_commit"]}', '', f'Command: `{m["command"]}`', '',
-      f'Encoder: {model["num_layers"]} layers, d_model {model["d_model"]}, '
-      f'{model["num_heads"]} heads, d_ff {model["d_ff"]}, {model["dtype"]}, '
-      f'{"PreLN" if model["pre_ln"] else "PostLN"}; MLM on Shakespeare bytes, batch '
-      f'{s["batch_size"]} x {s["seq_len"]}; {s["steps"]} steps, AdamW lr '
-      f'{s["optimizer"]["lr"]} (same for both; if PLD has not reached the baseline\'s final '
-      f'loss by then it trains on, at the final learning rate, for up to '
-      f'{s["pld_extra_steps_allowed"]} more steps). PLD: theta_bar {ld["theta_bar"]}, '
-      f'gamma {ld["gamma"]:.4g}; expected layers at theta_bar '
-      f'{s["expected_layers_at_theta_bar"]:.2f} of {model["num_layers"]}.', '',
-      f'Steady state: steps {s["steady_window_from_step"]}..{s["steps"]}. Timing: '
-      f'interleaved chunks of {s["chunk"]} steps; evaluation every {s["eval_every"]} steps '
-      'is not timed.', '',
-      '| variant | FLOPs/step (steady mean) | s/step (steady median) | layers run (steady) | '
-      f'val MLM loss at step {s["steps"]} | train s to step {s["steps"]} | '
-      'steps to baseline final | s to baseline final |',
-      '|---|---|---|---|---|---|---|---|']
-  for v, row in rows.items():
-    lines.append(
-        f'| {v} | {row["flops_per_step"]:.4g} | {row["seconds_per_step"]:.4g} | '
-        f'{row["layers_run"]:.2f} | {row["final_eval_loss"]:.4f} | '
-        f'{row["train_seconds"]:.1f} | {_fmt(row["steps_to_target"], "d")} | '
-        f'{_fmt(row["seconds_to_target"], ".1f")} |')
-  lines += ['', '| ratio | value | goal (GPU, BERT-base) |', '|---|---|---|',
-            f'| FLOPs/step pld/baseline | {ratios["flops_per_step pld/baseline"]:.3f} | <= 0.75 |',
-            f'| s/step pld/baseline | {ratios["seconds_per_step pld/baseline"]:.3f} | <= 0.76 |',
-            f'| speedup to baseline final val loss | '
-            f'{_fmt(ratios["speedup to baseline final eval loss"], ".2f")} | >= 1.3 |',
-            f'| FLOPs/step no_drop/baseline | '
-            f'{ratios["flops_per_step no_drop/baseline"]:.3f} | (mechanism, nothing dropped) |',
-            f'| s/step no_drop/baseline | {ratios["seconds_per_step no_drop/baseline"]:.3f} | '
-            '(mechanism, nothing dropped) |', '',
-            'no_drop = the PLD code path (blocks under cond with their remat policy) with '
-            'gamma = 0: theta stays 1 and no block is dropped.', '',
-            'Validation MLM loss by step (training seconds so far):', '',
-            '| step | ' + ' | '.join(rows) + ' |', '|---' * (len(rows) + 1) + '|']
-  for i, (step, _, _) in enumerate(rows['pld']['evals']):
-    cells = [f'{row["evals"][i][2]:.4f} ({row["evals"][i][1]:.1f} s)'
-             if i < len(row['evals']) else '' for row in rows.values()]
-    lines.append(f'| {step} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+  s = r['setup']
+  model = s['model']
+  lines = [f'# Progressive Layer Dropping vs baseline PreLN ({s["mode"]})', '',
+           f'Encoder: {model["num_layers"]} layers, d_model {model["d_model"]}, '
+           f'{model["num_heads"]} heads, d_ff {model["d_ff"]}, {model["dtype"]}, PreLN; MLM on '
+           f'Shakespeare bytes, batch {s["batch_size"]} x {s["seq_len"]}. PLD: theta_bar '
+           f'{s["theta_bar"]}, gamma {s["gamma"]:.4g} (theta within 0.01 of theta_bar after a '
+           f'quarter of the {s["steps"]} steps); every program built by accel.train.build.', '',
+           benchmarking.provenance_line(r['meta']), '']
+  p = r.get('programs')
+  if p:
+    lines += [f'## Programs (steady state: steps {p["steady_window"][0]}..'
+              f'{p["steady_window"][1]}, theta = theta_bar)', '']
+    table = []
+    for name, row in p['rows'].items():
+      n = int(name[2:]) if name.startswith('N=') else None
+      table.append([name, row.get('compile_s'), row.get('cache_load_s'), row.get('flops'),
+                    row['ms_per_step'], row['ms_per_step'] / p['rows']['baseline']['ms_per_step'],
+                    None if n is None else p['steady_probs'][n]])
+    lines += [benchmarking.markdown_table(
+        ['program', 'compile s (cold)', 'loaded from cache s', 'XLA FLOPs', 'ms/step',
+         'vs baseline', 'P(N) at theta_bar'], table, floats='.4g'), '']
+    be = p['break_even_steps']
+    lines += [benchmarking.markdown_table(['steady state', 'value', 'goal'], [
+        ['s/step PLD / baseline (real gate sequence)', p['ratio_pld'], '<= 0.78'],
+        ['s/step no_drop / baseline (mechanism, nothing dropped)', p['ratio_no_drop'],
+         '<= 1.02'],
+        ['PLD ms/step (median of chunks)', p['pld_ms_per_step'], ''],
+        ['baseline ms/step (median of chunks)', p['baseline_ms_per_step'], ''],
+        ['expected PLD ms/step, sum_N P(N) t(N)', p['expected_ms_per_step'], ''],
+        ['layers run (steady window)', p['pld_layers_run'], '8.75 of 12 at BERT-base'],
+        ['compile s, all PLD programs above / baseline', f'{p["compile_s_pld_total"]:.1f} / '
+         f'{p["compile_s_baseline"]:.1f}', ''],
+        ['steps to win back the extra compile time',
+         'never' if be is None else f'{be:.0f}', '']], floats='.3f'), '']
+  runs = r.get('runs', {})
+  if runs:
+    lines += ['## Convergence', '',
+              f'{s["steps"]} steps each, training time only (evaluation every '
+              f'{s["eval_every"]} steps not timed); PLD may train {s["extra"]:.0%} longer to '
+              'reach the target.', '']
+    lines += [benchmarking.markdown_table(
+        ['run', 'lr', f'val MLM loss at {s["steps"]}', 'train s', 'steps run',
+         'mean layers run', 'programs', 'compile s'],
+        [[name, row['lr'], row['final'], row['train_s'], row['steps'], row['layers_run'],
+          row['programs'], row['compile_s']] for name, row in runs.items()], floats='.4g'), '']
+    comp = r.get('comparisons', {})
+    table = [[key, c['baseline_lr'], c['pld_lr'], c['target'], c['baseline_s'],
+              c['pld_s'] if c['pld_s'] is not None else 'not reached', c['speedup']]
+             for key, c in comp.items()]
+    if table:
+      lines += [benchmarking.markdown_table(
+          ['comparison', 'baseline lr', 'PLD lr', 'target (baseline final val loss)',
+           'baseline s', 'PLD s to target', 'speedup (goal >= 1.3)'], table, floats='.4g'), '']
+    skipped = r.get('skipped', [])
+    if skipped:
+      lines += ['Not run (time budget): ' + ', '.join(skipped), '']
+    if r.get('plot'):
+      lines += [f'![validation MLM loss]({os.path.basename(r["plot"])})', '']
+  return '\n'.join(lines)
+
+
+def plot(r: dict, path: str) -> str | None:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name, row in r['runs'].items():
+    steps, seconds, losses = zip(*row['curve'])
+    style = '-' if name.startswith('pld') else '--'
+    axes[0].plot(steps, losses, style, label=f'{name} (lr {row["lr"]:.2g})')
+    axes[1].plot(seconds, losses, style, label=f'{name} (lr {row["lr"]:.2g})')
+  for ax, xlabel in zip(axes, ('step', 'training seconds')):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('validation MLM loss (nats)')
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   group = parser.add_mutually_exclusive_group()
-  group.add_argument('--quick', action='store_true', help='tiny CPU run, seconds')
-  group.add_argument('--gpu', action='store_true', help='BERT-base at seq 128, ~3 min on an H200')
-  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 800 gpu')
+  group.add_argument('--quick', action='store_true', help='tiny CPU run')
+  group.add_argument('--gpu', action='store_true', help='BERT-base at seq 128, one GPU')
+  parser.add_argument('--steps', type=int, default=0, help='0: 60 quick, 400 cpu, 600 gpu')
   parser.add_argument('--chunk', type=int, default=0, help='0: 5 quick, 20 cpu/gpu')
+  parser.add_argument('--rounds', type=int, default=4, help='timing rounds (part 1)')
   parser.add_argument('--eval_every', type=int, default=0, help='0: 20 quick, 100 cpu/gpu')
   parser.add_argument('--extra', type=float, default=0.5,
                       help='PLD may train this fraction of --steps longer to reach the target')
-  parser.add_argument('--out', default='', help='folder for layerdrop_<mode>.json and .md')
+  parser.add_argument('--lr_factors', default='1,2,0.5',
+                      help='the sweep: multiples of the preset lr (the first is "same lr")')
+  parser.add_argument('--parts', default='programs,convergence,sweep')
+  parser.add_argument('--budget_s', type=float, default=0,
+                      help='skip sweep runs that would end after this many seconds (0: none)')
+  parser.add_argument('--compile_workers', type=int, default=0, help='0: 8 gpu, 1 cpu')
+  parser.add_argument('--out', default='', help='folder for layerdrop_<mode>.json/.md/.png')
   args = parser.parse_args()
+  t_start = time.perf_counter()
   mode = 'quick' if args.quick else 'gpu' if args.gpu else 'cpu'
-  steps = args.steps or {'quick': 60, 'cpu': 0, 'gpu': 800}[mode]
-  chunk = args.chunk or (5 if mode == 'quick' else 20)
-  eval_every = args.eval_every or (20 if mode == 'quick' else 100)
-  r = run(mode, steps, chunk, eval_every, args.extra)
-  markdown = to_markdown(r)
+  args.steps = args.steps or {'quick': 60, 'cpu': 400, 'gpu': 600}[mode]
+  args.chunk = args.chunk or (5 if mode == 'quick' else 20)
+  args.eval_every = args.eval_every or (20 if mode == 'quick' else 100)
+  workers = args.compile_workers or (8 if mode == 'gpu' else 1)
+  parts = args.parts.split(',')
+  factors = [float(f) for f in args.lr_factors.split(',')]
+  # Cold compiles: an empty persistent cache of this process's own (the loop's default,
+  # a cache beside the data, would make a repeated benchmark measure loads).
+  use_compilation_cache(tempfile.mkdtemp(prefix='bench_layerdrop_cache_'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+  lr0 = make_config(mode, args.steps, False).optimizer.lr
+  configs = {(v, f): make_config(mode, args.steps, v == 'pld', lr0 * f)
+             for f in factors for v in ('baseline', 'pld')}
+  c = configs[('pld', factors[0])]
+  data = input_pipeline.build(c)
+  r = {'meta': benchmarking.provenance(), 'runs': {}, 'skipped': [], 'setup': {
+      'mode': mode, 'steps': args.steps, 'chunk': args.chunk, 'eval_every': args.eval_every,
+      'extra': args.extra, 'batch_size': c.batch_size, 'seq_len': c.data.seq_len,
+      'model': dict(c.model), 'optimizer': dict(c.optimizer), 'theta_bar': c.layerdrop.theta_bar,
+      'gamma': c.layerdrop.gamma, 'lrs': [lr0 * f for f in factors],
+      'compile_workers': workers}}
+
+  def write():
+    r['comparisons'] = comparisons(r['runs'], args.steps)
+    if args.out and r['runs']:
+      r['plot'] = plot(r, os.path.join(args.out, f'layerdrop_{mode}.png'))
+    benchmarking.write_results(args.out, f'layerdrop_{mode}', r, to_markdown(r))
+
   if args.out:
-    benchmarking.write_results(args.out, f'layerdrop_{mode}', r, markdown)
-  else:
-    print(markdown)
+    os.makedirs(args.out, exist_ok=True)
+  first = {v: Run(configs[(v, factors[0])], data, workers) for v in ('baseline', 'pld')}
+  if 'programs' in parts:
+    r['programs'] = programs_part(args, data, first['baseline'], first['pld'])
+    write()
+    for run in first.values():
+      run.reset()
+  order = [('baseline', factors[0]), ('pld', factors[0])]
+  if 'sweep' in parts:   # PLD first: the paper's claim is that it takes the larger lr
+    order += [(v, f) for f in factors[1:] for v in ('pld', 'baseline')]
+  if 'convergence' not in parts:
+    order = []
+  seconds_per_run = {}
+  for variant, factor in order:
+    name = f'{variant}@{factor:g}'
+    elapsed = time.perf_counter() - t_start
+    estimate = seconds_per_run.get(variant, 0.0)
+    if (args.budget_s and factor != factors[0] and elapsed + estimate > args.budget_s):
+      r['skipped'].append(name)
+      write()
+      continue
+    t0 = time.perf_counter()
+    run = first.pop(variant) if factor == factors[0] else Run(configs[(variant, factor)],
+                                                              data, workers)
+    stop = args.steps
+    if variant == 'pld':
+      stop += int(args.extra * args.steps)
+    run.compile([run.plan(s).model_kwargs for s in range(stop)])
+    run.train(data, args.steps, args.chunk, args.eval_every)
+    finals = [row['final'] for n, row in r['runs'].items() if n.startswith('baseline')]
+    target = min(finals, default=-math.inf)
+    while variant == 'pld' and run.curve[-1][2] > target and run.step < stop:
+      run.train(data, min(stop, run.step + args.eval_every), args.chunk, args.eval_every)
+    r['runs'][name] = {**run_summary(run), 'final': run.loss_at(args.steps)}
+    del run
+    seconds_per_run[variant] = time.perf_counter() - t0
+    write()
+  r['total_s'] = time.perf_counter() - t_start
+  write()
 
 
 if __name__ == '__main__':
