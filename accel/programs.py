@@ -78,26 +78,34 @@ def use_compilation_cache(directory: str | None) -> None:
 class Programs:
   """train_step (jitted) specialised by plan signature, lowered against `state`/`batch` shapes.
 
-  workers: compiles that may run at once in the background (XLA compiles outside the GIL).
+  executor: where the background compiles run (default: one thread of its own; XLA
+  compiles outside the GIL, so a pool of several compiles several programs at once).
+  compile_seconds / compile_cpu_seconds: wall and CPU seconds (of the compiling thread) of
+  each program's lowering and compile.
   """
 
-  def __init__(self, train_step, state, batch, workers: int = 1):
+  def __init__(self, train_step, state, batch,
+               executor: concurrent.futures.Executor | None = None):
     self._train_step = train_step
     self._state, self._batch = abstract(state), abstract(batch)
     self._compiled: dict[tuple, Any] = {}
     self._pending: dict[tuple, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
-    self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='compile')
+    self._own_pool = executor is None
+    self._pool = executor or concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='compile')
     self.compile_seconds: dict[tuple, float] = {}
+    self.compile_cpu_seconds: dict[tuple, float] = {}
     self.flops: dict[tuple, float] = {}
 
   def _compile(self, plan_kwargs: dict):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
                         plan_kwargs)
     compiled = self._train_step.lower(self._state, self._batch, plan).compile()
     sig = signature(plan_kwargs)
     self.compile_seconds[sig] = time.perf_counter() - start
+    self.compile_cpu_seconds[sig] = time.thread_time() - start_cpu
     self.flops[sig] = cost_flops(compiled)
     return compiled
 
@@ -124,7 +132,8 @@ class Programs:
     return len(self._compiled)
 
   def close(self) -> None:
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    if self._own_pool:
+      self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Lookahead:

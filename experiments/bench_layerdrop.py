@@ -31,6 +31,7 @@ faster to the baseline's final validation loss.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
 import os
 import statistics
@@ -82,13 +83,13 @@ def steady_probs(config) -> dict[int, float]:
 class Run:
   """One config as the loop runs it: trainer, programs, state and a clock of training."""
 
-  def __init__(self, config, data, workers: int):
+  def __init__(self, config, data, executor, stop: int):
     self.config = config
     self.task, self.trainer = train.build(config, data.info)
     batch = self.put(data.train(0))
     self.state = self.trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
-    self.programs = Programs(self.trainer.train_step, self.state, batch, workers)
-    self.batch = batch
+    self.programs = Programs(self.trainer.train_step, self.state, batch, executor)
+    self.batch, self.stop = batch, stop
     self.step, self.train_s, self.curve, self.plans = 0, 0.0, [], {}
 
   def put(self, host_batch):
@@ -99,21 +100,10 @@ class Run:
       self.plans[step] = self.task.methods.plan(step)
     return self.plans[step]
 
-  def compile(self, plan_kwargs: list) -> dict:
-    """Compiles the programs of `plan_kwargs` (all at once, up to `workers` in parallel)."""
-    new = {signature(k): k for k in plan_kwargs}
-    start = time.perf_counter()
-    for k in new.values():
-      self.programs.prefetch(k)
-    for k in new.values():
-      self.programs.get(k)
-    return {'wall_s': time.perf_counter() - start, 'programs': len(new)}
-
-  def reset(self):
-    """A fresh state (the programs stay compiled) and an empty record."""
-    self.state = self.trainer.init(jax.random.fold_in(jax.random.key(self.config.seed), 0),
-                                   self.batch)
-    self.step, self.train_s, self.curve = 0, 0.0, []
+  def needed(self) -> list[dict]:
+    """The plan arrays of every program steps [0, stop) use, one per program."""
+    return list({signature(p.model_kwargs): p.model_kwargs
+                 for p in map(self.plan, range(self.stop))}.values())
 
   def dispatch(self, plan, batch=None):
     program = self.programs.get(plan.model_kwargs)
@@ -152,22 +142,19 @@ def _per_n_plans(run: Run, steps) -> dict[int, object]:
   return dict(sorted(plans.items()))
 
 
-def programs_part(args, data, base: Run, pld: Run) -> dict:
-  """Compile time and ms/step of every program; the steady state's mix."""
+def programs_part(args, base: Run, pld: Run, window: range) -> dict:
+  """Compile time and ms/step of every program the steady state uses; its real mix."""
   cfg = pld.config
   num_layers = cfg.model.num_layers
-  start = steady_start(cfg)
-  window = range(start, start + args.rounds * args.chunk)
   per_n = _per_n_plans(pld, window)
   no_drop = layerdrop.plan_arrays(np.ones(num_layers, bool), np.ones(num_layers, np.float32))
   timed = [('baseline', base, {}), ('no_drop', pld, no_drop)] + [
       (f'N={n}', pld, p.model_kwargs) for n, p in per_n.items()]
-  base.compile([{}])
-  compile_wall = pld.compile([kwargs for _, run, kwargs in timed if run is pld])
   rows = {}
   for name, run, plan_kwargs in timed:
     sig = signature(plan_kwargs)
     rows[name] = {'compile_s': run.programs.compile_seconds[sig],
+                  'compile_cpu_s': run.programs.compile_cpu_seconds[sig],
                   'flops': run.programs.flops[sig]}
   for name, run, plan_kwargs in timed[:2]:   # a repeated run: traced, then read from the cache
     jax.clear_caches()                       # (not the in-memory copy of this process)
@@ -204,6 +191,7 @@ def programs_part(args, data, base: Run, pld: Run) -> dict:
   probs = steady_probs(cfg)
   layers_run = [len(pld.plan(t).model_kwargs['layer_ids_N']) for t in window]
   base_ms_step, pld_ms_step = statistics.median(base_ms), statistics.median(pld_ms)
+  # Every program PLD's run uses (not only those timed here) against the baseline's one.
   compile_pld = sum(pld.programs.compile_seconds.values())
   extra_compile = compile_pld - rows['baseline']['compile_s']
   saved_ms = base_ms_step - pld_ms_step
@@ -217,7 +205,7 @@ def programs_part(args, data, base: Run, pld: Run) -> dict:
       'ratio_pld': pld_ms_step / base_ms_step,
       'ratio_no_drop': rows['no_drop']['ms_per_step'] / rows['baseline']['ms_per_step'],
       'compile_s_pld_total': compile_pld, 'compile_s_baseline': rows['baseline']['compile_s'],
-      'compile_wall_s_pld': compile_wall['wall_s'],
+      'programs_pld': len(pld.programs),
       'break_even_steps': (extra_compile / (saved_ms / 1e3) if saved_ms > 0 else None),
   }
 
@@ -230,7 +218,7 @@ def run_summary(run: Run) -> dict:
               'layerdrop/layers_run', run.config.model.num_layers) for s in range(run.step)]))}
 
 
-def comparisons(runs: dict, steps: int) -> dict:
+def comparisons(runs: dict) -> dict:
   """Same-lr and tuned (each variant's best lr by validation loss at `steps`)."""
   out = {}
   def best(variant):
@@ -271,12 +259,17 @@ def to_markdown(r: dict) -> str:
     table = []
     for name, row in p['rows'].items():
       n = int(name[2:]) if name.startswith('N=') else None
-      table.append([name, row.get('compile_s'), row.get('cache_load_s'), row.get('flops'),
-                    row['ms_per_step'], row['ms_per_step'] / p['rows']['baseline']['ms_per_step'],
+      table.append([name, row.get('compile_s'), row.get('compile_cpu_s'), row.get('cache_load_s'),
+                    row.get('flops'), row['ms_per_step'],
+                    row['ms_per_step'] / p['rows']['baseline']['ms_per_step'],
                     None if n is None else p['steady_probs'][n]])
-    lines += [benchmarking.markdown_table(
-        ['program', 'compile s (cold)', 'loaded from cache s', 'XLA FLOPs', 'ms/step',
-         'vs baseline', 'P(N) at theta_bar'], table, floats='.4g'), '']
+    lines += [f'{r["compile_programs"]} programs (all runs) compiled cold in '
+              f'{r["compile_wall_s"]:.1f} s, {s["compile_workers"]} at once; a program\'s '
+              'seconds below are its own lowering + compile among them (CPU: of the compiling '
+              'thread). no_drop is program N=L with every p = 1.', '',
+              benchmarking.markdown_table(
+        ['program', 'compile s', 'compile CPU s', 'traced + read from cache s', 'XLA FLOPs',
+         'ms/step', 'vs baseline', 'P(N) at theta_bar'], table, floats='.4g'), '']
     be = p['break_even_steps']
     lines += [benchmarking.markdown_table(['steady state', 'value', 'goal'], [
         ['s/step PLD / baseline (real gate sequence)', p['ratio_pld'], '<= 0.78'],
@@ -286,9 +279,9 @@ def to_markdown(r: dict) -> str:
         ['baseline ms/step (median of chunks)', p['baseline_ms_per_step'], ''],
         ['expected PLD ms/step, sum_N P(N) t(N)', p['expected_ms_per_step'], ''],
         ['layers run (steady window)', p['pld_layers_run'], '8.75 of 12 at BERT-base'],
-        ['compile s, all PLD programs above / baseline', f'{p["compile_s_pld_total"]:.1f} / '
-         f'{p["compile_s_baseline"]:.1f}', ''],
-        ['steps to win back the extra compile time',
+        [f'compile s, the {p["programs_pld"]} programs of PLD\'s run / the baseline\'s one',
+         f'{p["compile_s_pld_total"]:.1f} / {p["compile_s_baseline"]:.1f}', ''],
+        ['steps for the saved step time to pay for the extra compile time',
          'never' if be is None else f'{be:.0f}', '']], floats='.3f'), '']
   runs = r.get('runs', {})
   if runs:
@@ -355,9 +348,10 @@ def main():
   parser.add_argument('--lr_factors', default='1,2,0.5',
                       help='the sweep: multiples of the preset lr (the first is "same lr")')
   parser.add_argument('--parts', default='programs,convergence,sweep')
-  parser.add_argument('--budget_s', type=float, default=0,
-                      help='skip sweep runs that would end after this many seconds (0: none)')
-  parser.add_argument('--compile_workers', type=int, default=0, help='0: 8 gpu, 1 cpu')
+  parser.add_argument('--budget_s', type=float, default=None,
+                      help='start no sweep run expected to end after this (0: none; '
+                           'default 300 gpu, 0 cpu)')
+  parser.add_argument('--compile_workers', type=int, default=0, help='0: 12 gpu, 1 cpu')
   parser.add_argument('--out', default='', help='folder for layerdrop_<mode>.json/.md/.png')
   args = parser.parse_args()
   t_start = time.perf_counter()
@@ -365,17 +359,25 @@ def main():
   args.steps = args.steps or {'quick': 60, 'cpu': 400, 'gpu': 600}[mode]
   args.chunk = args.chunk or (5 if mode == 'quick' else 20)
   args.eval_every = args.eval_every or (20 if mode == 'quick' else 100)
-  workers = args.compile_workers or (8 if mode == 'gpu' else 1)
+  if args.budget_s is None:
+    args.budget_s = 300 if mode == 'gpu' else 0
+  workers = args.compile_workers or (12 if mode == 'gpu' else 1)
   parts = args.parts.split(',')
   factors = [float(f) for f in args.lr_factors.split(',')]
-  # Cold compiles: an empty persistent cache of this process's own (the loop's default,
-  # a cache beside the data, would make a repeated benchmark measure loads).
+  # Cold compiles: an empty persistent cache of this process's own (the loop's default, a
+  # cache beside the data, would make a repeated benchmark measure loads). Programs that
+  # differ only in what the compiled code ignores (no_drop's gamma, eval and init steps
+  # across learning rates) are compiled once and read back.
   use_compilation_cache(tempfile.mkdtemp(prefix='bench_layerdrop_cache_'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
   lr0 = make_config(mode, args.steps, False).optimizer.lr
-  configs = {(v, f): make_config(mode, args.steps, v == 'pld', lr0 * f)
-             for f in factors for v in ('baseline', 'pld')}
+  order = [('baseline', factors[0]), ('pld', factors[0])]
+  if 'sweep' in parts:   # PLD first: the paper's claim is that it takes the larger lr
+    order += [(v, f) for f in factors[1:] for v in ('pld', 'baseline')]
+  if 'convergence' not in parts:
+    order = order[:2] if 'programs' in parts else []
+  configs = {key: make_config(mode, args.steps, key[0] == 'pld', lr0 * key[1]) for key in order}
   c = configs[('pld', factors[0])]
   data = input_pipeline.build(c)
   r = {'meta': benchmarking.provenance(), 'runs': {}, 'skipped': [], 'setup': {
@@ -386,49 +388,61 @@ def main():
       'compile_workers': workers}}
 
   def write():
-    r['comparisons'] = comparisons(r['runs'], args.steps)
+    r['comparisons'] = comparisons(r['runs'])
     if args.out and r['runs']:
       r['plot'] = plot(r, os.path.join(args.out, f'layerdrop_{mode}.png'))
     benchmarking.write_results(args.out, f'layerdrop_{mode}', r, to_markdown(r))
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  first = {v: Run(configs[(v, factors[0])], data, workers) for v in ('baseline', 'pld')}
+  # Every program of every run, compiled up front, `workers` at once (timing never overlaps
+  # a compile), the ones the programs part times first.
+  executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='compile')
+  runs = {key: Run(configs[key], data, executor,
+                   args.steps + (int(args.extra * args.steps) if key[0] == 'pld' else 0))
+          for key in order}
+  base, pld = runs[order[0]], runs[order[1]]
+  num_layers = c.model.num_layers
+  window = range(steady_start(c), steady_start(c) + args.rounds * args.chunk)
+  first = [{}, layerdrop.plan_arrays(np.ones(num_layers, bool), np.ones(num_layers, np.float32)),
+           *[p.model_kwargs for p in _per_n_plans(pld, window).values()]]
+  t0 = time.perf_counter()
+  for run, kwargs in [(base, first[0]), *[(pld, k) for k in first[1:]]] + [
+      (run, k) for run in runs.values() for k in run.needed()]:
+    run.programs.prefetch(kwargs)
+  for run in runs.values():
+    for kwargs in run.needed():
+      run.programs.get(kwargs)
+  r['compile_wall_s'] = time.perf_counter() - t0
+  r['compile_programs'] = sum(len(run.programs) for run in runs.values())
   if 'programs' in parts:
-    r['programs'] = programs_part(args, data, first['baseline'], first['pld'])
+    r['programs'] = programs_part(args, base, pld, window)
     write()
-    for run in first.values():
-      run.reset()
-  order = [('baseline', factors[0]), ('pld', factors[0])]
-  if 'sweep' in parts:   # PLD first: the paper's claim is that it takes the larger lr
-    order += [(v, f) for f in factors[1:] for v in ('pld', 'baseline')]
-  if 'convergence' not in parts:
-    order = []
+    for run in (base, pld):   # the convergence runs start from the initial state again
+      run.state = run.trainer.init(jax.random.fold_in(jax.random.key(run.config.seed), 0),
+                                   run.batch)
   seconds_per_run = {}
-  for variant, factor in order:
+  for (variant, factor), run in runs.items():
     name = f'{variant}@{factor:g}'
+    if 'convergence' not in parts:
+      break
     elapsed = time.perf_counter() - t_start
-    estimate = seconds_per_run.get(variant, 0.0)
-    if (args.budget_s and factor != factors[0] and elapsed + estimate > args.budget_s):
+    if (args.budget_s and factor != factors[0]
+        and elapsed + seconds_per_run.get(variant, 0.0) > args.budget_s):
       r['skipped'].append(name)
       write()
       continue
     t0 = time.perf_counter()
-    run = first.pop(variant) if factor == factors[0] else Run(configs[(variant, factor)],
-                                                              data, workers)
-    stop = args.steps
-    if variant == 'pld':
-      stop += int(args.extra * args.steps)
-    run.compile([run.plan(s).model_kwargs for s in range(stop)])
     run.train(data, args.steps, args.chunk, args.eval_every)
     finals = [row['final'] for n, row in r['runs'].items() if n.startswith('baseline')]
     target = min(finals, default=-math.inf)
-    while variant == 'pld' and run.curve[-1][2] > target and run.step < stop:
-      run.train(data, min(stop, run.step + args.eval_every), args.chunk, args.eval_every)
+    while variant == 'pld' and run.curve[-1][2] > target and run.step < run.stop:
+      run.train(data, min(run.stop, run.step + args.eval_every), args.chunk, args.eval_every)
     r['runs'][name] = {**run_summary(run), 'final': run.loss_at(args.steps)}
-    del run
+    run.state = None
     seconds_per_run[variant] = time.perf_counter() - t0
     write()
+  executor.shutdown(wait=False, cancel_futures=True)
   r['total_s'] = time.perf_counter() - t_start
   write()
 
