@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from accel import optim
+from accel import optim, programs
 from accel.data import input_pipeline
 from accel.models.transformer import TransformerConfig
 from accel.pipeline import families, pieces
@@ -96,23 +98,32 @@ class Group:
     self.eval_BxL1 = jnp.asarray(windows.astype(np.int32).reshape(n, batch, seq + 1))
     self._advance = jax.jit(self._chunk, static_argnums=2, donate_argnums=0)
     self._eval = jax.jit(jax.vmap(self._eval_one))
+    self._init = jax.jit(jax.vmap(self._init_one))
+    self._init_compiled = None
+    self.programs, self.costs = {}, {}
 
   def init(self, runs: list[Run]):
-    mp = families.for_config(self.cfg)
+    """The runs' states stacked (one jitted program: each run's init under vmap)."""
+    return (self._init_compiled or self._init)(*self._init_args(runs))
+
+  @staticmethod
+  def _init_args(runs: list[Run]):
+    knobs = {f.name: jnp.asarray([r.knobs.get(f.name, f.default) for r in runs],
+                                 jnp.int32 if f.type in (int, 'int') else jnp.float32)
+             for f in dataclasses.fields(Knobs)}
+    return (jnp.asarray([r.seed for r in runs], jnp.int32), knobs,
+            jnp.asarray([r.knobs.get('b1', RECIPE['b1']) for r in runs], jnp.float32))
+
+  def _init_one(self, seed, knobs, b1):
     seq, batch = self.st['seq'], self.st['batch']
     dummy = {'inputs': jnp.zeros((batch, seq), jnp.int32),
              'targets': jnp.zeros((batch, seq), jnp.int32)}
-    states = []
-    for r in runs:
-      params = mp.init_params(jax.random.key(r.seed), jnp.zeros((1, seq), jnp.int32))
-      knobs = Knobs(**{f.name: r.knobs.get(f.name, f.default)
-                       for f in dataclasses.fields(Knobs)})
-      s = self.sim.init(params, dummy, knobs)
-      b1 = r.knobs.get('b1', RECIPE['b1'])
-      s['opt'] = [with_b1(o, b1) for o in s['opt']]
-      s['opt_E'] = with_b1(s['opt_E'], b1)
-      states.append(s)
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+    params = families.for_config(self.cfg).init_params(jax.random.key(seed),
+                                                       jnp.zeros((1, seq), jnp.int32))
+    s = self.sim.init(params, dummy, Knobs(**knobs))
+    s['opt'] = [with_b1(o, b1) for o in s['opt']]
+    s['opt_E'] = with_b1(s['opt_E'], b1)
+    return s
 
   def _batch(self, seed, t):
     seq, batch = self.st['seq'], self.st['batch']
@@ -122,19 +133,21 @@ class Group:
     w = w.astype(jnp.int32)
     return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
 
-  def _chunk(self, states, run_arrays, chunk: int, t0):
+  def _steps(self, states, run_arrays, t):
+    """Step t of every run (vmapped), at its lr's cosine value for step t."""
     seeds, lr, horizon = run_arrays
 
-    def one(state, seed, lr_, horizon_, t):
+    def one(state, seed, lr_, horizon_):
       cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t, horizon_) / horizon_))
       state = dict(state, knobs=dict(state['knobs'], lr_scale=lr_ * cosine))
       return self.sim.step(state, self._batch(seed, t))
 
-    def body(states, t):
-      states, metrics = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(states, seeds, lr,
-                                                                   horizon, t)
-      return states, metrics['loss']
-    return lax.scan(body, states, t0 + jnp.arange(chunk))
+    states, metrics = jax.vmap(one)(states, seeds, lr, horizon)
+    return states, metrics['loss']
+
+  def _chunk(self, states, run_arrays, chunk: int, t0):
+    return lax.scan(lambda s, t: self._steps(s, run_arrays, t), states,
+                    t0 + jnp.arange(chunk))
 
   def _eval_one(self, state):
     params = self.sim.model_params(state)
@@ -142,29 +155,188 @@ class Group:
                      self.eval_BxL1)
     return jnp.mean(losses) / jnp.log(2.0)
 
-  def train_runs(self, runs: list[Run]) -> list:
+  # -------------------------------------------------------------------- programs, cost
+  def _abstract(self, n_runs: int):
+    runs = [Run('', '', 0, {}, 0.0, 1)] * n_runs
+    states = jax.eval_shape(self._init, *self._init_args(runs))
+    arrays = (jax.ShapeDtypeStruct((n_runs,), jnp.int32),
+              jax.ShapeDtypeStruct((n_runs,), jnp.float32),
+              jax.ShapeDtypeStruct((n_runs,), jnp.float32))
+    return states, arrays
+
+  def lowered_ops(self) -> int:
+    """Instructions of the chunk program's StableHLO (lowering only, no compile): what the
+    next group's compile time is scaled by (`Study`)."""
+    states, arrays = self._abstract(self.st['runs_per_call'])
+    text = self._advance.lower(states, arrays, self.st['chunk'],
+                               jax.ShapeDtypeStruct((), jnp.int32)).as_text()
+    return text.count(' = ')
+
+  def compile(self, chunk: int) -> dict:
+    """Compiles the programs of a call whose chunks are `chunk` steps (the chunk program
+    and the evaluation, for runs_per_call runs) and returns their cost (`program_cost`) and
+    compile seconds; cached per chunk length."""
+    if chunk in self.programs:
+      return self.costs[chunk]
+    t0 = time.perf_counter()
+    states, arrays = self._abstract(self.st['runs_per_call'])
+    t_abstract = jax.ShapeDtypeStruct((), jnp.int32)
+    step_flops = programs.cost_flops(jax.jit(self._steps).lower(states, arrays, t_abstract))
+    eval_flops = programs.cost_flops(jax.jit(jax.vmap(self._eval_one)).lower(states))
+    advance = self._advance.lower(states, arrays, chunk, t_abstract).compile()
+    evaluate = self._eval.lower(states).compile()
+    if self._init_compiled is None:
+      dummy = [Run('', '', 0, {}, 0.0, 1)] * self.st['runs_per_call']
+      self._init_compiled = self._init.lower(*self._init_args(dummy)).compile()
+    self.programs[chunk] = (advance, evaluate)
+    n_eval = self.st['eval_batches']
+    self.costs[chunk] = dict(program_cost(advance, step_flops, chunk),
+                             compile_s=time.perf_counter() - t0,
+                             eval=dict(program_cost(evaluate, eval_flops / n_eval, n_eval),
+                                       iterations=n_eval))
+    return self.costs[chunk]
+
+  def train_runs(self, runs: list[Run], deadline: float = math.inf):
     """Trains `runs` (one length, at most st['runs_per_call']) in one call, padded to
     runs_per_call with copies of the last run whose results are dropped (one compiled
-    program per group); returns each run's curve [(step, bits/byte)]."""
+    program per group). Returns (each run's curve [(step, bits/byte)], timing), or
+    (None, timing) where the call stopped because its measured pace would end it after
+    `deadline` (time.perf_counter()); timing: seconds of the first and of later chunks,
+    and of the evaluations."""
     size = self.st['runs_per_call']
-    return self._train_call(runs + [runs[-1]] * (size - len(runs)))[:len(runs)]
+    curves, timing = self._train_call(runs + [runs[-1]] * (size - len(runs)), deadline)
+    return (curves[:len(runs)] if curves is not None else None), timing
 
-  def _train_call(self, runs: list[Run]) -> list:
-    st, steps = self.st, runs[0].steps
+  def _train_call(self, runs: list[Run], deadline: float):
+    st, steps, chunk = self.st, runs[0].steps, self.st['chunk']
+    if steps % chunk or chunk % st['eval_every'] and st['eval_every'] % chunk:
+      raise ValueError(f'steps {steps}, chunk {chunk} and eval_every {st["eval_every"]} '
+                       'must divide one another')
+    advance, evaluate = self.programs[chunk]
     states = self.init(runs)
-    arrays = (jnp.asarray([r.seed for r in runs]), jnp.asarray([r.lr for r in runs]),
-              jnp.asarray([float(r.steps) for r in runs]))
+    arrays = (jnp.asarray([r.seed for r in runs], jnp.int32),
+              jnp.asarray([r.lr for r in runs], jnp.float32),
+              jnp.asarray([float(r.steps) for r in runs], jnp.float32))
     curves = [[] for _ in runs]
-    t, chunk = 0, st['chunk']
+    timing = {'chunks_s': [], 'evals_s': []}
+    t = 0
     while t < steps:
-      n = min(chunk, steps - t)
-      states, _ = self._advance(states, arrays, n, jnp.asarray(t, jnp.int32))
-      t += n
+      t0 = time.perf_counter()
+      states, losses = advance(states, arrays, jnp.asarray(t, jnp.int32))
+      losses.block_until_ready()   # one host round-trip per chunk
+      timing['chunks_s'].append(time.perf_counter() - t0)
+      t += chunk
       if t % st['eval_every'] == 0 or t == steps:
-        bpb = np.asarray(self._eval(states))
+        t0 = time.perf_counter()
+        bpb = np.asarray(evaluate(states))
+        timing['evals_s'].append(time.perf_counter() - t0)
         for curve, v in zip(curves, bpb):
           curve.append((t, float(v)))
-    return curves
+      left = (steps - t) // chunk
+      evals_left = sum(1 for s in range(t + chunk, steps + 1, chunk)
+                       if s % st['eval_every'] == 0 or s == steps)
+      pace = max(timing['chunks_s'][1:] or timing['chunks_s'])
+      eval_pace = max(timing['evals_s'] or [0.0])
+      if t < steps and time.perf_counter() + left * pace + evals_left * eval_pace > deadline:
+        timing['cut_at_step'] = t
+        return None, timing
+    return curves, timing
+
+
+# The H200 constants of `estimate_seconds`, chosen before the study ran (README of
+# results/pipeline_staleness_gpu*.md: how each compares with what the run measured).
+H200 = {
+    # TF32 matmuls of this size (d_model 128, 4096 rows per run, runs batched by vmap):
+    # a quarter of the ~160 TFLOP/s the 8 x d512 single-device step reaches
+    # (results/bench_pipeline_gpu_fp32_b16.md: 572k tokens/s at ~2.3 TFLOP per step).
+    'flops_per_s': 40e12,
+    # Half of the 4.8 TB/s HBM peak (elementwise kernels: Adam, the rings, LayerNorms).
+    'bytes_per_s': 2.4e12,
+    # Per kernel: the stdloss step's 145 extra tiny kernels cost 0.61 ms of step time on
+    # the H200 (results/stdloss_gpu_profile.md), 4.2 us each.
+    'kernel_s': 4e-6,
+    # Per chunk: the host dispatches the chunk program and waits for its losses.
+    'round_trip_s': 1e-3,
+}
+
+
+def program_cost(compiled, lowered_step_flops: float, chunk: int) -> dict:
+  """What one step of a compiled chunk program costs by XLA's analysis: FLOPs and bytes
+  accessed, and the kernels it launches per step (`kernels_per_step`). XLA's cost analysis
+  counts a while loop's body once; where it counts all `chunk` iterations (its FLOPs are
+  far above the one-step program's, `lowered_step_flops`) they are divided by chunk."""
+  analysis = _analysis(compiled.cost_analysis())
+  flops, nbytes = float(analysis.get('flops', 0.0)), float(analysis.get('bytes accessed', 0.0))
+  per = chunk if lowered_step_flops and flops > 1.5 * lowered_step_flops else 1
+  return {'flops_per_step': flops / per, 'bytes_per_step': nbytes / per,
+          'lowered_flops_per_step': lowered_step_flops,
+          'kernels_per_step': kernels_per_step(compiled.as_text())}
+
+
+def _analysis(analysis) -> dict:
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return analysis or {}
+
+
+_KERNEL_OPS = ('fusion', 'custom-call', 'copy', 'copy-start', 'dynamic-update-slice',
+               'dynamic-slice', 'scatter', 'gather', 'sort', 'dot', 'convolution', 'reduce',
+               'concatenate', 'transpose', 'select', 'add', 'multiply', 'broadcast')
+
+
+def kernels_per_step(hlo_text: str) -> int:
+  """Kernel launches of one iteration of a compiled program's while loops: the
+  instructions of the computations a while loop runs as its body (and those they call),
+  not inside a fusion, whose opcode launches work (a fusion, a library call, a copy, an
+  unfused op). On GPU every elementwise op is inside a fusion, so this counts the fusions
+  and library calls the step launches; on CPU it is a proxy of that."""
+  bodies, blocks, name = set(), {}, None
+  for line in re.sub(r'/\*.*?\*/', '', hlo_text).splitlines():   # /*index=5*/ comments
+    head = re.match(r'\s*(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
+    if head and '=' not in line.split('{')[0]:
+      name = head.group(2)
+      blocks[name] = []
+      continue
+    if name is not None and line.strip() == '}':
+      name = None
+      continue
+    if name is not None:
+      blocks[name].append(line)
+      bodies.update(re.findall(r'body=%?([\w.\-]+)', line))
+  called = {}
+  for comp, lines in blocks.items():
+    called[comp] = set()
+    for line in lines:
+      if ' fusion(' not in line:
+        called[comp].update(re.findall(r'(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)',
+                                       line))
+  seen, todo, count = set(), list(bodies), 0
+  while todo:
+    comp = todo.pop()
+    if comp in seen or comp not in blocks:
+      continue
+    seen.add(comp)
+    todo.extend(called[comp])
+    for line in blocks[comp]:
+      op = re.search(r'=\s*[^=]*?\s([a-z][a-z\-]*)\(', line)
+      if op and op.group(1) in _KERNEL_OPS:
+        count += 1
+  return count
+
+
+def estimate_seconds(cost: dict, steps: int, chunk: int, evals: int,
+                     device: dict = H200) -> float:
+  """Seconds of one call of `steps` steps from the programs' cost, compile excluded:
+    steps * (max(FLOPs / R, bytes / BW) + kernels * t_kernel)    per step
+    + (steps / chunk) * t_round_trip + evals * (the same for one evaluation)
+  A small model underuses the GPU, so the per-kernel term (launch and tail of kernels
+  that each do little) is added to the compute, not overlapped with it."""
+  def per_step(c):   # an evaluation: its loop's iterations (eval batches) per call
+    compute = max(c['flops_per_step'] / device['flops_per_s'],
+                  c['bytes_per_step'] / device['bytes_per_s'])
+    return c.get('iterations', 1) * (compute + c['kernels_per_step'] * device['kernel_s'])
+  return (steps * per_step(cost) + steps / chunk * device['round_trip_s']
+          + evals * (per_step(cost['eval']) + device['round_trip_s']))
 
 
 def stats(values):
@@ -238,26 +410,53 @@ def markdown(record) -> str:
       layout = 'any' if r['variant'].startswith('synchronous') else r['layout']
       lines.append(f'| {layout} | {r["variant"]} | ' + ' | '.join(cells) + ' |')
     lines.append('')
+  lines += ['## Calls', '',
+            '| phase | layout | optimizer | runs x steps | compile s | training s | '
+            'H200 model estimate s | s per chunk | s per evaluation | GFLOP per step | '
+            'kernels per step |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
   for p, entries in record['phases'].items():
     for e in entries:
-      lines.append(f'- phase {p}, {e["layout"]} {e["family"]}: {e["runs"]} runs x '
-                   f'{e["steps"]} steps in {e["seconds"]:.1f} s (one call, compile included)')
+      cost = e.get('cost', {})
+      compile_s = e.get('compile_s')
+      lines.append(
+          f'| {p} | {e["layout"]} | {e["family"]} | {e["runs"]} x {e["steps"]} | '
+          + (f'{compile_s:.1f}' if compile_s is not None else '-') + ' | '
+          f'{e["seconds"]:.1f} | {e.get("estimated_s", math.nan):.1f} | '
+          f'{e.get("chunk_s", math.nan):.3f} ({e.get("chunk", "?")} steps) | '
+          f'{e.get("eval_s", math.nan):.3f} | '
+          f'{cost.get("flops_per_step", math.nan) / 1e9:.1f} | '
+          f'{cost.get("kernels_per_step", "-")} |')
+  lines.append('')
+  lines.append('Model estimate: `accel.pipeline.study.estimate_seconds` from the compiled '
+               'program\'s cost (FLOPs and bytes per step by XLA\'s cost analysis, kernels '
+               'per step counted in its HLO) and the constants `study.H200`; training s: '
+               'measured, the runs\' init and evaluations included, compile excluded.')
+  lines.append('')
+  for c in record.get('calls', []):
+    lines.append(f'- call at commit {c["git_commit"]}, {c["date"]}: phases '
+                 f'{",".join(c["phases"])}, time limit {c["time_limit"]:.0f} s, '
+                 + (f'{c["seconds"]:.0f} s' if 'seconds' in c else 'running'))
   for s in record['skipped']:
-    lines.append(f'- skipped (time limit): phase {s["phase"]}, {s["layout"]} {s["family"]}, '
-                 f'{s["runs"]} runs ({", ".join(s["variants"])}), estimated '
-                 f'{s["estimated_s"]:.0f} s')
+    what = (f'{s["runs"]} runs x {s["steps"]} steps ({", ".join(s["variants"])}), '
+            f'{s["estimated_s"]:.0f} s' if 'runs' in s else '')
+    lines.append(f'- not run in the last call: phase {s["phase"]}, {s["layout"]}'
+                 f'{" " + s["family"] if "family" in s else ""}: {s["reason"]}'
+                 + (f'; {what}' if what else '')
+                 + (f' (stopped at step {s["cut_at_step"]})' if 'cut_at_step' in s else ''))
   return '\n'.join(lines) + '\n'
 
 
 def plot(record, path):
-  """Mean held-out bits/byte curves (main budget, recipe lr), one panel per layout."""
+  """Mean held-out bits/byte curves (main budget, recipe lr), one panel per layout, to
+  `path`; False where there is nothing to plot yet."""
   import matplotlib   # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
   steps = record['settings']['steps']
   runs = [r for r in record['runs'] if r['steps'] == steps and r['lr'] == RECIPE['lr']]
   if not runs:
-    return
+    return False
   fig, axes = plt.subplots(1, len(LAYOUTS), figsize=(7 * len(LAYOUTS), 5), squeeze=False)
   for ax, layout in zip(axes[0], LAYOUTS):
     curves = {}
@@ -271,9 +470,12 @@ def plot(record, path):
     ax.set_title(f'{layout} vs synchronous')
     ax.set_xlabel('step')
     ax.set_ylabel('held-out bits/byte')
-    ax.set_ylim(top=min(ax.get_ylim()[1], 4.5))
+    low, high = ax.get_ylim()
+    if low < 4.5 < high:   # the early plateau (~4.4, the unigram's level) off the scale
+      ax.set_ylim(low, 4.5)
     ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, format='png')
   plt.close(fig)
+  return True
