@@ -100,6 +100,7 @@ class Group:
     self._eval = jax.jit(jax.vmap(self._eval_one))
     self._init = jax.jit(jax.vmap(self._init_one))
     self._init_compiled = None
+    self._lowered_ops = None
     self.programs, self.costs = {}, {}
 
   def init(self, runs: list[Run]):
@@ -166,11 +167,13 @@ class Group:
 
   def lowered_ops(self) -> int:
     """Instructions of the chunk program's StableHLO (lowering only, no compile): what the
-    next group's compile time is scaled by (`Study`)."""
-    states, arrays = self._abstract(self.st['runs_per_call'])
-    text = self._advance.lower(states, arrays, self.st['chunk'],
-                               jax.ShapeDtypeStruct((), jnp.int32)).as_text()
-    return text.count(' = ')
+    next group's compile time is scaled by (`Study`); lowered once per group."""
+    if self._lowered_ops is None:
+      states, arrays = self._abstract(self.st['runs_per_call'])
+      text = self._advance.lower(states, arrays, self.st['chunk'],
+                                 jax.ShapeDtypeStruct((), jnp.int32)).as_text()
+      self._lowered_ops = text.count(' = ')
+    return self._lowered_ops
 
   def compile(self, chunk: int) -> dict:
     """Compiles the programs of a call whose chunks are `chunk` steps (the chunk program
