@@ -17,6 +17,14 @@ def data_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(autouse=True)
+def logging_restored():
+  """What accel.faults.quiet_logs and a fault's exit do to logging, undone after each test."""
+  from tests.helpers import logging_restored as restored  # pylint: disable=g-import-not-at-top
+  with restored():
+    yield
+
+
 @pytest.fixture(scope='session')
 def compile_cache_dir(tmp_path_factory):
   """One JAX persistent compilation cache for the tests that train the smoke LM (in this

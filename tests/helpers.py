@@ -62,6 +62,26 @@ def run_cli(*args, timeout: int = 300, env=None):
                         text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def logging_restored():
+  """Undoes what accel.faults.quiet_logs and a fault's exit do to logging (levels, the
+  handlers' filters, logging.disable) when they run inside the test process: pytest keeps
+  its capture handlers from test to test, so a filter left on them hides later records."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  levels = logging.getLogger('jax').level, absl_logging.get_verbosity()
+  handlers = [absl_logging.get_absl_handler(), *logging.getLogger().handlers]
+  filters = [list(h.filters) for h in handlers]
+  try:
+    yield
+  finally:
+    logging.disable(logging.NOTSET)
+    logging.getLogger('jax').setLevel(levels[0])
+    absl_logging.set_verbosity(levels[1])
+    for handler, kept in zip(handlers, filters):
+      handler.filters[:] = kept
+
+
 def cli_in_process(*args) -> subprocess.CompletedProcess:
   """experiments.train's command line run in this process (flag parsing, the entry point
   and accel.faults.main as `python -m experiments.train` runs them), with its exit status,
@@ -71,13 +91,10 @@ def cli_in_process(*args) -> subprocess.CompletedProcess:
   from accel import faults  # pylint: disable=g-import-not-at-top
   from experiments import train as entry  # pylint: disable=g-import-not-at-top
   out, err, status = io.StringIO(), io.StringIO(), 0
-  import logging  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   hooks, argv = (threading.excepthook, sys.unraisablehook), sys.argv
-  levels = logging.getLogger('jax').level, absl_logging.get_verbosity()
   sys.argv = ['experiments.train', *args]   # ml_collections reads the overrides from here
   try:
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), logging_restored():
       try:
         flags.FLAGS.unparse_flags()
         faults.main(entry.main)(entry.parse_flags(sys.argv))
@@ -85,9 +102,6 @@ def cli_in_process(*args) -> subprocess.CompletedProcess:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
   finally:
     (threading.excepthook, sys.unraisablehook), sys.argv = hooks, argv
-    logging.disable(logging.NOTSET)
-    logging.getLogger('jax').setLevel(levels[0])
-    absl_logging.set_verbosity(levels[1])
     flags.FLAGS.unparse_flags()
     for name in [n for n in flags.FLAGS if n.startswith('config.')]:
       delattr(flags.FLAGS, name)       # defined by each parse of --config, for its overrides

@@ -360,8 +360,7 @@ def test_workdir_that_is_a_file(tmp_path):
 def test_library_info_lines_are_silenced():
   """faults.quiet_logs (every entry point): jax's platform probe (no TPU here) and orbax's
   records do not reach the user; warnings from elsewhere do."""
-  jax_level = logging.getLogger('jax').level
-  faults.quiet_logs()
+  faults.quiet_logs()   # undone after the test (conftest.logging_restored)
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
 
@@ -371,7 +370,6 @@ def test_library_info_lines_are_silenced():
   assert not shown('absl', logging.ERROR, f'{os.sep}site-packages{os.sep}orbax{os.sep}f.py')
   assert shown('accel', logging.WARNING)
   assert logging.getLogger('jax').getEffectiveLevel() == logging.WARNING
-  logging.getLogger('jax').setLevel(jax_level)
 
 
 def test_reproduce_and_sweep_write_under_runs_by_default(tmp_path):
@@ -388,9 +386,8 @@ def test_reproduce_and_sweep_write_under_runs_by_default(tmp_path):
                          capture_output=True, text=True, timeout=120)
   assert shown.stdout.split() == ['None', 'runs/sweeps/lm-smoke'], shown.stderr
   if shutil.which('git') and os.path.isdir(os.path.join(ROOT, '.git')):
-    ignored = subprocess.run(['git', 'check-ignore', '-q', 'runs/tables/x.md',
-                              'runs/sweeps/lm-smoke/summary.md'], cwd=ROOT)
-    assert ignored.returncode == 0
+    for path in ('runs/tables/x.md', 'runs/sweeps/lm-smoke/summary.md'):   # -q: one path
+      assert subprocess.run(['git', 'check-ignore', '-q', path], cwd=ROOT).returncode == 0, path
 
 
 # --- processes: signals, a second run, read-only and full file systems -----------------------

@@ -117,9 +117,11 @@ class _Recorder:
 
 def accumulation_lengths_of(build_model, inputs: Any, **apply_kwargs) -> list[tuple[str, dict]]:
   """(kind, {'fwd', 'bwd', 'grad'}) for every GEMM of `build_model(recorder)` applied to
-  `inputs` (shapes only; nothing is computed). `build_model` hands `recorder.dot_general`
-  and `recorder.conv` to the model's hooks."""
+  `inputs` in one forward pass (shapes only; nothing is computed). `build_model` hands
+  `recorder.dot_general` and `recorder.conv` to the model's hooks."""
   recorder = _Recorder([])
   model = build_model(recorder)
-  jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **apply_kwargs), inputs)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **apply_kwargs), inputs)
+  recorder.log.clear()   # an init may trace a block more than once (stacked layer params)
+  jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, inputs)
   return list(recorder.log)
