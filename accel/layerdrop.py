@@ -14,7 +14,7 @@ N blocks, unrolled, with their parameters gathered from the stacked layer parame
 index and both sublayers scaled by 1/p_l: h = x + Attn(LN1(x)) / p_l, out = h +
 FFN(LN2(h)) / p_l. A step's program depends only on N, so a run has at most L + 1 of them
 (`accel.programs`), and none holds a cond, switch, scan or while (on XLA:GPU each of those
-waits for the host). Evaluation passes no plan: every layer runs, unscaled. theta_bar >= 1
+waits for the host). Evaluation passes no plan: every layer runs, unscaled. theta_bar = 1
 never drops a layer and plans nothing: the baseline's program, bitwise.
 
 FLOPs: the loop reports the cost analysis of the program that ran (program N).
@@ -27,11 +27,12 @@ usual; its zeros add nothing to the global gradient norm that clipping uses. Dee
 implementation did the same: its BERT (DeepSpeedExamples bing_bert/nvidia/
 modelingpreln_layerdrop.py, BertLayer.forward) skips a dropped layer in Python, so the
 layer's parameters have no gradient, and DeepSpeed's FP16_Optimizer
-(deepspeed/runtime/fp16/fused_optimizer.py, used by the fp16 PLD recipe with Adam,
-weight decay 0.01) puts zeros in place of every missing gradient before its flat Adam step.
-Its gates came from numpy's host RNG on each rank (np.random.choice per layer), and it
-lowered p before calling the layer, so a kept layer was sampled with p_l but scaled by
-1/p_(l+1) (papers.md: use the formula, as here).
+(deepspeed/runtime/fp16/fused_optimizer.py, used by the fp16 PLD recipe whose config has
+Adam with weight_decay 0.01) puts zeros in place of every missing gradient before its flat
+Adam step: there too the moments decay and the weight decay applies. Its gates came from
+numpy's RNG on each rank (np.random.choice per layer, in BertEncoder.forward), and it lowered
+p before calling the layer: its layer l was kept with probability p_(l-1) (p_0 = 1) and
+scaled by 1/p_l (papers.md: use the formula, as here).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class LayerDrop(Method):
 
   plan(step): the gates of `step_gates`, evaluated on the host's CPU, as the model inputs
   of `plan_arrays`, and the metrics `layerdrop/theta` and `layerdrop/layers_run` (blocks
-  executed this step). With theta_bar >= 1 the plan is empty: the baseline's program.
+  executed this step). With theta_bar = 1 the plan is empty: the baseline's program.
   """
   block = 'layerdrop'
   models = ('transformer_lm', 'bert')

@@ -80,8 +80,7 @@ class Programs:
 
   executor: where the background compiles run (default: one thread of its own; XLA
   compiles outside the GIL, so a pool of several compiles several programs at once).
-  compile_seconds / compile_cpu_seconds: wall and CPU seconds (of the compiling thread) of
-  each program's lowering and compile.
+  compile_seconds: each program's lowering + compile, wall-clock.
   """
 
   def __init__(self, train_step, state, batch,
@@ -95,17 +94,15 @@ class Programs:
     self._pool = executor or concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='compile')
     self.compile_seconds: dict[tuple, float] = {}
-    self.compile_cpu_seconds: dict[tuple, float] = {}
     self.flops: dict[tuple, float] = {}
 
   def _compile(self, plan_kwargs: dict):
-    start, start_cpu = time.perf_counter(), time.thread_time()
+    start = time.perf_counter()
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
                         plan_kwargs)
     compiled = self._train_step.lower(self._state, self._batch, plan).compile()
     sig = signature(plan_kwargs)
     self.compile_seconds[sig] = time.perf_counter() - start
-    self.compile_cpu_seconds[sig] = time.thread_time() - start_cpu
     self.flops[sig] = cost_flops(compiled)
     return compiled
 

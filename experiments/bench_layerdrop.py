@@ -2,29 +2,30 @@ r"""Progressive Layer Dropping vs the PreLN baseline, in one process (issue 14).
 
   python -m experiments.bench_layerdrop --gpu --out results     # one GPU: BERT-base, seq 128
   python -m experiments.bench_layerdrop --out results           # CPU, configs/pld_bert.py:cpu
-  python -m experiments.bench_layerdrop --quick --out results   # CPU, a tiny encoder
+  python -m experiments.bench_layerdrop --quick --out results   # CPU, a 4-block encoder
 
 Every variant is configs/pld_bert.py at one preset, built through `accel.train.build` (the
 task, trainer and compiled programs the training loop runs, `accel.programs`): `baseline`
 (layerdrop.enabled=False) and `pld` (theta_bar 0.5; gamma so that theta is within 0.01 of
-theta_bar after a quarter of the run). Parts, each written to OUT/layerdrop_<mode>.{json,md}
-as soon as it is done (a cut run keeps what it finished); `--budget_s` skips the sweep runs
-that would not fit:
+theta_bar after a quarter of the run), each at the learning rates `--lr_factors` x the
+preset's. Every program of every run is compiled first, from an empty persistent cache (the
+baseline's, PLD's program L and one steady program alone, then the rest `--compile_workers`
+at once), so no timing overlaps a compile. Then, each part written to
+OUT/layerdrop_<mode>.{json,md,png} as soon as it is done (a cut run keeps what it finished):
 
-1. Programs. The baseline's program and PLD's program N for every N its steady state uses
-   (theta = theta_bar): compile seconds each (cold, from an empty persistent cache; and
-   loaded back from that cache), XLA's FLOPs, and ms/step, timed in interleaved rounds.
-   no_drop is the mechanism alone: program L with every p_l = 1 (what gamma = 0 runs).
-   Then the steady state itself: PLD's real gate sequence from the steady window in chunks,
-   interleaved with the baseline's; the ratio of median ms/step, and how many steps a run
-   needs to win back its extra compile time.
-2. Convergence, same learning rate: baseline and PLD train `--steps` steps at the preset lr
-   (training time only: steps queued in chunks, one synchronization per chunk, evaluation
-   every `--eval_every` steps not timed); PLD may train up to `--extra` x steps longer to
-   reach the best baseline final validation MLM loss known so far.
-3. The sweep: the other learning rates (`--lr_factors` x preset lr) for both.
+1. Programs: per program (the baseline's; PLD's program N for every N of its steady state,
+   theta = theta_bar) its compile seconds, the seconds to trace it and read it back from the
+   cache (a repeated run), XLA's FLOPs and ms/step in interleaved rounds; no_drop is the
+   mechanism alone, program L with every p_l = 1 (what gamma = 0 runs). Then PLD's real gate
+   sequence from the steady window in chunks against the baseline's, and the steps a run
+   needs for the saved time to pay for its extra compile time.
+2. Convergence at the preset lr, then 3. the sweep (PLD first at each lr: the paper's claim
+   is that it takes the larger one): `--steps` steps each, training time only (steps queued
+   in chunks, one synchronization per chunk; evaluation every `--eval_every` steps not
+   timed); PLD may train `--extra` x steps longer to reach the best baseline final
+   validation MLM loss known so far. `--budget_s` skips sweep runs that would end after it.
 Reported: wall-clock to the baseline's final validation MLM loss at the same lr and with each
-variant at its best lr of the sweep (by validation loss at `--steps`); loss curves as a plot.
+variant at its best lr (by validation loss at `--steps`); the loss curves as a plot.
 Goals (GPU, BERT-base, seq 128): s/step PLD / baseline <= 0.78, no_drop <= 1.02, >= 1.3x
 faster to the baseline's final validation loss.
 """
@@ -154,7 +155,6 @@ def programs_part(args, base: Run, pld: Run, window: range) -> dict:
   for name, run, plan_kwargs in timed:
     sig = signature(plan_kwargs)
     rows[name] = {'compile_s': run.programs.compile_seconds[sig],
-                  'compile_cpu_s': run.programs.compile_cpu_seconds[sig],
                   'flops': run.programs.flops[sig]}
   for name, run, plan_kwargs in timed[:2]:   # a repeated run: traced, then read from the cache
     jax.clear_caches()                       # (not the in-memory copy of this process)
@@ -259,17 +259,17 @@ def to_markdown(r: dict) -> str:
     table = []
     for name, row in p['rows'].items():
       n = int(name[2:]) if name.startswith('N=') else None
-      table.append([name, row.get('compile_s'), row.get('compile_cpu_s'), row.get('cache_load_s'),
+      table.append([name, row.get('compile_s'), row.get('cache_load_s'),
                     row.get('flops'), row['ms_per_step'],
                     row['ms_per_step'] / p['rows']['baseline']['ms_per_step'],
                     None if n is None else p['steady_probs'][n]])
     lines += [f'{r["compile_programs"]} programs (all runs) compiled cold in '
               f'{r["compile_wall_s"]:.1f} s: the baseline\'s, N=L and one steady N alone '
               f'(first), then the others {s["compile_workers"]} at once; a program\'s seconds '
-              'below are its own lowering + compile (CPU: of the compiling thread). no_drop is '
-              'program N=L with every p = 1.', '',
+              'below are its own lowering + compile, wall-clock. no_drop is program N=L with '
+              'every p = 1.', '',
               benchmarking.markdown_table(
-        ['program', 'compile s', 'compile CPU s', 'traced + read from cache s', 'XLA FLOPs',
+        ['program', 'compile s', 'traced + read from cache s', 'XLA FLOPs',
          'ms/step', 'vs baseline', 'P(N) at theta_bar'], table, floats='.4g'), '']
     be = p['break_even_steps']
     lines += [benchmarking.markdown_table(['steady state', 'value', 'goal'], [
