@@ -17,6 +17,15 @@ def data_dir(tmp_path_factory):
   return path
 
 
+def pytest_collection_finish(session):
+  """Subprocesses that take minutes on one core start now and run beside the other tests
+  (CI has two cores; the pytest process keeps one busy)."""
+  for module in {item.module for item in session.items if hasattr(item, 'module')}:
+    if hasattr(module, 'start_cases'):
+      module.start_cases()
+      session.config.add_cleanup(module.stop_cases)
+
+
 @pytest.fixture(autouse=True)
 def logging_restored():
   """What accel.faults.quiet_logs and a fault's exit do to logging, undone after each test."""

@@ -1,8 +1,9 @@
 """The SPMD Ouroboros program against the single-device reference, on simulated devices.
 
 Runs in a subprocess with 8 simulated CPU devices (the pytest process already started jax
-with one). Each case trains 2K+1 iterations (past the warm-up of every module, so 'stored'
-and 'recompute' have diverged; with weight prediction 4K, `_iterations`) on a tiny model
+with one), started when the tests are collected so that it runs beside the others. Each
+case trains 2K+1 iterations (past the warm-up of every module, so 'stored' and 'recompute'
+have diverged; with weight prediction 4K, `_iterations`) on a tiny model
 and compares the SPMD parameters and loss with `Reference` after every iteration. They
 agree to float32 rounding, not bitwise: the SPMD program is compiled as one XLA computation
 (other fusion, other summation order), and the tied table's two gradient parts are added in
@@ -29,8 +30,10 @@ they ran: one checks for conditionals, one for copies of the 'stored' history ri
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -232,25 +235,55 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   return worst
 
 
-@pytest.fixture(scope='module')
-def results(tmp_path_factory):
-  """All cases in one subprocess of 8 CPU devices. XLA compiles with its backend (LLVM)
+_BACKGROUND: dict = {}
+
+
+def start_cases() -> None:
+  """Starts all cases in one subprocess of 8 CPU devices, once per session. conftest calls
+  this as soon as the tests are collected, so that the subprocess (compiles, one core)
+  runs beside the tests before this module's. XLA compiles with its backend (LLVM)
   optimizations off: the cases check what the programs compute and the compiled HLO (its
   conditionals and copies), not their speed; and a persistent compilation cache returns the
   programs whose text two checks read."""
+  if _BACKGROUND:
+    return
+  folder = tempfile.mkdtemp(prefix='accel_spmd_')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8 '
                        '--xla_backend_optimization_level=0',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_COMPILATION_CACHE_DIR=os.path.join(folder, 'jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(CASES)],
-                        env=env, cwd=root, capture_output=True, text=True, timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  out, err = (open(os.path.join(folder, name), 'w+') for name in ('stdout', 'stderr'))
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(CASES)],
+                          env=env, cwd=root, stdout=out, stderr=err, text=True)
+  _BACKGROUND.update(proc=proc, out=out, err=err, folder=folder)
+
+
+def stop_cases() -> None:
+  """Ends the subprocess if it is still running (conftest, at the end of the session)."""
+  if _BACKGROUND:
+    _BACKGROUND['proc'].kill()
+    _BACKGROUND['proc'].wait()
+    _BACKGROUND['out'].close()
+    _BACKGROUND['err'].close()
+    shutil.rmtree(_BACKGROUND['folder'], ignore_errors=True)
+    _BACKGROUND.clear()
+
+
+@pytest.fixture(scope='module')
+def results():
+  """{case: worst differences} of the subprocess `start_cases` started."""
+  start_cases()
+  proc = _BACKGROUND['proc']
+  proc.wait(timeout=1800)
+  _BACKGROUND['out'].seek(0)
+  _BACKGROUND['err'].seek(0)
+  assert proc.returncode == 0, _BACKGROUND['err'].read()[-4000:]
   out = {}
-  for line in proc.stdout.splitlines():
+  for line in _BACKGROUND['out'].read().splitlines():
     if line.startswith('CASE '):
       case, worst = json.loads(line[5:])
       out[tuple(case)] = worst
