@@ -18,12 +18,19 @@ def data_dir(tmp_path_factory):
 
 
 def pytest_collection_finish(session):
-  """Subprocesses that take minutes on one core start now and run beside the other tests
-  (CI has two cores; the pytest process keeps one busy)."""
-  for module in {item.module for item in session.items if hasattr(item, 'module')}:
-    if hasattr(module, 'start_cases'):
-      module.start_cases()
-      session.config.add_cleanup(module.stop_cases)
+  """The selected tests' slow subprocesses (`tests.background`) start now."""
+  from tests import background  # pylint: disable=g-import-not-at-top
+  jobs, modules = {}, {}
+  for item in session.items:
+    module = getattr(item, 'module', None)
+    if module is not None and hasattr(module, 'background_jobs'):
+      mine = modules.setdefault(module, module.background_jobs())
+      name = getattr(item, 'originalname', item.name)
+      if name in mine:
+        jobs.setdefault(name, mine[name])
+  if jobs:
+    background.start(jobs)
+  session.config.add_cleanup(background.stop)
 
 
 @pytest.fixture(autouse=True)

@@ -30,12 +30,12 @@ they ran: one checks for conditionals, one for copies of the 'stored' history ri
 import functools
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import pytest
+
+from tests import background
+from tests.helpers import ROOT
 
 CLIP = 0.5
 # (model, K, tied ring, backward weights, data axis, dropout rate, clip norm, weight
@@ -235,55 +235,33 @@ def _run_case(model, k, tied, bw, data, rate, clip, prediction, remedies=''):
   return worst
 
 
-_BACKGROUND: dict = {}
-
-
-def start_cases() -> None:
-  """Starts all cases in one subprocess of 8 CPU devices, once per session. conftest calls
-  this as soon as the tests are collected, so that the subprocess (compiles, one core)
-  runs beside the tests before this module's. XLA compiles with its backend (LLVM)
+def _cases_job():
+  """All cases in one subprocess of 8 CPU devices. XLA compiles with its backend (LLVM)
   optimizations off: the cases check what the programs compute and the compiled HLO (its
   conditionals and copies), not their speed; and a persistent compilation cache returns the
   programs whose text two checks read."""
-  if _BACKGROUND:
-    return
-  folder = tempfile.mkdtemp(prefix='accel_spmd_')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8 '
                        '--xla_backend_optimization_level=0',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(folder, 'jax_cache'),
+             JAX_COMPILATION_CACHE_DIR=background.folder('spmd_jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  out, err = (open(os.path.join(folder, name), 'w+') for name in ('stdout', 'stderr'))
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(CASES)],
-                          env=env, cwd=root, stdout=out, stderr=err, text=True)
-  _BACKGROUND.update(proc=proc, out=out, err=err, folder=folder)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  return background.Job([sys.executable, os.path.abspath(__file__), json.dumps(CASES)],
+                        env, ROOT, timeout=1800)
 
 
-def stop_cases() -> None:
-  """Ends the subprocess if it is still running (conftest, at the end of the session)."""
-  if _BACKGROUND:
-    _BACKGROUND['proc'].kill()
-    _BACKGROUND['proc'].wait()
-    _BACKGROUND['out'].close()
-    _BACKGROUND['err'].close()
-    shutil.rmtree(_BACKGROUND['folder'], ignore_errors=True)
-    _BACKGROUND.clear()
+def background_jobs():
+  return {'test_spmd_matches_reference': _cases_job()}
 
 
 @pytest.fixture(scope='module')
 def results():
-  """{case: worst differences} of the subprocess `start_cases` started."""
-  start_cases()
-  proc = _BACKGROUND['proc']
-  proc.wait(timeout=1800)
-  _BACKGROUND['out'].seek(0)
-  _BACKGROUND['err'].seek(0)
-  assert proc.returncode == 0, _BACKGROUND['err'].read()[-4000:]
+  """{case: worst differences} of the subprocess."""
+  proc = background.result('test_spmd_matches_reference', _cases_job)
+  assert proc.returncode == 0, proc.stderr[-4000:]
   out = {}
-  for line in _BACKGROUND['out'].read().splitlines():
+  for line in proc.stdout.splitlines():
     if line.startswith('CASE '):
       case, worst = json.loads(line[5:])
       out[tuple(case)] = worst

@@ -3,7 +3,6 @@ scale writes its table, CSV and plot."""
 import csv
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ from accel import reproduce, sweep
 from accel.sweep import summary
 from accel.errors import UserError
 from accel.reproduce import pld, stdloss
+from tests import background
 from tests.helpers import ROOT
 
 
@@ -63,23 +63,38 @@ def test_target_errors(monkeypatch):
     reproduce.reproduce('pld', 'paper', '/tmp/unused', '/tmp/unused')
 
 
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """One JAX persistent compilation cache for the runs of every table here: a program that
+TABLES = {'test_pld_smoke_table': 'pld', 'test_stdloss_smoke_table': 'stdloss',
+          'test_together_smoke_table': 'together', 'test_ouroboros_smoke_table': 'ouroboros'}
+
+
+def _reproduce_job(target):
+  """`experiments.reproduce TARGET --scale=smoke` in a subprocess, writing under its job
+  folder. One JAX persistent compilation cache for the runs of every table: a program that
   two runs compile alike (the fine-tuning runs of pld, most evaluation steps) is compiled
-  once. The runs also compile with XLA's backend optimizations off: the tables' assertions
-  are about what the runs compute and count (FLOPs from XLA's cost analysis), not speed."""
-  return str(tmp_path_factory.mktemp('jax_cache'))
-
-
-def _reproduce_cli(target, out, runs, cache):
+  once. The runs compile with XLA's backend optimizations off: the tables' assertions are
+  about what the runs compute and count (FLOPs from XLA's cost analysis), not speed."""
+  home = background.folder(f'reproduce_{target}')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-         'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_COMPILATION_CACHE_DIR': background.folder('reproduce_jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
          'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'}
-  return subprocess.run([sys.executable, '-m', 'experiments.reproduce', target,
-                         '--scale=smoke', f'--out={out}', f'--runs_dir={runs}'],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return background.Job([sys.executable, '-m', 'experiments.reproduce', target,
+                         '--scale=smoke', f'--out={home}/tables', f'--runs_dir={home}/runs'],
+                        env, ROOT, timeout=600)
+
+
+def background_jobs():
+  return {test: _reproduce_job(target) for test, target in TABLES.items()}
+
+
+def _reproduced(test):
+  """(CompletedProcess, tables folder, runs folder) of the table `test` checks."""
+  target = TABLES[test]
+  done = background.result(test, lambda: _reproduce_job(target))
+  assert done.returncode == 0, done.stderr[-2000:]
+  home = background.folder(f'reproduce_{target}')
+  return f'{home}/tables', f'{home}/runs'
 
 
 def _check_outputs(out, target, n_runs, may_fail=()):
@@ -105,10 +120,8 @@ def _check_outputs(out, target, n_runs, may_fail=()):
   return text
 
 
-def test_pld_smoke_table(tmp_path, compilation_cache):
-  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('pld', out, runs, compilation_cache)
-  assert done.returncode == 0, done.stderr[-2000:]
+def test_pld_smoke_table():
+  out, runs = _reproduced('test_pld_smoke_table')
   text = _check_outputs(out, 'pld', 4)
   flops_row = next(l for l in text.splitlines() if l.startswith('| FLOPs per step'))
   base_flops, pld_flops, flops_ratio = (float(c) for c in flops_row.split('|')[3:6])
@@ -146,10 +159,8 @@ def test_stdloss_seed_rows_against_hand_values(monkeypatch):
                  '3.00 +- 1.41']
 
 
-def test_stdloss_smoke_table(tmp_path, compilation_cache):
-  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('stdloss', out, runs, compilation_cache)
-  assert done.returncode == 0, done.stderr[-2000:]
+def test_stdloss_smoke_table():
+  out, runs = _reproduced('test_stdloss_smoke_table')
   text = _check_outputs(out, 'stdloss', 4)
   assert os.path.getsize(os.path.join(out, 'stdloss_smoke_batch.png')) > 1000
   # The un-normalized run reaches its own best at its own step: speedup 1 by definition,
@@ -164,11 +175,9 @@ def test_stdloss_smoke_table(tmp_path, compilation_cache):
     reproduce.reproduce('stdloss', 'paper', out, runs)
 
 
-def test_together_smoke_table(tmp_path, compilation_cache):
+def test_together_smoke_table():
   """Baseline, each method alone and all three in one run: every run trains."""
-  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('together', out, runs, compilation_cache)
-  assert done.returncode == 0, done.stderr[-2000:]
+  out, runs = _reproduced('test_together_smoke_table')
   text = _check_outputs(out, 'together', 3)
   row = next(l for l in text.splitlines() if l.startswith('| together |'))
   assert row.startswith('| together | on | on | on | finished |')
@@ -179,12 +188,10 @@ def test_together_smoke_table(tmp_path, compilation_cache):
   assert float(layerdrop.split('|')[11]) < 1.0
 
 
-def test_ouroboros_smoke_table(tmp_path, compilation_cache):
+def test_ouroboros_smoke_table():
   """Data parallel and the Ouroboros pipeline on one device: both train, the pipeline run
   logged the pipeline trainer's metric, the speedup column is relative to dp-1dev."""
-  out, runs = str(tmp_path / 'tables'), str(tmp_path / 'runs')
-  done = _reproduce_cli('ouroboros', out, runs, compilation_cache)
-  assert done.returncode == 0, done.stderr[-2000:]
+  out, runs = _reproduced('test_ouroboros_smoke_table')
   text = _check_outputs(out, 'ouroboros', 2)
   dp = next(l for l in text.splitlines() if l.startswith('| 1 | dp |'))
   ouro = next(l for l in text.splitlines() if l.startswith('| 1 | ouroboros (K=2) |'))
