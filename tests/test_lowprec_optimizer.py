@@ -62,3 +62,24 @@ def test_loss_scale_is_divided_out():
   u1, _ = tx1.update(g_scaled, tx1.init(w0), w0)
   u0, _ = tx0.update(jax.grad(loss)(w0, 1.0), tx0.init(w0), w0)
   np.testing.assert_array_equal(u1, u0)
+
+
+def test_each_stream_rounds_with_its_own_bits():
+  """Tensors updated one at a time under vmap with the same state structure (the
+  pipeline's per-layer update) draw their own bits through `stream`; no stream is the
+  plain key fold_in(seed, count)."""
+  w_LxN = jnp.ones((2, 256), jnp.float32)
+  g_LxN = jnp.full((2, 256), -0.01, jnp.float32)   # steps of 1e-4, a twentieth of the spacing at 1
+  tx = O.lowprec_updates(optax.sgd(0.01), 'e6m9', rounding='stochastic', seed=3)
+
+  @jax.jit    # one compile, not one per eager op
+  def updates(g_LxN, w_LxN):
+    update = lambda g, w, stream: tx.update(g, tx.init(w), w, stream=stream)[0]
+    own_LxN = jax.vmap(update)(g_LxN, w_LxN, jnp.arange(2))
+    shared_LxN = jax.vmap(lambda g, w: tx.update(g, tx.init(w), w)[0])(g_LxN, w_LxN)
+    return own_LxN, shared_LxN, tx.update(g_LxN[0], tx.init(w_LxN[0]), w_LxN[0])[0]
+
+  u_LxN, shared_LxN, plain_N = updates(g_LxN, w_LxN)
+  assert not np.array_equal(u_LxN[0], u_LxN[1])
+  np.testing.assert_array_equal(shared_LxN[0], shared_LxN[1])
+  np.testing.assert_array_equal(shared_LxN[0], plain_N)

@@ -90,6 +90,12 @@ def _keys(key, rounding, *shape):
 
 
 
+def _zero_total(shape, *operands):
+  """A float32 zero running total that varies over the mesh axes the operands vary over
+  (inside jax.shard_map a scan's carry must have its body's output type)."""
+  return sum(jnp.zeros_like(x, jnp.float32, shape=shape) for x in operands)
+
+
 def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, operand_fmt, mul_fmt, acc_fmt, rounding, key):
   """Sequential rounded accumulation. With nearest rounding, operands whose products stay
   on the accumulator's subnormal grid, and magnitudes that rule out overflow (checked at
@@ -116,11 +122,11 @@ def _exact_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, operand_fmt, mul_fmt, acc_fmt, roundi
 
     def one_chunk(total, xs):
       a_LxBxM, b_LxBxN, k_L1 = xs
-      chunk, _ = lax.scan(element, jnp.zeros((b, m, n), jnp.float32),
+      chunk, _ = lax.scan(element, _zero_total((b, m, n), a_LxBxM, b_LxBxN),
                           (a_LxBxM, b_LxBxN, k_L1[:-1]))
       return rnd_add(total, chunk, acc_fmt.significant_bits, k_L1[-1]), None
 
-    total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
+    total, _ = lax.scan(one_chunk, _zero_total((b, m, n), lhs_CxLxBxM, rhs_CxLxBxN),
                         (lhs_CxLxBxM, rhs_CxLxBxN, keys))
     return total
 
@@ -147,7 +153,7 @@ def _fast_BxMxN(lhs_BxMxCxL, rhs_BxCxLxN, acc_fmt, rounding, key):
 
   b, m = lhs_BxMxCxL.shape[:2]
   n = rhs_BxCxLxN.shape[3]
-  total, _ = lax.scan(one_chunk, jnp.zeros((b, m, n), jnp.float32),
+  total, _ = lax.scan(one_chunk, _zero_total((b, m, n), lhs_BxMxCxL, rhs_BxCxLxN),
                       (jnp.moveaxis(lhs_BxMxCxL, 2, 0), jnp.moveaxis(rhs_BxCxLxN, 1, 0), keys))
   return total
 

@@ -43,12 +43,17 @@ def _round_tree(tree, fmt: FloatFormat, rounding: str, key: jax.Array):
 
 def lowprec_updates(inner: optax.GradientTransformation, fmt: str | FloatFormat = 'e6m9',
                     state_fmt: str | FloatFormat | None = None, rounding: str = 'stochastic',
-                    loss_scale: float = 1.0, seed: int = 0) -> optax.GradientTransformation:
+                    loss_scale: float = 1.0, seed: int = 0
+                    ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so parameters, gradients and its state stay in `fmt` (module docstring).
 
   state_fmt: format of the inner state (default fmt); rounding: of the weight update and
   state ('stochastic' or 'nearest'); loss_scale: the factor the gradients arrive multiplied
   by (see `scale_gradient`), divided out first.
+  The stochastic rounding draws from fold_in(seed, count), then per leaf. `update(...,
+  stream=i)` folds in i as well: a caller that updates tensors one at a time with the same
+  state structure (the pipeline's per-layer vmap, `accel.pipeline.spmd.update`) gives each
+  its own i, or they would all draw the same bits.
   """
   fmt = get_format(fmt)
   state_fmt = get_format(state_fmt or fmt)
@@ -57,10 +62,13 @@ def lowprec_updates(inner: optax.GradientTransformation, fmt: str | FloatFormat 
   def init(params):
     return LowPrecState(inner.init(params), jnp.zeros((), jnp.int32))
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, *, stream=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError('lowprec_updates needs params')
     key = jax.random.fold_in(base, state.count)
+    if stream is not None:
+      key = jax.random.fold_in(key, stream)
     k_state, k_params = jax.random.split(key)
     grads = jax.tree.map(lambda g: quantize(g / loss_scale, fmt).astype(g.dtype), grads)
     updates, inner_state = inner.update(grads, state.inner, params)
@@ -70,7 +78,7 @@ def lowprec_updates(inner: optax.GradientTransformation, fmt: str | FloatFormat 
     deltas = jax.tree.map(lambda new, p: (new - p).astype(p.dtype), new_params, params)
     return deltas, LowPrecState(inner_state, state.count + 1)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def round_to_format(params, fmt: str | FloatFormat = 'e6m9'):
