@@ -18,7 +18,14 @@ a method overrides only what it changes:
                                                                decided on the host, and metrics
   wrap_apply(config, apply_fn)       Task.apply (training)     the model's apply, returning
                                                                (outputs, aux_loss, metrics)
-  transform_outputs(config, outputs) Task.loss (training)      the outputs before the objective
+  transform_outputs(config, outputs) Task.loss (training);     the outputs before the objective
+                                     the pipeline's head
+  wrap_blocks(config, blocks_fn,     the pipeline's stages     a run of the model's blocks, for a
+    data_axis)                                                 method that acts inside the layers
+                                                               (the pipeline runs no wrap_apply:
+                                                               its stages run pieces of the model)
+  gradient_scale(config)             the pipeline's clip       the factor its transform_outputs
+                                                               multiplies every gradient by
   wrap_optimizer(config, tx)         trainer.build_trainer     the optimizer
   layout / build_trainer             trainer.build_trainer     a parallel layout of its own
                                                                (the Ouroboros pipeline)
@@ -47,6 +54,7 @@ from typing import Any, Callable
 import numpy as np
 
 DATA_PARALLEL = 'data_parallel'
+PIPELINE = 'pipeline'         # the Ouroboros pipeline's layout (`accel.pipeline.method`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,16 @@ class Method:
 
   def transform_outputs(self, config, outputs):
     return outputs
+
+  def wrap_blocks(self, config, blocks_fn: Callable, data_axis: str | None) -> Callable:
+    """The pipeline's run of blocks (`accel.pipeline.hooks`); data_axis: the mesh axis
+    the batch is split over where they run (None: they see the whole batch)."""
+    return blocks_fn
+
+  def gradient_scale(self, config) -> float:
+    """The factor every gradient arrives multiplied by from transform_outputs (undone in
+    wrap_optimizer): a layout that clips before the optimizer clips at clip_norm times it."""
+    return 1.0
 
   def wrap_optimizer(self, config, tx):
     return tx

@@ -92,6 +92,17 @@ class Enabled:
       outputs = m.transform_outputs(self.config, outputs)
     return outputs
 
+  def wrap_blocks(self, blocks_fn: Callable, data_axis: str | None) -> Callable:
+    for m in self.methods:
+      blocks_fn = m.wrap_blocks(self.config, blocks_fn, data_axis)
+    return blocks_fn
+
+  def gradient_scale(self) -> float:
+    scale = 1.0
+    for m in self.methods:
+      scale *= m.gradient_scale(self.config)
+    return scale
+
   def wrap_optimizer(self, tx):
     for m in self.methods:
       tx = m.wrap_optimizer(self.config, tx)

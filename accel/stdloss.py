@@ -56,6 +56,16 @@ the gradient only (above): they are counted in 'stdloss/gradient_only_layers' an
 in 'stdloss/loss' nor in the logged train loss. Evaluation (train=False) runs the plain
 apply: no capture, no term.
 
+Under the Ouroboros pipeline (`wrap_blocks`, `accel.pipeline.hooks`) every stage's blocks
+run under `gradient_only`: each chosen layer gets the gradient of weight * L, in the fresh
+backward of the loss-side module and in every delayed one alike ('stored': the moments of
+the forward's own outputs, kept among its vjp residuals; 'recompute': of the re-run's).
+No value is reported: a stage's forwards run inside jax.vjp / jax.checkpoint, which hand out
+only their outputs, and each module's term would be of another batch (module j forwards
+batch t-j), so their sum is no loss of any one batch. Moments: 'global' averages them over
+the 'data' shards of the batch a stage is running (`lax.pmean` inside the shard_map, the
+same batch on every shard of a stage), 'per_device' takes each data shard's own rows.
+
 Moments under data parallelism (`num_shards`). The train step is one `jax.jit` over a
 batch sharded along its first axis. `num_shards=1` computes the moments from the whole,
 globally sharded batch (XLA all-reduces the per-channel sums): global moments, as
@@ -80,7 +90,7 @@ import numpy as np
 from jax import lax
 
 from accel.errors import UserError
-from accel.method import Method
+from accel.method import DATA_PARALLEL, PIPELINE, Method
 
 EPS = 1e-5
 CAPTURED_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -200,11 +210,16 @@ class LiftedLayerError(ValueError):
   """A chosen layer runs inside a Flax lifted transform that traces its body."""
 
 
-def _loss_gradient_identity(weight: float, eps: float, num_shards: int):
+def _loss_gradient_identity(weight: float, eps: float, num_shards: int,
+                            axis_name: str | None = None):
   """y -> y, whose backward adds weight * dL(y)/dy to y's cotangent.
 
   Upstream parameters then get exactly the gradient of weight * L(y), without L's value
-  ever leaving the trace it was computed in (so it works inside nn.cond / remat / scan).
+  ever leaving the trace it was computed in (so it works inside nn.cond / remat / scan,
+  and in a pipeline stage's delayed vjp).
+  axis_name: inside shard_map, y is one shard of the batch along this mesh axis and the
+  moments are averaged over it (global moments); the cotangent added is n * dL/dy_shard
+  for n shards, because the caller averages the shards' parameter gradients (pmean).
   """
   @jax.custom_vjp
   def identity(y):
@@ -214,12 +229,68 @@ def _loss_gradient_identity(weight: float, eps: float, num_shards: int):
     return y, y
 
   def bwd(y, g):
-    dloss_dy = jax.grad(lambda y: _stats_of_layers([_layer_moments(y, num_shards)],
-                                                   eps)[0].loss)(y)
+    if axis_name is None:
+      dloss_dy = jax.grad(lambda y: _stats_of_layers([_layer_moments(y, num_shards)],
+                                                     eps)[0].loss)(y)
+    else:
+      dloss_dy = lax.psum(1, axis_name) * jax.grad(lambda y: standardization_loss(
+          y, eps=eps, num_shards=num_shards, axis_name=axis_name))(y)
     return (g + (weight * dloss_dy).astype(g.dtype),)
 
   identity.defvjp(fwd, bwd)
   return identity
+
+
+def _chooser(layers: str, exclude: str) -> Callable[[Any], str | None]:
+  """context -> the '/'-joined path of the intercepted module if it is a chosen layer (a
+  Dense/DenseGeneral/Conv __call__ whose path matches `layers` and not `exclude`), else None."""
+  include_re = re.compile(layers)
+  exclude_re = re.compile(exclude) if exclude else None
+
+  def chosen(context):
+    if context.method_name != '__call__' or not isinstance(context.module, CAPTURED_TYPES):
+      return None
+    path = '/'.join(context.module.path)
+    if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
+      return None
+    return path
+  return chosen
+
+
+def gradient_only(fn: Callable[..., Any], *, weight: float, layers: str = '',
+                  exclude: str = 'logits$', eps: float = EPS, num_shards: int = 1,
+                  axis_name: str | None = None) -> Callable[..., Any]:
+  """`fn` (any function that calls linen modules) with every chosen layer's output (as
+  `capture` chooses them) through `_loss_gradient_identity`: the parameters get the
+  gradient of weight * L summed over those layers, and L's value stays in the trace.
+
+  For the pipeline's stages (`StandardizationLoss.wrap_blocks`): their forwards run inside
+  jax.vjp and jax.checkpoint, whose intermediates leave only as the vjp's outputs.
+  Raises UserError if fn calls Dense/Conv layers and chooses none.
+  """
+  chosen = _chooser(layers, exclude)
+  identity = _loss_gradient_identity(weight, eps, num_shards, axis_name)
+
+  def wrapped(*args, **kwargs):
+    seen = {'layers': 0, 'chosen': 0}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      y = next_fun(*call_args, **call_kwargs)
+      seen['layers'] += (context.method_name == '__call__'
+                         and isinstance(context.module, CAPTURED_TYPES))
+      if chosen(context) is None:
+        return y
+      seen['chosen'] += 1
+      return identity(y)
+
+    with nn.intercept_methods(interceptor):
+      out = fn(*args, **kwargs)
+    if seen['layers'] and not seen['chosen']:
+      raise UserError(f'stdloss.layers={layers!r} (exclude={exclude!r}) matches no Dense or '
+                      'Conv layer of the model')
+    return out
+
+  return wrapped
 
 
 def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$',
@@ -237,8 +308,7 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
   (the gradient of lifted_weight * L, no value, no LayerStats) and its path is added to
   `lifted_paths`.
   """
-  include_re = re.compile(layers)
-  exclude_re = re.compile(exclude) if exclude else None
+  chosen = _chooser(layers, exclude)
 
   def wrapped(*args, **kwargs):
     moments: dict[str, _Partial] = {}
@@ -249,10 +319,8 @@ def capture(fn: Callable[..., Any], *, layers: str = '', exclude: str = 'logits$
       if not top_trace:
         top_trace.append(module.scope.trace_level)
       y = next_fun(*call_args, **call_kwargs)
-      if context.method_name != '__call__' or not isinstance(module, CAPTURED_TYPES):
-        return y
-      path = '/'.join(module.path)
-      if not include_re.search(path) or (exclude_re and exclude_re.search(path)):
+      path = chosen(context)
+      if path is None:
         return y
       if module.scope.trace_level != top_trace[0]:
         if lifted_weight is None:
@@ -296,8 +364,10 @@ class StandardizationLoss(Method):
 
   Metrics as `metrics` plus 'stdloss/gradient_only_layers' (chosen layers inside lifted
   transforms, whose term enters the gradient only). Evaluation runs the plain apply.
+  Under the pipeline, every stage's blocks run under `gradient_only` (`wrap_blocks`).
   """
   block = 'stdloss'
+  layouts = (DATA_PARALLEL, PIPELINE)
 
   def check(self, config) -> None:
     cfg = config.stdloss
@@ -326,6 +396,18 @@ class StandardizationLoss(Method):
       return out, cfg.weight * total_loss(captured), std_metrics
 
     return wrapped
+
+  def wrap_blocks(self, config, blocks_fn, data_axis):
+    """Gradient only; inside the pipeline's shard_map (data_axis) 'global' averages the
+    moments over the data shards of the stage's batch, 'per_device' keeps each shard's."""
+    cfg = config.stdloss
+    per_device = cfg.moments == 'per_device'
+    if data_axis is None:
+      num_shards, axis_name = (jax.device_count() if per_device else 1), None
+    else:
+      num_shards, axis_name = 1, (None if per_device else data_axis)
+    return gradient_only(blocks_fn, weight=cfg.weight, layers=cfg.layers,
+                         exclude=cfg.exclude, num_shards=num_shards, axis_name=axis_name)
 
 
 METHOD = StandardizationLoss()

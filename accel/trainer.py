@@ -36,10 +36,13 @@ class TrainState:
 @dataclasses.dataclass
 class Trainer:
   """How one parallel layout initialises its state and takes one step."""
-  init: Callable[[jax.Array, dict], Any]                       # (rng, batch) -> state
+  init: Callable[..., Any]           # (rng, batch, params=None) -> state; params: the
+                                     # model's to start from (None: initialised from rng)
   train_step: Callable[[Any, dict, dict], tuple[Any, dict]]    # jitted (state, batch, plan)
   eval_step: Callable[[Any, dict], dict]                       # (state, batch) -> metrics
   batch_sharding: NamedSharding
+  # state -> the model's params (the pipeline reassembles them from its stages)
+  model_params: Callable[[Any], Any] = lambda state: state.params
 
   @property
   def replicated(self) -> NamedSharding:
@@ -59,8 +62,8 @@ def data_parallel_trainer(config, task, tx: optax.GradientTransformation, schedu
   batch_sharding = NamedSharding(mesh, P('data'))
   base_rng = train_rng(config)
 
-  def init(rng, batch):
-    variables = task.init(rng, batch)
+  def init(rng, batch, params=None):
+    variables = task.init(rng, batch, params)
     params = variables.pop('params')
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), mutable=variables)

@@ -2,6 +2,7 @@
 subprocess, or in this process), share JAX's persistent compilation cache."""
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,19 @@ def cli_in_process(*args) -> subprocess.CompletedProcess:
     for name in [n for n in flags.FLAGS if n.startswith('config.')]:
       delattr(flags.FLAGS, name)       # defined by each parse of --config, for its overrides
   return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def run_json_script(path: str, devices: int, timeout: int = 900, fast_compile: bool = False):
+  """Runs the file `path` as a script with `devices` CPU devices; returns the JSON on its
+  last line of output (asserting it exited cleanly). fast_compile: XLA's backend at
+  optimisation level 0, for tests whose cost is compiling tiny programs (every side of a
+  comparison compiles alike)."""
+  flags = f'--xla_force_host_platform_device_count={devices}'
+  if fast_compile:
+    flags += ' --xla_backend_optimization_level=0'
+  env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  proc = subprocess.run([sys.executable, path], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

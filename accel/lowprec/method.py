@@ -6,6 +6,18 @@ first and last layers keep float32 GEMMs: the LM's output projection, a classifi
 conv and its logits layer; the LM's first layer is an embedding lookup, no GEMM);
 update_fmt / update_rounding (weights, gradients and optimizer state, `optimizer.py`;
 'fp32' keeps the ordinary float32 update); loss_scale; seed.
+
+Under the Ouroboros pipeline: the GEMM hooks are in the model config its pieces run; the
+initial rounding acts on the model's params before they are cut into stages; the loss
+scale on the head's outputs (`accel.pipeline.hooks`); the 16-bit update wraps each layer's
+and each owned tensor's optimizer, each with its own random stream
+(`accel.pipeline.spmd.update`). The pipeline clips before the optimizer, at clip_norm times
+the loss scale (`gradient_scale`); the data-parallel step clips inside it, after the
+gradients are rounded to update_fmt: with clipping active the two differ by that rounding.
+With a data axis > 1 each shard's backward GEMMs accumulate its weight gradient over its
+own rows in acc_fmt before the shards' gradients are averaged in float32, as data-parallel
+hardware would; the data-parallel step's partitioned emulation sums each chunk across the
+devices before rounding it, as one device would. The two differ by that rounding.
 """
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ import optax
 from jax import lax
 
 from accel.errors import UserError
-from accel.method import Method
+from accel.method import DATA_PARALLEL, PIPELINE, Method
 from accel.lowprec.formats import FORMATS
 from accel.lowprec.gemm import GemmSettings, LayerSettings, LowPrecConv, LowPrecDotGeneral
 from accel.lowprec.optimizer import lowprec_updates, round_to_format, scale_gradient
@@ -47,6 +59,7 @@ class LowPrecision(Method):
   """The method: low-precision GEMMs injected into the model, 16-bit weights and update."""
   block = 'lowprec'
   models = TRANSFORMERS + CLASSIFIERS
+  layouts = (DATA_PARALLEL, PIPELINE)
 
   def check(self, config) -> None:
     lp = config.lowprec
@@ -78,6 +91,9 @@ class LowPrecision(Method):
   def transform_outputs(self, config, outputs):
     """Loss scaling: the outputs' cotangent (hence every backward GEMM) times loss_scale."""
     return scale_gradient(outputs, config.lowprec.loss_scale)
+
+  def gradient_scale(self, config) -> float:
+    return config.lowprec.loss_scale
 
   def wrap_optimizer(self, config, tx: optax.GradientTransformation
                      ) -> optax.GradientTransformation:

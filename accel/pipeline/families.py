@@ -1,7 +1,8 @@
 """The one interface between the Ouroboros pipeline and a model family.
 
-`for_config(cfg)` returns the family's pieces object (a frozen dataclass, hashable, so
-jitted functions take it as a static argument):
+`for_config(cfg, hooks)` returns the family's pieces object (a frozen dataclass, hashable,
+so jitted functions take it as a static argument), with the enabled methods' hooks
+(`accel.pipeline.hooks`; default none):
 
   model()                          the flax module (evaluation)
   init_params(rng, tokens_BxL)     the model's params
@@ -27,13 +28,13 @@ from __future__ import annotations
 
 from accel.models.transformer import TransformerConfig
 from accel.models.transformer_xl import TransformerXLConfig
-from accel.pipeline import pieces, pieces_xl
+from accel.pipeline import hooks as method_hooks, pieces, pieces_xl
 
 
-def for_config(cfg):
+def for_config(cfg, hooks: method_hooks.MethodHooks = method_hooks.NONE):
   """The pieces of the model `cfg` configures (TransformerLM blocks switched to scan layout)."""
   if isinstance(cfg, TransformerConfig):
-    return pieces.TransformerLMPieces(pieces.scan_config(cfg))
+    return pieces.TransformerLMPieces(pieces.scan_config(cfg), hooks)
   if isinstance(cfg, TransformerXLConfig):
-    return pieces_xl.TransformerXLPieces(cfg)
+    return pieces_xl.TransformerXLPieces(cfg, hooks)
   raise TypeError(f'the pipeline has no pieces for {type(cfg).__name__}')

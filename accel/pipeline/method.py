@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from accel.method import Method, StepPlan
+from accel.method import PIPELINE, Method, StepPlan
 from accel.pipeline import trainer
-
-LAYOUT = 'pipeline'
 
 
 class OuroborosPipeline(Method):
   block = 'pipeline'
-  layout = LAYOUT
-  layouts = (LAYOUT,)
+  layout = PIPELINE
+  layouts = (PIPELINE,)
   models = ('transformer_lm', 'transformer_xl')
 
   def plan(self, config, step: int) -> StepPlan:

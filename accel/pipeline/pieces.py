@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from accel.losses import cross_entropy
 from accel.models.transformer import BlockStack, TransformerConfig, TransformerLM
+from accel.pipeline import hooks as method_hooks
 
 
 def scan_config(cfg: TransformerConfig) -> TransformerConfig:
@@ -74,14 +75,15 @@ def blocks(cfg, layers, x_BxLxD, key=None, first_layer=0):
   return x_BxLxD
 
 
-def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL):
-  """Mean token cross-entropy of logits = LN_f(x) @ E^T."""
+def head_loss(cfg, E_VxD, final_ln, x_BxLxD, targets_BxL, outputs=method_hooks.NONE.outputs):
+  """Mean token cross-entropy of outputs(logits), logits = LN_f(x) @ E^T (outputs: the
+  methods' transform of the head's outputs, `hooks`)."""
   variables = {'token_embed': {'embedding': E_VxD},
                'pos_embed': jnp.zeros((cfg.max_len, cfg.d_model), jnp.float32)}
   if cfg.pre_ln:
     variables['final_ln'] = final_ln
   logits_BxLxV = TransformerLM(cfg).apply({'params': variables}, x_BxLxD, method='logits')
-  return cross_entropy(logits_BxLxV, targets_BxL).mean()   # the spine's loss, float32
+  return cross_entropy(outputs(logits_BxLxV), targets_BxL).mean()   # the spine's loss, float32
 
 
 def full_loss(cfg, params, tokens_BxL, targets_BxL, layout=None, keys_K=None):
@@ -112,9 +114,11 @@ class TransformerLMPieces:
   """The TransformerLM as the pipeline's model interface (`accel.pipeline.families`).
 
   Parts: first = {'pos_embed': P_MxD} (module 0), last = {'final_ln': ...} (module K-1;
-  {} for PostLN). No recurrence memory: `blocks` passes mem=None through.
+  {} for PostLN). No recurrence memory: `blocks` passes mem=None through. hooks: what the
+  enabled methods change in blocks and head (`accel.pipeline.hooks`).
   """
   cfg: TransformerConfig
+  hooks: method_hooks.MethodHooks = method_hooks.NONE
   has_memory = False
 
   def model(self) -> TransformerLM:
@@ -140,8 +144,9 @@ class TransformerLMPieces:
     return embed(self.cfg, E_VxD, first['pos_embed'], tokens_BxL, key)
 
   def blocks(self, layers, x_BxLxD, mem, key=None, first_layer=0):
-    return blocks(self.cfg, layers, x_BxLxD, key, first_layer), mem
+    return self.hooks.blocks(blocks)(self.cfg, layers, x_BxLxD, key, first_layer), mem
 
   def head_loss(self, E_VxD, last, x_BxLxD, targets_BxL, key=None):
     del key   # no dropout in the head (TransformerLM.logits)
-    return head_loss(self.cfg, E_VxD, last.get('final_ln', {}), x_BxLxD, targets_BxL)
+    return head_loss(self.cfg, E_VxD, last.get('final_ln', {}), x_BxLxD, targets_BxL,
+                     self.hooks.outputs)

@@ -25,6 +25,7 @@ import dataclasses
 import jax
 
 from accel.losses import cross_entropy
+from accel.pipeline import hooks as method_hooks
 from accel.models.transformer_xl import TransformerXL, TransformerXLConfig, run_layers, \
     zero_memory
 from accel.pipeline.pieces import concat_layers, dropout_args, layer_key, slice_layers
@@ -35,8 +36,10 @@ class TransformerXLPieces:
   """Transformer-XL as the pipeline's model interface (`accel.pipeline.families`).
 
   mem_len = 0: no memory (zero_memory is None, blocks attend to the segment alone).
+  hooks: what the enabled methods change in blocks and head (`accel.pipeline.hooks`).
   """
   cfg: TransformerXLConfig
+  hooks: method_hooks.MethodHooks = method_hooks.NONE
 
   @property
   def has_memory(self) -> bool:
@@ -69,6 +72,9 @@ class TransformerXLPieces:
   def blocks(self, layers, x_BxLxD, mem_nxBxMxD, key=None, first_layer=0):
     """Blocks first_layer .. first_layer+n-1 of a module whose key is `key` (block i drops
     with `layer_key(key, first_layer + i)`), on their memory [n, B, M, D]."""
+    return self.hooks.blocks(self._blocks)(layers, x_BxLxD, mem_nxBxMxD, key, first_layer)
+
+  def _blocks(self, layers, x_BxLxD, mem_nxBxMxD, key, first_layer):
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     if n == 0:
       return x_BxLxD, mem_nxBxMxD
@@ -85,4 +91,4 @@ class TransformerXLPieces:
     logits_BxLxV = TransformerXL(self.cfg).apply(
         {'params': {'token_embed': {'embedding': E_VxD}, **last}}, x_BxLxD, method='logits',
         **dropout_args(key))
-    return cross_entropy(logits_BxLxV, targets_BxL).mean()
+    return cross_entropy(self.hooks.outputs(logits_BxLxV), targets_BxL).mean()

@@ -44,7 +44,8 @@ from typing import Any
 import jax
 import optax
 
-from accel.pipeline import clipping, families, pieces, prediction, remedies
+from accel.pipeline import clipping, families, hooks as method_hooks, pieces, prediction, \
+    remedies
 from accel.pipeline.layout import Layout
 
 
@@ -96,17 +97,19 @@ class Reference:
                clip_norm: float = 0.0, forward_locked: bool = False,
                weight_prediction: float = 0.0, sync_warmup_steps: int = 0,
                delay_compensation: float = 0.0, pipemare_steps: int = 0,
-               error_feedback: float = 0.0):
+               error_feedback: float = 0.0,
+               hooks: method_hooks.MethodHooks = method_hooks.NONE):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
     weight_prediction: s of `accel.pipeline.prediction` (0: off); the remedies: N, lambda,
-    T and c of `accel.pipeline.remedies` (0: off)."""
+    T and c of `accel.pipeline.remedies` (0: off); hooks: the enabled methods'
+    (`accel.pipeline.hooks`), the blocks seeing the whole batch."""
     prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
     if cfg.dropout_rate and rng is None:
       raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
-    self.model_pieces = families.for_config(cfg)
+    self.model_pieces = families.for_config(cfg, hooks)
     remedies.check(backward_weights, self.model_pieces.has_memory,
                    sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
                    pipemare_steps=pipemare_steps, error_feedback=error_feedback)

@@ -21,6 +21,14 @@ at this iteration; during the K-1 warm-up iterations no batch has reached it yet
 metric reads 0 with 'pipeline_filled' = 0. 'grad_norm' is the global norm of the gradients
 applied at this iteration, before clipping (`accel.pipeline.clipping`).
 
+The enabled methods (`task.methods`; those that list the layout 'pipeline') attach here:
+their model overrides are in the model config the pieces run, their initial variables
+round the params before they are cut into stages, `transform_outputs` and `wrap_blocks`
+reach the pieces' head and blocks (`accel.pipeline.hooks`), their optimizer wrapper is in
+`tx` (one per layer and owned tensor), and the global-norm clip is taken at
+optimizer.clip_norm times their `gradient_scale` (the gradients arrive scaled by the loss
+scale, which the wrapped optimizer divides out after the clip).
+
 Dropout keys derive from the same train rng as the data-parallel trainer's
 (`accel.trainer.train_rng`): batch b's are fold_in(train_rng, b), folded further with the
 module and the data shard (`pieces.dropout_key`), so with a data axis > 1 the masks
@@ -39,6 +47,7 @@ from accel.errors import UserError
 from accel.models.transformer import TransformerLM
 from accel.models.transformer_xl import TransformerXL
 from accel.pipeline import families
+from accel.pipeline.hooks import MethodHooks
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import Pipeline, make_mesh
 from accel.trainer import Trainer, TrainState, train_rng
@@ -59,8 +68,9 @@ def _check(task):
 def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   """tx: the per-module optimizer, without the global-norm clip (`build_trainer`)."""
   _check(task)
-  pc = config.pipeline
-  model_pieces = families.for_config(task.model.cfg)
+  pc, methods = config.pipeline, task.methods
+  hooks = MethodHooks(outputs=methods.transform_outputs, wrap_blocks=methods.wrap_blocks)
+  model_pieces = families.for_config(task.model.cfg)   # the overrides are in its cfg
   cfg = model_pieces.cfg
   layout = Layout(cfg.num_layers, pc.num_modules, pc.tied_ring)
   devices = mesh.devices.flatten()
@@ -73,8 +83,8 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
                     f'{data_size}')
   pmesh = make_mesh(data_size, stages, devices)
   pipe = Pipeline(cfg, layout, tx, pc.backward_weights, pmesh, rng=train_rng(config),
-                  clip_norm=config.optimizer.clip_norm,
-                  weight_prediction=pc.weight_prediction,
+                  clip_norm=config.optimizer.clip_norm * methods.gradient_scale(),
+                  weight_prediction=pc.weight_prediction, hooks=hooks,
                   **{name: pc[name] for name in REMEDIES})
   eval_task = dataclasses.replace(task, model=model_pieces.model())
   batch_sharding = NamedSharding(pmesh, P('data'))
@@ -86,8 +96,14 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
   def to_pipeline_state(ts):
     return {'step': ts.step, 'params': ts.params, 'opt': ts.opt_state, **ts.mutable}
 
-  def init(rng, batch):
-    params = model_pieces.init_params(rng, batch['inputs'][:1])
+  @jax.jit
+  def init_params(rng, tokens_1xL, params):
+    if params is None:
+      params = model_pieces.init_params(rng, tokens_1xL)
+    return methods.init_variables({'params': params})['params']
+
+  def init(rng, batch, params=None):
+    params = init_params(rng, batch['inputs'][:1], params)
     b, l = batch['inputs'].shape
     return to_train_state(pipe.init(params, b, l))
 
@@ -105,9 +121,12 @@ def pipeline_trainer(config, task, tx, schedule, mesh) -> Trainer:
                                 'lr': schedule(jnp.maximum(ts.step - (pc.num_modules - 1),
                                                            0))}
 
+  def model_params(ts):
+    return pipe.model_params(to_pipeline_state(ts))
+
   def eval_step(ts, batch):
-    params = pipe.model_params(to_pipeline_state(ts))
-    return eval_task.evaluate(params, {}, batch)
+    return eval_task.evaluate(model_params(ts), {}, batch)
 
   return Trainer(init=init, train_step=jax.jit(train_step, donate_argnums=0),
-                 eval_step=jax.jit(eval_step), batch_sharding=batch_sharding)
+                 eval_step=jax.jit(eval_step), batch_sharding=batch_sharding,
+                 model_params=jax.jit(model_params))

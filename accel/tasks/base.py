@@ -29,8 +29,12 @@ class Task:
   methods: Any                     # accel.methods.Enabled
   mutable_collections: tuple = ()
 
-  def init(self, rng, batch) -> dict:
+  def init(self, rng, batch, params=None) -> dict:
+    """The initial variables; params: the model's params to start from (None: from rng);
+    either way the methods' init_variables apply."""
     variables = self.model.init({'params': rng, 'dropout': rng}, self.inputs(batch), train=False)
+    if params is not None:
+      variables = {**variables, 'params': params}
     return self.methods.init_variables(variables)
 
   def inputs(self, batch):

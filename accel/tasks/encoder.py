@@ -51,8 +51,8 @@ class MaskedLMTask(Task):
                                                encoder_tokens(batch, self.vocab), self.vocab)
     return {'mlm_inputs': inputs, 'mlm_targets': targets, 'mlm_weights': weights}
 
-  def init(self, rng, batch):
-    return super().init(rng, self._masked(batch, rng))
+  def init(self, rng, batch, params=None):
+    return super().init(rng, self._masked(batch, rng), params)
 
   def inputs(self, batch):
     return batch['mlm_inputs']
@@ -97,9 +97,9 @@ class TextClassificationTask(ClassificationTask):
   def inputs(self, batch):
     return encoder_tokens(batch)
 
-  def init(self, rng, batch):
-    variables = super().init(rng, batch)
-    if self.pretrained is None:
+  def init(self, rng, batch, params=None):
+    variables = super().init(rng, batch, params)
+    if self.pretrained is None or params is not None:
       return variables
     fresh = variables['params']['encoder']
     want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), fresh)

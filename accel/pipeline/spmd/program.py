@@ -7,13 +7,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import families, prediction, remedies
+from accel.pipeline import families, hooks as method_hooks, prediction, remedies
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import backward, corrections, ring, synchronous
 from accel.pipeline.spmd.forward import forward
@@ -39,12 +41,14 @@ class Pipeline:
                backward_weights: str, mesh: jax.sharding.Mesh, rng=None,
                clip_norm: float = 0.0, weight_prediction: float = 0.0,
                sync_warmup_steps: int = 0, delay_compensation: float = 0.0,
-               pipemare_steps: int = 0, error_feedback: float = 0.0):
+               pipemare_steps: int = 0, error_feedback: float = 0.0,
+               hooks: method_hooks.MethodHooks = method_hooks.NONE):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
     weight_prediction: s of `accel.pipeline.prediction` (0: off; 'stored' only); the
     remedies N, lambda, T, c of `accel.pipeline.remedies` (0: off). With N > 0 iterations
-    t < N run `sync_step_fn` (`synchronous`), the others `step_fn`."""
+    t < N run `sync_step_fn` (`synchronous`), the others `step_fn`. hooks: the enabled
+    methods' (`accel.pipeline.hooks`); the blocks see the 'data' shard."""
     prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
       raise ValueError(f'backward_weights={backward_weights!r}')
@@ -53,7 +57,7 @@ class Pipeline:
                        f'{layout.num_stages}')
     if cfg.dropout_rate and rng is None:
       raise ValueError('dropout_rate > 0 needs the rng its masks derive from')
-    self.model_pieces = families.for_config(cfg)
+    self.model_pieces = families.for_config(cfg, dataclasses.replace(hooks, data_axis='data'))
     remedies.check(backward_weights, self.model_pieces.has_memory,
                    sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
                    pipemare_steps=pipemare_steps, error_feedback=error_feedback)

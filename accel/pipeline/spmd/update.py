@@ -2,7 +2,9 @@
 stages' gradients if clip_norm > 0 (`accel.pipeline.clipping`), and each module applies its
 own optimizer, only where it has a gradient (warm-up: module j's batch t-2(K-1)+j exists;
 `jnp.where` keeps the old state otherwise). The optimizer runs per layer (vmap over the
-stage's n layers: each counts its own updates) and per owned tensor (E, first, last).
+stage's n layers: each counts its own updates) and per owned tensor (E, first, last),
+each tensor with its own `stream` extra argument (`streams`) for an optimizer that draws
+random bits per tensor (the 16-bit update's stochastic rounding, `accel.lowprec.optimizer`).
 The remedies' corrections (`accel.pipeline.remedies`) act on the averaged gradients before
 the norm; PipeMare's factors on the optimizer's updates.
 """
@@ -51,6 +53,13 @@ class Update:
   raw: Any             # the gradients after the pmean, before corrections and clipping
 
 
+def streams(me, num_stages: int, layers_per_stage: int):
+  """Each tensor's stream: layer i of stage s is s n + i; E, first and last follow all
+  layers (E the same on both untied copies, which must stay equal)."""
+  n, s = layers_per_stage, num_stages
+  return {'layers': me * n + jnp.arange(n), 'E': s * n, 'first': s * n + 1, 'last': s * n + 2}
+
+
 def update(tx, g, params, opt, owns_S, counts_E_S, clip_norm: float, it: Iteration,
            masks_fn, correct=None, factors=None) -> Update:
   """owns_S: {'E', 'first', 'last'} -> [S] bool, who holds the tensor; counts_E_S: which
@@ -75,22 +84,26 @@ def update(tx, g, params, opt, owns_S, counts_E_S, clip_norm: float, it: Iterati
   if clip_norm:
     g = clipping.clip(g, grad_norm, clip_norm)
 
-  def apply(grads, o, p, factor=None):
-    updates, o = tx.update(grads, o, p)
+  tx = optax.with_extra_args_support(tx)
+
+  def apply(grads, o, p, stream, factor=None):
+    updates, o = tx.update(grads, o, p, stream=stream)
     if factor is not None:
       updates = remedies.scale(updates, factor)
     return optax.apply_updates(p, updates), o
 
   factors = factors or {}
+  stream = streams(me, owns_S['E'].shape[0], jax.tree_util.tree_leaves(g['layers'])[0].shape[0])
   new_p, new_opt = {}, {}
   if 'layers' in factors:
-    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], factors['layers'])
+    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], stream['layers'],
+                             factors['layers'])
   else:
-    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'])
+    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], stream['layers'])
   new_p['layers'] = keep(layer_valid, lp, params['layers'])
   new_opt['layers'] = keep(layer_valid, lo, opt['layers'])
   for name in ('E', 'first', 'last'):
-    np_, no = apply(g[name], opt[name], params[name], factors.get(name))
+    np_, no = apply(g[name], opt[name], params[name], stream[name], factors.get(name))
     new_p[name] = keep(valid[name], np_, params[name])
     new_opt[name] = keep(valid[name], no, opt[name])
   return Update(params=new_p, opt=new_opt, grad_norm=grad_norm, sq_norm=sq_norm,
