@@ -57,9 +57,14 @@ def train_rng(config) -> jax.Array:
 
 def data_parallel_trainer(config, task, tx: optax.GradientTransformation, schedule,
                           mesh: Mesh) -> Trainer:
-  """Params replicated, batch split over the 'data' mesh axis; XLA inserts the all-reduce."""
+  """Params replicated, batch split over the 'data' mesh axis; XLA inserts the all-reduce.
+  Mutable collections lie as the task says (`Task.mutable_spec`: Transformer-XL's memory
+  with its batch rows, so no device gathers the others' streams)."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data'))
+  state_sharding = TrainState(
+      step=replicated, params=replicated, opt_state=replicated,
+      mutable={c: NamedSharding(mesh, task.mutable_spec(c)) for c in task.mutable_collections})
   base_rng = train_rng(config)
 
   def init(rng, batch, params=None):
@@ -83,10 +88,10 @@ def data_parallel_trainer(config, task, tx: optax.GradientTransformation, schedu
     return task.evaluate(state.params, state.mutable, batch)
 
   return Trainer(
-      init=jax.jit(init, out_shardings=replicated),
-      train_step=jax.jit(train_step, in_shardings=(replicated, batch_sharding, replicated),
-                         out_shardings=(replicated, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
+      init=jax.jit(init, out_shardings=state_sharding),
+      train_step=jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding),
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
 

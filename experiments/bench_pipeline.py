@@ -4,6 +4,12 @@
   python -m experiments.bench_pipeline --out results           # 2 GPUs (~3 min on H200s)
   python -m experiments.bench_pipeline --model transformer_xl --out results   # Transformer-XL
   python -m experiments.bench_pipeline --quick --model transformer_xl --out results
+  python -m experiments.bench_pipeline --size gpt2_medium --train_steps 0 --out results
+
+Every variant is `accel.pipeline.variants` of one config (configs/bench_pipeline.py:SIZE;
+default tiny with --quick, d512 otherwise): one device and data parallelism are the
+spine's data-parallel step, the Ouroboros variants the spine's pipeline trainer, GPipe
+`accel.pipeline.baselines` (M=1: naive model parallelism), all from the same params.
 
 Part 1, throughput (tokens/s, global batch the same for every variant, all on the same
 2 devices; median of 3 windows, variants timed round-robin): a balanced model (byte vocabulary: the blocks dominate) and an unbalanced
@@ -19,18 +25,17 @@ stored pred s', to parts 1 and 2 (select them with --only 'stored pred').
 Part 3, overlap: in the compiled Ouroboros step, how much compute XLA scheduled between
 each asynchronous collective-permute start and its done.
 
---model transformer_xl: the same sizes (GPU: 8 layers, d_model 512, 8 heads, d_ff 2048,
-segment = memory = 512, batch 16; --quick: the tiny model, memory = segment = 64), PreLN
-as configs/ouroboros_txl.py's cpu preset, no dropout, byte vocabulary only. Part 1 times
+--model transformer_xl: sizes tiny_xl (--quick, memory = segment = 64) and txl_base (12
+layers, d_model 512, memory = segment = 512, batch 16), PreLN, no dropout, byte vocabulary. Part 1 times
 single device and data parallel (segment training, the memory carried from step to step;
-data parallel shards it with the batch rows: `baselines.data_parallel`) and the four
+data parallel shards it with the batch rows, as segment training does) and the four
 Ouroboros variants (each stage the memory of its own layers); no GPipe or naive model
 parallelism (the GPipe baseline carries no memory per micro-batch). No part 2 (its batches
 are random windows, not the contiguous streams segment training needs): --train_steps
 other than 0 is an error. Part 3 as for the Transformer.
 
-Writes DIR/bench_pipeline_{cpu,gpu}.json and .md (transformer_xl:
-DIR/bench_pipeline_transformer_xl_{cpu,gpu}.*).
+Writes DIR/bench_pipeline_{cpu,gpu}[_SIZE].json and .md (transformer_xl:
+DIR/bench_pipeline_transformer_xl_{cpu,gpu}[_SIZE].*; _SIZE where --size is given).
 """
 from __future__ import annotations
 
@@ -51,8 +56,8 @@ def _args():
   ap.add_argument('--out', default='results')
   ap.add_argument('--devices', type=int, default=2, help='devices the variants share')
   ap.add_argument('--batch', type=int, default=0, help='global batch (0: the setting)')
-  ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                  help='compute dtype (parameters stay float32)')
+  ap.add_argument('--dtype', default='', choices=('', 'float32', 'bfloat16'),
+                  help="compute dtype (parameters stay float32; '': the preset's)")
   ap.add_argument('--train_steps', default='',
                   help='comma-separated step budgets for part 2 (empty: the setting; 0: skip)')
   ap.add_argument('--profile', default='', help='write perfetto traces of the single-device '
@@ -62,7 +67,7 @@ def _args():
                   help='linear learning-rate warm-up over this fraction of each budget')
   ap.add_argument('--tag', default='', help='suffix of the results files')
   ap.add_argument('--only', default='', help='comma-separated name parts: time only the '
-                  'variants whose name contains one (the single device is always timed)')
+                  'variants whose name contains one (one device is always timed)')
   ap.add_argument('--overlap', action=argparse.BooleanOptionalAction, default=True,
                   help='part 3 (one more compile of the Ouroboros step)')
   ap.add_argument('--balanced_only', action='store_true', help='skip the large-vocabulary model')
@@ -71,6 +76,8 @@ def _args():
                   "'stored' Ouroboros variants with it, named '... stored pred s'")
   ap.add_argument('--model', default='transformer', choices=MODELS,
                   help='transformer_xl: throughput and overlap only, byte vocabulary')
+  ap.add_argument('--size', default='', help='preset of configs/bench_pipeline.py (default: '
+                  'tiny / tiny_xl with --quick, d512 / txl_base otherwise)')
   return ap.parse_args()
 
 
@@ -83,23 +90,19 @@ if ARGS is not None and ARGS.quick:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import tqdm  # noqa: E402
 
 from accel import benchmarking  # noqa: E402
 from accel.errors import UserError  # noqa: E402
-from accel.models.transformer import TransformerConfig  # noqa: E402
-from accel.models.transformer_xl import TransformerXLConfig  # noqa: E402
-from accel.pipeline import baselines, families, pieces  # noqa: E402
-from accel.pipeline.layout import Layout  # noqa: E402
-from accel.pipeline.spmd import Pipeline, make_mesh  # noqa: E402
+from accel.pipeline import families, pieces, variants as pipeline_variants  # noqa: E402
+from configs import bench_pipeline as sizes  # noqa: E402
 
+# Timing and training settings; the model and batch come from the size's config.
 SETTINGS = {
-    True: dict(d_model=64, num_layers=4, num_heads=4, d_ff=256, seq=64, batch=8,
-               big_vocab=4096, steps=4, rounds=3, warmup=2, train_steps=150, lr=2e-3, micro=4),
-    False: dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, seq=512, batch=16,
-                big_vocab=32768, steps=10, rounds=3, warmup=3, train_steps=400, lr=1e-3, micro=4),
+    True: dict(big_vocab=4096, steps=4, rounds=3, warmup=2, train_steps=150, lr=2e-3, micro=4),
+    False: dict(big_vocab=32768, steps=10, rounds=3, warmup=3, train_steps=400, lr=1e-3,
+                micro=4),
 }
 
 
@@ -121,21 +124,18 @@ def batches(data: np.ndarray, batch: int, seq: int, seed: int):
     yield {'inputs': jnp.asarray(seq_BxL1[:, :-1]), 'targets': jnp.asarray(seq_BxL1[:, 1:])}
 
 
-def model_cfg(st, vocab, model='transformer'):
-  """Scan layout (the pipeline slices the layer axis); every variant runs its blocks
-  through the family's pieces (`pieces.blocks`, `pieces_xl`), one at a time.
-  transformer_xl: PreLN (as configs/ouroboros_txl.py's cpu preset), memory = segment."""
-  dims = dict(vocab_size=vocab, num_layers=st['num_layers'], d_model=st['d_model'],
-              num_heads=st['num_heads'], d_ff=st['d_ff'], dtype=jnp.dtype(st['dtype']))
-  if model == 'transformer_xl':
-    return TransformerXLConfig(mem_len=st['seq'], pre_ln=True, **dims)
-  return TransformerConfig(max_len=st['seq'], scan_layers=True, **dims)
-
-
-def init_params(cfg, st):
-  """The benchmark's initial params of the model `cfg` configures (seed 0)."""
-  return families.for_config(cfg).init_params(jax.random.key(0),
-                                              jnp.zeros((1, st['seq']), jnp.int32))
+def bench_config(st, vocab: int, steps: int = 1):
+  """The size's config (`configs/bench_pipeline.py`) with the flags' batch, dtype, vocabulary
+  and learning rate, and a cosine schedule over `steps` after a linear warm-up of
+  st['warmup_frac'] * steps (none by default, as the Transformer-XL enwik8 recipe)."""
+  c = sizes.get_config(st['size'])
+  c.batch_size = st['batch']
+  c.data.vocab_size = vocab
+  if st['dtype']:
+    c.model.dtype = st['dtype']
+  c.total_steps = steps
+  c.optimizer.update(lr=st['lr'], warmup_steps=int(st['warmup_frac'] * steps))
+  return c
 
 
 def selected(name: str, only: str) -> bool:
@@ -143,50 +143,24 @@ def selected(name: str, only: str) -> bool:
   return not only or any(part in name for part in only.split(','))
 
 
-def variants(cfg, tx, devs, st):
-  """name -> (init(params), step(state, batch) -> (state, loss), to_model(state), pipeline)."""
-  def synchronous(init, step, to_model=lambda p: p):
-    def run(state, batch):
-      *state, loss = step(*state, batch)
-      return state, loss
-    return init, run, lambda state: to_model(state[0]), None
-
-  def ouroboros(pipe):
-    def run(state, batch):
-      state, metrics = pipe.step(state, batch)
-      return state, metrics['loss']
-    return (lambda params: pipe.init(params, st['batch'], st['seq'])), run, \
-        pipe.model_params, pipe
-
-  one = jax.sharding.Mesh(np.asarray(devs[:1]), ('data',))
-  n = len(devs)
-  out = {'single device': synchronous(*baselines.data_parallel(cfg, tx, one, st['batch'])),
-         'data parallel': synchronous(*baselines.data_parallel(
-             cfg, tx, jax.sharding.Mesh(np.asarray(devs), ('data',)), st['batch']))}
-  if isinstance(cfg, TransformerConfig):   # GPipe carries no memory per micro-batch
-    for name, m in (('naive model parallel', 1), (f'GPipe M={st["micro"]}', st['micro'])):
-      out[name] = synchronous(*baselines.gpipe(cfg, tx, make_mesh(1, n, devs), m))
-  s = st['prediction']
-  for k, tied, bw, pred in ((n, False, 'recompute', 0.0), (n, False, 'stored', 0.0),
-                            *([(n, False, 'stored', s)] if s else []),
-                            (n + 1, True, 'recompute', 0.0), (n + 1, True, 'stored', 0.0),
-                            *([(n + 1, True, 'stored', s)] if s else [])):
-    lay = Layout(cfg.num_layers, k, tied)
-    pipe = Pipeline(cfg, lay, tx, bw, make_mesh(1, lay.num_stages, devs[:lay.num_stages]),
-                    weight_prediction=pred)
-    out[f'Ouroboros K={k} {"tied ring" if tied else "untied"} {bw}'
-        f'{f" pred {pred:g}" if pred else ""}'] = ouroboros(pipe)
-  return out
+def variants(config, devs, st, params):
+  """name -> `accel.pipeline.variants.Variant`, every one from `params`."""
+  gpipe = config.model.name == 'transformer_lm'   # GPipe carries no memory per micro-batch
+  names = pipeline_variants.names(len(devs), st['micro'], st['prediction'], gpipe=gpipe)
+  if gpipe:
+    names.insert(2, 'GPipe M=1')   # naive model parallelism
+  return {name: pipeline_variants.build(name, config, params, devs) for name in names}
 
 
 def throughput(built, params, data_iter, st):
   """tokens/s per variant: median over `rounds` windows of `steps` steps, the variants
   timed round-robin so that a change in machine load hits all of them alike."""
+  del params   # each variant starts from the params it was built with
   states = {}
   for name, var in built.items():
-    state = var[0](params)
+    state = var.init()
     for _ in range(st['warmup']):
-      state, loss = var[1](state, next(data_iter))
+      state, loss = var.step(state, next(data_iter))
     jax.block_until_ready(loss)
     states[name] = state
   times = {name: [] for name in built}
@@ -196,7 +170,7 @@ def throughput(built, params, data_iter, st):
       state = states[name]
       t0 = time.perf_counter()
       for b in feed:
-        state, loss = var[1](state, b)
+        state, loss = var.step(state, b)
       jax.block_until_ready((state, loss))
       times[name].append(time.perf_counter() - t0)
       states[name] = state
@@ -205,11 +179,9 @@ def throughput(built, params, data_iter, st):
           for name, t in times.items()}
 
 
-def overlap_report(pipe, params, batch, st):
+def overlap_report(variant, batch):
   """Counts compute ops between each collective-permute-start and its done."""
-  state = pipe.init(params, st['batch'], st['seq'])
-  batch = jax.device_put(batch, jax.sharding.NamedSharding(pipe.mesh, jax.P('data')))
-  text = jax.jit(pipe.step_fn).lower(state, batch).compile().as_text()
+  text = variant.lower(variant.init(), batch).compile().as_text()
   lines = text.splitlines()
   pairs = []
   for i, line in enumerate(lines):
@@ -230,10 +202,17 @@ def overlap_report(pipe, params, batch, st):
 
 
 def settings(args):
-  st = dict(SETTINGS[args.quick], dtype=args.dtype, model=args.model,
-            prediction=args.prediction)
-  if args.batch:
-    st['batch'] = args.batch
+  size = args.size or {(True, 'transformer'): 'tiny', (True, 'transformer_xl'): 'tiny_xl',
+                       (False, 'transformer'): 'd512',
+                       (False, 'transformer_xl'): 'txl_base'}[args.quick, args.model]
+  if size not in sizes.SIZES:
+    raise UserError(f'--size {size!r}; known: {", ".join(sizes.SIZES)}')
+  preset = sizes.get_config(size)
+  if (preset.model.name == 'transformer_xl') != (args.model == 'transformer_xl'):
+    raise UserError(f'--size {size} is a {preset.model.name}, not --model {args.model}')
+  st = dict(SETTINGS[args.quick], dtype=args.dtype, model=args.model, size=size,
+            prediction=args.prediction, batch=args.batch or preset.batch_size,
+            seq=preset.data.seq_len, vocab=preset.data.vocab_size)
   if args.lr:
     st['lr'] = args.lr
   st['warmup_frac'] = args.warmup_frac
@@ -247,31 +226,22 @@ def settings(args):
   return st
 
 
-def schedule(st, steps: int):
-  """Cosine decay from st['lr'] to 0 over `steps`, after a linear warm-up of
-  st['warmup_frac'] * steps (none by default, as the Transformer-XL enwik8 recipe)."""
-  warmup = int(st['warmup_frac'] * steps)
-  if not warmup:
-    return optax.cosine_decay_schedule(st['lr'], steps)
-  return optax.warmup_cosine_decay_schedule(0.0, st['lr'], warmup, steps)
-
-
-def train_and_eval(built, params, data, split, st, steps, devs):
+def train_and_eval(built, config, data, split, st, steps, devs):
   """Held-out bits/byte of each variant after `steps` steps on the same batches."""
-  cfg = model_cfg(st, 256)
+  cfg = pipeline_variants.model_pieces(config).cfg
   eval_fn = jax.jit(lambda p, b: pieces.full_loss(cfg, p, b['inputs'], b['targets']))
   eval_batches = list(zip(range(8), batches(data[split:], st['batch'], st['seq'], 123)))
   runs = {}
   for name, var in built.items():
-    state = var[0](params)
+    state = var.init()
     it = batches(data[:split], st['batch'], st['seq'], 7)
     t0 = time.perf_counter()
     cpu = devs[0].platform == 'cpu'
     for _ in tqdm.trange(steps, desc=name, leave=False):
-      state, loss = var[1](state, next(it))
+      state, loss = var.step(state, next(it))
       if cpu:   # one program in flight at a time (CPU collectives)
         jax.block_until_ready(loss)
-    p_final = jax.device_put(var[2](state), devs[0])
+    p_final = jax.device_put(var.to_model(state), devs[0])
     ev = np.mean([float(eval_fn(p_final, jax.device_put(b, devs[0]))) for _, b in eval_batches])
     runs[name] = {'eval_bits_per_byte': ev / np.log(2), 'seconds': time.perf_counter() - t0}
     print(f'{steps} steps {name:36s} eval {ev / np.log(2):.4f} bits/byte', flush=True)
@@ -282,9 +252,10 @@ def profile(built, params, data_iter, st, out_dir):
   """Perfetto traces of a few steps; each device stream's busy time over the traced span."""
   from experiments import trace_summary
   report = {}
-  for name in [n for n in built if n == 'single device' or ' untied stored' in n]:
-    init, run = built[name][:2]
-    state = init(params)
+  del params
+  for name in [n for n in built if n == 'one device' or ' untied stored' in n]:
+    run = built[name].step
+    state = built[name].init()
     for _ in range(st['warmup']):
       state, loss = run(state, next(data_iter))
     feed = [next(data_iter) for _ in range(5)]
@@ -309,21 +280,22 @@ def main():
   devs = jax.devices()[:args.devices]
   if len(devs) < args.devices or args.devices < 2:
     sys.exit(f'needs {max(2, args.devices)} devices, found {len(jax.devices())}')
-  kind = 'cpu' if args.quick else devs[0].platform
-  tx_bench = optax.adam(schedule(st, max(st['train_steps'] or [1])))
+  kind = ('cpu' if args.quick else devs[0].platform) + (f'_{args.size}' if args.size else '')
   data, split = corpus()
   record = benchmarking.provenance()
   record.update(settings=st, throughput={}, devices=[str(d.device_kind) for d in devs])
 
   # Part 1: throughput (Transformer-XL: the byte vocabulary only).
-  models = [('balanced (vocab 256)', 256), (f'unbalanced (vocab {st["big_vocab"]})',
-                                           st['big_vocab'])]
-  for model, vocab in (models[:1] if args.balanced_only or args.model == 'transformer_xl'
-                       else models):
-    cfg = model_cfg(st, vocab, args.model)
-    params = init_params(cfg, st)
-    built = {name: v for name, v in variants(cfg, tx_bench, devs, st).items()
-             if name == 'single device' or selected(name, args.only)}
+  models = [(f'preset (vocab {st["vocab"]})', st['vocab'])]
+  if st['vocab'] == 256 and not (args.balanced_only or args.model == 'transformer_xl'):
+    models = [('balanced (vocab 256)', 256),
+              (f'unbalanced (vocab {st["big_vocab"]})', st['big_vocab'])]
+  budget = max(st['train_steps'] or [1])
+  for model, vocab in models:
+    config = bench_config(st, vocab, budget)
+    params = pipeline_variants.init_params(config)
+    built = {name: v for name, v in variants(config, devs, st, params).items()
+             if name == 'one device' or selected(name, args.only)}
     # Throughput does not depend on the token values: the big vocabulary reads random ids.
     source = data[:split] if vocab == 256 else np.random.default_rng(0).integers(
         0, vocab, 1_000_000).astype(np.int32)
@@ -337,26 +309,28 @@ def main():
     del built
     write(record, args.out, kind + args.tag)
 
-  # Part 2: loss after fixed token budgets (balanced model), the schedule spanning each.
-  cfg = model_cfg(st, 256, args.model)
-  params = init_params(cfg, st)
+  # Part 2: loss after fixed token budgets (byte vocabulary), the schedule spanning each.
   record['loss'] = []
+  if st['train_steps'] and st['vocab'] != 256:
+    raise UserError(f'--size {st["size"]} has a {st["vocab"]}-token vocabulary; the loss '
+                    'part trains on bytes: give --train_steps 0')
   for steps in st['train_steps']:
-    tx = optax.adam(schedule(st, steps))
-    built = {name: v for name, v in variants(cfg, tx, devs, st).items()
-             if name == 'single device' or (name.startswith('Ouroboros') and
-                                            selected(name, args.only))}
-    record['loss'].append(train_and_eval(built, params, data, split, st, steps, devs))
+    config = bench_config(st, 256, steps)
+    params = pipeline_variants.init_params(config)
+    built = {name: v for name, v in variants(config, devs, st, params).items()
+             if name == 'one device' or (name.startswith('Ouroboros') and
+                                         selected(name, args.only))}
+    record['loss'].append(train_and_eval(built, config, data, split, st, steps, devs))
     write(record, args.out, kind + args.tag)   # a run cut short keeps what it finished
 
   # Part 3: overlap of transfers and compute in the compiled Ouroboros step.
   if not args.overlap:
     return
   n = len(devs)
-  pipe = Pipeline(cfg, Layout(cfg.num_layers, n, False), tx_bench, 'stored',
-                  make_mesh(1, n, devs))
-  record['overlap'] = overlap_report(pipe, params, next(batches(data, st['batch'], st['seq'], 0)),
-                                     st)
+  config = bench_config(st, st['vocab'])
+  name = pipeline_variants.ouroboros_name(n, False, 'stored')
+  variant = pipeline_variants.build(name, config, pipeline_variants.init_params(config), devs)
+  record['overlap'] = overlap_report(variant, next(batches(data, st['batch'], st['seq'], 0)))
   write(record, args.out, kind + args.tag)
 
 
@@ -379,7 +353,7 @@ def write(record, out_dir, kind):
              if xl else []),
            f'## Throughput (tokens/s, same global batch, {n} devices)', '']
   for vocab_model, rows in record['throughput'].items():
-    base_tp = rows['single device']
+    base_tp = rows['one device']
     gp = [v for name, v in rows.items() if name.startswith('GPipe')]
     lines += [f'### {vocab_model}', '', '| variant | tokens/s | vs single |' +
               (' vs GPipe |' if gp else ''), '|---|---|---|' + ('---|' if gp else '')]
@@ -388,7 +362,7 @@ def write(record, out_dir, kind):
     lines.append('')
   for budget in record.get('loss', []):
     runs = budget['runs']
-    sync = runs['single device']['eval_bits_per_byte']
+    sync = runs['one device']['eval_bits_per_byte']
     lines += [f'## Held-out bits/byte after {budget["train_steps"]} steps '
               f'({budget["tokens"]} tokens, cosine schedule over them)', '',
               '| variant | bits/byte | vs synchronous |', '|---|---|---|']

@@ -1,25 +1,37 @@
-"""Synchronous baselines for the Ouroboros pipeline, on the same devices and global batch.
+"""GPipe (Huang et al. 2019), the synchronous pipeline the Ouroboros benchmarks compare with.
 
-All three compute exactly the synchronous gradient of the mean loss over the global batch
-(so they train like a single device, up to float32 rounding); they differ in how the work
-is spread:
-  `data_parallel`   jit over a ('data',) mesh: batch sharded, weights replicated, XLA adds
-                    the gradient all-reduce. Any model family (`families`); with a
-                    recurrence memory (Transformer-XL) the memory [N, B, M, D] is carried
-                    from step to step, sharded with the batch: segment training
-                    (`accel.tasks.segment_lm`) on contiguous batches.
-  `gpipe`           GPipe (Huo et al. are not involved; Huang et al. 2019): the blocks cut
-                    into S stages of n = L/S (stacked [S, n, ...] over 'stage'), the batch
-                    into M micro-batches; forward ticks i = 0..M+S-2, stage s runs
-                    micro-batch i-s and `ppermute`s it on; jax.grad of that loop is the
-                    reverse pipeline; one Adam step per batch. Bubble (S-1)/(M+S-1).
-                    Embedding, final LN, logits and loss run on every stage (replicated,
-                    masked to the last stage's outputs): cheap for byte vocabularies,
-                    and an extra cost for large ones that this baseline accepts.
-                    TransformerLM only (no memory per micro-batch).
-  naive model parallelism = `gpipe` with M = 1: stages in sequence, backward-locked.
+The other baselines are the spine's own steps: one device and data parallelism are
+`accel.trainer.data_parallel_trainer` (`accel.train.build`; Transformer-XL carries its
+memory in the state as segment training does). GPipe has no place in the spine, so its
+step lives here.
+
+It computes exactly the synchronous gradient of the mean loss over the global batch (it
+trains like a single device, up to float32 rounding). Over mesh axes ('data', 'stage'):
+the blocks cut into S stages of n = L/S (stacked [S, n, ...] over 'stage'), the local
+batch into M micro-batches; forward ticks i = 0 .. M+S-2, stage s runs micro-batch i-s
+and sends it on (`ppermute`); jax.grad of those ticks is the reverse pipeline; one Adam
+step per batch. Bubble (S-1)/(M+S-1): S stages reach at most S M/(M+S-1) times one
+device's throughput (1.6x at S=2, M=4).
+
+What the compiled step holds, so that it can reach that bound (tests/test_pipeline_baselines.py
+counts its loops and conditionals: none):
+  - the ticks unrolled, as the Ouroboros stage program runs (a loop over them is a device
+    `while` whose trip XLA:GPU brings back to the host, and inside which no transfer
+    overlaps the next tick's compute);
+  - each micro-batch leaving the last stage kept as it is (a static list, no update of a
+    whole-batch buffer per tick);
+  - the head (final LN, tied logits, loss) split across the stages by rows: the last stage
+    sends rows [j b/S, (j+1) b/S) of its outputs to stage j (S-1 ppermutes), so every stage
+    computes the head on b/S rows instead of every stage computing it on all b and all but
+    one discarding it (a V x D matmul and its backward: at a 50304 vocabulary ~15% of a
+    GPT-2-medium step). The embedding (a gather) still runs on every stage, used on stage 0.
+In SPMD every stage runs every tick: the bubble ticks compute on zeros rather than idle,
+which takes the same time. Deterministic only (no dropout); TransformerLM only (no
+memory per micro-batch). Naive model parallelism is M = 1.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,99 +44,63 @@ from accel.pipeline import families, pieces
 _tmap = jax.tree_util.tree_map
 
 
-def _baseline_pieces(cfg):
-  """The baselines run the model deterministically: they refuse dropout, not ignore it."""
-  if cfg.dropout_rate:
-    raise ValueError('the synchronous baselines run without dropout; set dropout_rate=0')
-  return families.for_config(cfg)
+def _pipeline_loss(cfg, num_stages: int, num_microbatches: int):
+  """The loss of the local batch inside the shard_map: GPipe's forward ticks, then the
+  head on this stage's rows of the outputs (module docstring)."""
+  s, m = num_stages, num_microbatches
+  to_next = [(j, j + 1) for j in range(s - 1)]
 
+  def loss_fn(params, batch):
+    me = lax.axis_index('stage')
+    layers = _tmap(lambda a: a[0], params['layers'])
+    b, seq = batch['inputs'].shape
+    if b % m or b % s:
+      raise ValueError(f'local batch {b} not divisible by {m} micro-batches and {s} stages')
+    x_BxLxD = pieces.embed(cfg, params['E'], params['pos'], batch['inputs'])
+    x_MxbxLxD = x_BxLxD.reshape(m, b // m, seq, cfg.d_model)
+    received = lax.pcast(jnp.zeros_like(x_MxbxLxD[0]), 'stage', to='varying')
+    outputs = []
+    for i in range(m + s - 1):
+      y = pieces.blocks(cfg, layers, jnp.where(me == 0, x_MxbxLxD[min(i, m - 1)], received))
+      if i >= s - 1:                 # micro-batch i-(S-1) leaves the last stage
+        outputs.append(y)
+      if i < m + s - 2:
+        received = lax.ppermute(y, 'stage', to_next)
+    h_SxrxLxD = jnp.concatenate(outputs).reshape(s, b // s, seq, cfg.d_model)
+    rows = jnp.where(me == s - 1, h_SxrxLxD[s - 1], 0.0)   # its own rows; elsewhere 0 plus
+    for j in range(s - 1):           # the last stage's rows for stage j, sent to stage j
+      rows = rows + lax.ppermute(h_SxrxLxD[j], 'stage', [(s - 1, j)])
+    targets = lax.dynamic_slice_in_dim(batch['targets'], me * (b // s), b // s)
+    loss = pieces.head_loss(cfg, params['E'], params['fln'], rows, targets)
+    return lax.pmean(lax.pmean(loss, 'stage'), 'data')
 
-def _adam_step(cfg, tx, loss_fn):
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
-
-
-def data_parallel(cfg, tx, mesh: jax.sharding.Mesh, batch_size: int = 0, axis: str = 'data'):
-  """Returns (init(params) -> (params, opt, mem),
-  step(params, opt, mem, batch) -> (params, opt, mem, loss)).
-
-  mem: the recurrence memory of all layers at a fresh stream, zeros [N, batch_size, M, D]
-  sharded over `axis` with the batch rows (batch_size: the global batch); None for a model
-  without one. The loss is the model's, through its pieces (`families`): head_loss of
-  blocks(layers, embed(tokens), mem).
-  """
-  mp = _baseline_pieces(cfg)
-  if mp.has_memory and not batch_size:
-    raise ValueError('a model with a recurrence memory needs the batch_size of its rows')
-  repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-  mem_sh = NamedSharding(mesh, P(None, axis))
-
-  def step(params, opt_state, mem, batch):
-    def loss_fn(p):
-      parts = mp.split(p)
-      x_BxLxD = mp.embed(parts['E'], parts['first'], batch['inputs'])
-      h_BxLxD, new_mem = mp.blocks(parts['layers'], x_BxLxD, mem)
-      return mp.head_loss(parts['E'], parts['last'], h_BxLxD, batch['targets']), new_mem
-    (loss, mem), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, mem, loss
-  step = jax.jit(step, donate_argnums=(0, 1, 2), in_shardings=(repl, repl, mem_sh, batch_sh),
-                 out_shardings=(repl, repl, mem_sh, repl))
-
-  def init(params):   # a copy: the step donates its inputs
-    params = _tmap(jnp.copy, params)
-    mem = mp.zero_memory(mp.cfg.num_layers, batch_size)
-    return (*jax.device_put((params, tx.init(params)), repl), jax.device_put(mem, mem_sh))
-  return init, step
+  return loss_fn
 
 
 def gpipe(cfg, tx, mesh: jax.sharding.Mesh, num_microbatches: int):
   """GPipe over mesh axes ('data', 'stage'); see the module docstring.
 
-  Params are the TransformerLM (scan layout) params with the layer axis reshaped to
+  Returns a `GPipe`: init(params) -> (params, opt); step(params, opt, batch) -> (params,
+  opt, loss), jitted, the batch placed with batch_sharding (`run` places it); to_model.
+  Its params are the TransformerLM (scan layout) params with the layer axis reshaped to
   [S, n, ...]; `to_model` undoes it.
   """
-  mp = _baseline_pieces(cfg)
+  if cfg.dropout_rate:
+    raise ValueError('the GPipe baseline runs without dropout; set dropout_rate=0')
+  mp = families.for_config(cfg)
   if not isinstance(mp, pieces.TransformerLMPieces):
     raise ValueError(f'gpipe runs the TransformerLM only, not {type(cfg).__name__}')
-  cfg, s, m = mp.cfg, mesh.shape['stage'], num_microbatches
-
-  def pipeline_loss(params, batch):
-    me = lax.axis_index('stage')
-    layers = _tmap(lambda a: a[0], params['layers'])
-    b = batch['inputs'].shape[0]
-    if b % m:
-      raise ValueError(f'local batch {b} not divisible by {m} micro-batches')
-    x_BxLxD = pieces.embed(cfg, params['E'], params['pos'], batch['inputs'])
-    x_MxbxLxD = x_BxLxD.reshape(m, b // m, *x_BxLxD.shape[1:])
-
-    def tick(carry, i):
-      state_bxLxD, out_MxbxLxD = carry
-      inp = jnp.where(me == 0, x_MxbxLxD[jnp.clip(i, 0, m - 1)], state_bxLxD)
-      y = pieces.blocks(cfg, layers, inp)
-      done = i - (s - 1)          # the micro-batch leaving the last stage at this tick
-      out_MxbxLxD = jnp.where((done >= 0) & (me == s - 1),
-                              lax.dynamic_update_index_in_dim(
-                                  out_MxbxLxD, y, jnp.clip(done, 0, m - 1), 0),
-                              out_MxbxLxD)
-      return (lax.ppermute(y, 'stage', [(j, j + 1) for j in range(s - 1)]), out_MxbxLxD), None
-
-    init = (jnp.zeros_like(x_MxbxLxD[0]), jnp.zeros_like(x_MxbxLxD))
-    init = _tmap(lambda a: lax.pcast(a, 'stage', to='varying'), init)
-    (_, out_MxbxLxD), _ = lax.scan(tick, init, jnp.arange(m + s - 1))
-    h = out_MxbxLxD.reshape(b, *out_MxbxLxD.shape[2:])
-    loss = pieces.head_loss(cfg, params['E'], params['fln'], h, batch['targets'])
-    loss = lax.psum(jnp.where(me == s - 1, loss, 0.0), 'stage')
-    return lax.pmean(loss, 'data')
-
+  cfg, s = mp.cfg, mesh.shape['stage']
   specs = {'layers': P('stage'), 'E': P(), 'pos': P(), 'fln': P()}
-  loss_fn = jax.shard_map(pipeline_loss, mesh=mesh, in_specs=(specs, P('data')),
-                          out_specs=P())
+  loss_fn = jax.shard_map(_pipeline_loss(cfg, s, num_microbatches), mesh=mesh,
+                          in_specs=(specs, P('data')), out_specs=P())
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  step = jax.jit(step, donate_argnums=(0, 1))
   batch_sh = NamedSharding(mesh, P('data'))
-  step = jax.jit(_adam_step(cfg, tx, loss_fn), donate_argnums=(0, 1))
 
   def from_model(params):
     layers = _tmap(lambda a: a.reshape(s, a.shape[0] // s, *a.shape[1:]),
@@ -134,9 +110,8 @@ def gpipe(cfg, tx, mesh: jax.sharding.Mesh, num_microbatches: int):
 
   def init(params):   # a copy: the step donates its inputs
     p = from_model(_tmap(jnp.copy, params))
-    shard = lambda tree, spec: _tmap(lambda a: jax.device_put(a, NamedSharding(mesh, spec)),
-                                     tree)
-    p = {key: shard(v, specs[key]) for key, v in p.items()}
+    p = {key: _tmap(lambda a, spec=specs[key]: jax.device_put(a, NamedSharding(mesh, spec)), v)
+         for key, v in p.items()}
     return p, jax.jit(tx.init)(p)
 
   def to_model(p):
@@ -147,7 +122,14 @@ def gpipe(cfg, tx, mesh: jax.sharding.Mesh, num_microbatches: int):
       out['final_ln'] = p['fln']
     return out
 
-  def run(params, opt_state, batch):
-    return step(params, opt_state, jax.device_put(batch, batch_sh))
+  return GPipe(init=init, step=step, to_model=to_model, batch_sharding=batch_sh)
 
-  return init, run, to_model
+
+class GPipe(NamedTuple):
+  init: Callable
+  step: Callable              # jitted (params, opt, batch) -> (params, opt, loss)
+  to_model: Callable
+  batch_sharding: NamedSharding
+
+  def run(self, params, opt_state, batch):
+    return self.step(params, opt_state, jax.device_put(batch, self.batch_sharding))

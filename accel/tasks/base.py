@@ -51,6 +51,12 @@ class Task:
   def tokens_per_example(self) -> int:
     return 0
 
+  def mutable_spec(self, collection: str):
+    """How a mutable collection lies on the data mesh: replicated, unless the task keeps
+    it per batch row (`SegmentLMTask`'s memory)."""
+    del collection
+    return jax.sharding.PartitionSpec()
+
   def apply(self, params, mutable, batch, rng, train: bool, plan_kwargs=None):
     """Returns (outputs, new_mutable, method_metrics, aux_loss)."""
     variables = {'params': params, **mutable}

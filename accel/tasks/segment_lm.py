@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from accel.errors import UserError
 from accel.models import transformer_xl
@@ -30,6 +31,10 @@ class SegmentLMTask(LanguageModelTask):
       raise UserError(f'model.name={self.config.model.name} carries memory from one batch to '
                       "the next and needs data.order='contiguous' "
                       f'(got {self.config.data.order!r})')
+
+  def mutable_spec(self, collection: str):
+    """The memory [N, B, M, D] lies with its batch rows (each data shard its streams)."""
+    return P(None, 'data') if collection == 'mems' else P()
 
   def evaluate(self, params, mutable, batch):
     del mutable                                   # the training streams' memory
