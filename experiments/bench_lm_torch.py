@@ -22,12 +22,13 @@ from torch.nn import functional as F
 
 class Block(nn.Module):
 
-  def __init__(self, d, heads):
+  def __init__(self, d, heads, d_ff=None):
     super().__init__()
     self.heads = heads
+    d_ff = d_ff or 4 * d
     self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
     self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-    self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+    self.fc, self.out = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
 
   def forward(self, x):
     b, t, d = x.shape
