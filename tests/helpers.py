@@ -109,17 +109,21 @@ def cli_in_process(*args) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
-def run_json_script(path: str, devices: int, timeout: int = 900, fast_compile: bool = False):
-  """Runs the file `path` as a script with `devices` CPU devices; returns the JSON on its
-  last line of output (asserting it exited cleanly). fast_compile: XLA's backend at
-  optimisation level 0, for tests whose cost is compiling tiny programs (every side of a
-  comparison compiles alike)."""
+def json_script_job(path: str, devices: int, timeout: int = 900, fast_compile: bool = False):
+  """A `tests.background.Job` running the file `path` as a script with `devices` CPU
+  devices (its result: `json_result`). fast_compile: XLA's backend at optimisation level 0,
+  for tests whose cost is compiling tiny programs (every side of a comparison compiles
+  alike)."""
+  from tests import background  # pylint: disable=g-import-not-at-top
   flags = f'--xla_force_host_platform_device_count={devices}'
   if fast_compile:
     flags += ' --xla_backend_optimization_level=0'
   env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu',
          'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')}
-  proc = subprocess.run([sys.executable, path], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return background.Job([sys.executable, path], env, ROOT, timeout=timeout)
+
+
+def json_result(proc: subprocess.CompletedProcess):
+  """The JSON on the last line of a script's output, asserting it exited cleanly."""
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])

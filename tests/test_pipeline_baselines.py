@@ -13,7 +13,8 @@ losses compared with plain jax.grad training on one device, to float32 rounding:
 import json
 import os
 
-from tests.helpers import run_json_script
+from tests import background
+from tests.helpers import json_result, json_script_job
 
 
 def _config(model_name):
@@ -129,8 +130,16 @@ def _txl_data_parallel(data, devs):
           'mem_shards': len({str(s.index) for s in memory.addressable_shards})}
 
 
+def _job():
+  return json_script_job(os.path.abspath(__file__), devices=4, fast_compile=True)
+
+
+def background_jobs():   # runs beside the other tests (`tests.background`)
+  return {'test_baselines_equal_synchronous_training': _job()}
+
+
 def test_baselines_equal_synchronous_training():
-  res = run_json_script(os.path.abspath(__file__), devices=4, fast_compile=True)
+  res = json_result(background.result('test_baselines_equal_synchronous_training', _job))
   assert set(res) == {'data_parallel', 'naive_mp', 'gpipe_2x2_M2', 'data_parallel_txl'}
   for name, r in res.items():
     assert r['loss'] < 1e-5, (name, r)

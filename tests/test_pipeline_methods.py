@@ -26,7 +26,8 @@ parameters differ from the data-parallel step's by ~0.06.
 import json
 import os
 
-from tests.helpers import run_json_script
+from tests import background
+from tests.helpers import json_result, json_script_job
 
 ITERATIONS = 5       # 2K+1 at K=2: past every module's warm-up
 SYNC_STEPS = 3
@@ -119,8 +120,16 @@ def _run_case(method, backward, data):
   return out
 
 
+def _job():
+  return json_script_job(os.path.abspath(__file__), devices=4, fast_compile=True)
+
+
+def background_jobs():   # runs beside the other tests (`tests.background`)
+  return {'test_methods_compose_with_the_pipeline': _job()}
+
+
 def test_methods_compose_with_the_pipeline():
-  res = run_json_script(os.path.abspath(__file__), devices=4, fast_compile=True)
+  res = json_result(background.result('test_methods_compose_with_the_pipeline', _job))
   assert set(res) == set(CASES)
   for method, r in res.items():
     assert r['pipeline_vs_reference']['losses'] == ITERATIONS - 1, (method, r)
