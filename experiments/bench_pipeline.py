@@ -286,7 +286,8 @@ def main():
   record.update(settings=st, throughput={}, devices=[str(d.device_kind) for d in devs])
 
   # Part 1: throughput (Transformer-XL: the byte vocabulary only).
-  models = [(f'preset (vocab {st["vocab"]})', st['vocab'])]
+  models = [(f'{"balanced" if st["vocab"] == 256 else "preset"} (vocab {st["vocab"]})',
+             st['vocab'])]
   if st['vocab'] == 256 and not (args.balanced_only or args.model == 'transformer_xl'):
     models = [('balanced (vocab 256)', 256),
               (f'unbalanced (vocab {st["big_vocab"]})', st['big_vocab'])]
