@@ -62,9 +62,13 @@ def data_parallel_trainer(config, task, tx: optax.GradientTransformation, schedu
   with its batch rows, so no device gathers the others' streams)."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data'))
-  state_sharding = TrainState(
-      step=replicated, params=replicated, opt_state=replicated,
-      mutable={c: NamedSharding(mesh, task.mutable_spec(c)) for c in task.mutable_collections})
+  specs = {c: task.mutable_spec(c) for c in task.mutable_collections}
+  # One prefix for all where every collection is replicated: a model may lack one of the
+  # task's collections (an MLP has no batch_stats), which a dict of shardings would not fit.
+  mutable_sharding = (replicated if all(spec == P() for spec in specs.values())
+                      else {c: NamedSharding(mesh, spec) for c, spec in specs.items()})
+  state_sharding = TrainState(step=replicated, params=replicated, opt_state=replicated,
+                              mutable=mutable_sharding)
   base_rng = train_rng(config)
 
   def init(rng, batch, params=None):
