@@ -4,6 +4,12 @@ import sys
 
 import pytest
 
+# XLA's backend (LLVM) optimizations off for this process and the subprocesses that inherit
+# its environment: the tests check what programs compute, not how fast, and compiling is
+# most of their time (about a fifth less with this). Before jax is imported.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_backend_optimization_level=0').strip()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)

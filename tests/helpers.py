@@ -44,7 +44,8 @@ def compilation_cache(directory):
 
 def run_python(code: str, devices: int = 1, timeout: int = 300, env=None):
   """Runs `code` in a fresh interpreter with `devices` CPU devices; returns CompletedProcess."""
-  full_env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+  full_env = {**os.environ, 'XLA_FLAGS': flags.strip(),
               'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **(env or {})}
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout)

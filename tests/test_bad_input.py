@@ -398,8 +398,11 @@ def _logged_steps(workdir):
 
 
 def _start(args, cache):
+  """The CLI as a terminal starts it: SIGINT at its default even where pytest runs as a
+  background job, whose children inherit SIGINT ignored (and then keep ignoring it)."""
   return subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env(cache_env(cache)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_until_trained_past(proc, workdir, step, timeout=240):
