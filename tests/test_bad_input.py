@@ -397,12 +397,17 @@ def _logged_steps(workdir):
   return [line['step'] for line in read_jsonl(path)] if os.path.exists(path) else []
 
 
+# Execs its arguments with SIGINT at its default (no preexec_fn: forking a threaded process).
+_SIGINT_DEFAULT_EXEC = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                        'os.execv(sys.argv[1], sys.argv[1:])')
+
+
 def _start(args, cache):
   """The CLI as a terminal starts it: SIGINT at its default even where pytest runs as a
   background job, whose children inherit SIGINT ignored (and then keep ignoring it)."""
-  return subprocess.Popen(cli_command(*args), cwd=ROOT, env=cli_env(cache_env(cache)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  return subprocess.Popen([sys.executable, '-c', _SIGINT_DEFAULT_EXEC, *cli_command(*args)],
+                          cwd=ROOT, env=cli_env(cache_env(cache)), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until_trained_past(proc, workdir, step, timeout=240):
