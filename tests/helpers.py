@@ -42,10 +42,15 @@ def compilation_cache(directory):
     cc.reset_cache()
 
 
+def xla_flags(devices: int) -> str:
+  """This process's XLA_FLAGS (conftest's backend optimization level) with `devices` CPU
+  devices."""
+  return f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+
+
 def run_python(code: str, devices: int = 1, timeout: int = 300, env=None):
   """Runs `code` in a fresh interpreter with `devices` CPU devices; returns CompletedProcess."""
-  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
-  full_env = {**os.environ, 'XLA_FLAGS': flags.strip(),
+  full_env = {**os.environ, 'XLA_FLAGS': xla_flags(devices),
               'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **(env or {})}
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
@@ -110,16 +115,11 @@ def cli_in_process(*args) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
-def json_script_job(path: str, devices: int, timeout: int = 900, fast_compile: bool = False):
+def json_script_job(path: str, devices: int, timeout: int = 900):
   """A `tests.background.Job` running the file `path` as a script with `devices` CPU
-  devices (its result: `json_result`). fast_compile: XLA's backend at optimisation level 0,
-  for tests whose cost is compiling tiny programs (every side of a comparison compiles
-  alike)."""
+  devices (its result: `json_result`), XLA flags as `xla_flags`."""
   from tests import background  # pylint: disable=g-import-not-at-top
-  flags = f'--xla_force_host_platform_device_count={devices}'
-  if fast_compile:
-    flags += ' --xla_backend_optimization_level=0'
-  env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(devices), 'JAX_PLATFORMS': 'cpu',
          'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')}
   return background.Job([sys.executable, path], env, ROOT, timeout=timeout)
 

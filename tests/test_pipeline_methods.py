@@ -121,7 +121,7 @@ def _run_case(method, backward, data):
 
 
 def _job():
-  return json_script_job(os.path.abspath(__file__), devices=4, fast_compile=True)
+  return json_script_job(os.path.abspath(__file__), devices=4)
 
 
 def background_jobs():   # runs beside the other tests (`tests.background`)

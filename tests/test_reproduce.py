@@ -71,14 +71,13 @@ def _reproduce_job(target):
   """`experiments.reproduce TARGET --scale=smoke` in a subprocess, writing under its job
   folder. One JAX persistent compilation cache for the runs of every table: a program that
   two runs compile alike (the fine-tuning runs of pld, most evaluation steps) is compiled
-  once. The runs compile with XLA's backend optimizations off: the tables' assertions are
+  once. The runs compile with XLA's backend optimizations off (conftest): the tables' assertions are
   about what the runs compute and count (FLOPs from XLA's cost analysis), not speed."""
   home = background.folder(f'reproduce_{target}')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
          'JAX_COMPILATION_CACHE_DIR': background.folder('reproduce_jax_cache'),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-         'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'}
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
   return background.Job([sys.executable, '-m', 'experiments.reproduce', target,
                          '--scale=smoke', f'--out={home}/tables', f'--runs_dir={home}/runs'],
                         env, ROOT, timeout=600)

@@ -144,11 +144,10 @@ def test_smoke_sweep_with_a_failure_resume_and_retry(tmp_path):
   ones, resumes an interrupted one and retries the failure only when asked."""
   sweep_dir = str(tmp_path / 'sweep')
   # The resumed run compiles what its first attempt did: JAX's persistent cache makes that a
-  # read (about 5 of its 10 CPU seconds here). XLA's backend optimizations off: nothing here
-  # depends on the code's speed, and each run compiles in ~2/3 of the time.
+  # read (about 5 of its 10 CPU seconds here). XLA's backend optimizations are off for
+  # every test (conftest), its subprocesses too.
   env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5',
-         'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'}
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
   args = ['--config=configs/lm.py:smoke', f'--sweep_dir={sweep_dir}', '--parallel=2',
           '--sweep=total_steps=4', '--sweep=optimizer.name=adamw,nosuch,sgd',
           '--target=train/loss<=100']
