@@ -4,8 +4,8 @@ after another beside them: CI has two cores and the pytest process keeps one bus
 A test module declares `background_jobs()`: {test function name: Job}. conftest queues the
 jobs of the selected tests once collection is done (`start`); a test takes its job's
 CompletedProcess with `result(name)`, which waits for it (or runs it then, if no queue was
-started, e.g. under another runner). Each job gets a folder of its own (`Job.folder`),
-removed at the end of the session.
+started, e.g. under another runner). A job's files go in `folder(name)`, removed at the end
+of the session.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ class Job:
   env: dict
   cwd: str
   timeout: float
-  folder: str = ''
   result: subprocess.CompletedProcess | None = None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   process: subprocess.Popen | None = None
