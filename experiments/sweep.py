@@ -14,7 +14,9 @@ SWEEP_DIR is runs/sweeps/CONFIG[-PRESET] (git-ignored) unless --sweep_dir is giv
 the same command again skips finished runs, resumes interrupted ones from their checkpoints,
 and leaves failed ones (recorded with their error in NAME/sweep_status.json, log in
 NAME/train.log) unless --retry_failed. --parallel N trains N runs side by side: on GPU each
-gets its own 1/N of the visible GPUs through CUDA_VISIBLE_DEVICES; on CPU they share it.
+gets its own 1/N of the visible GPUs through CUDA_VISIBLE_DEVICES, or, with N a multiple
+of the GPUs, N/#GPUs small runs share each GPU (each with 0.9 #GPUs/N of its memory,
+XLA_PYTHON_CLIENT_MEM_FRACTION); on CPU they share it.
 Writes SWEEP_DIR/summary.csv, summary.md (final and best metrics, step time, training time,
 steps and training seconds to each --target) and summary.png (curves). Exit status 1 if any
 run failed.

@@ -94,8 +94,15 @@ def test_gpu_groups_split_visible_devices(monkeypatch):
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3')
   assert runner.gpu_groups(2) == ['0,1', '2,3']
   assert runner.gpu_groups(4) == ['0', '1', '2', '3']
-  with pytest.raises(UserError, match='does not divide'):
+  with pytest.raises(UserError, match='neither divides'):
     runner.gpu_groups(3)
+  assert runner.gpu_groups(8) == ['0', '1', '2', '3'] * 2 and runner.sharing(
+      runner.gpu_groups(8)) == 2
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0')    # four small runs side by side on one GPU
+  assert runner.gpu_groups(4) == ['0'] * 4 and runner.sharing(runner.gpu_groups(4)) == 4
+  assert runner.device_env(sweep.Run('configs/lm.py', {}), '0', 4) == {
+      'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.225'}
+  assert runner.sharing([None, None]) == 1 and runner.sharing(['0,1', '2,3']) == 1
 
 
 def test_summary_of_synthetic_run(tmp_path):

@@ -256,7 +256,13 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   text = [f'# {module.TITLE}: accel at scale `{scale}`', '',
           f'- command: `{command}`', f'- device: {env["device"]}',
           f'- versions: {env["versions"]}', f'- commit: {env["commit"]}',
-          f'- date: {env["date"]}', f'- runs: `{shown(sweep_dir)}`', '']
+          f'- date: {env["date"]}', f'- runs: `{shown(sweep_dir)}`']
+  shared_by = runner.sharing(runner.gpu_groups(parallel)) if parallel > 1 else 1
+  if parallel > 1:
+    text.append(f'- {parallel} runs side by side' + (
+        f', {shared_by} per GPU: their step times are those of a shared GPU, not of one run '
+        'alone' if shared_by > 1 else ''))
+  text.append('')
   if failed:
     text += ['**Runs that did not finish** (their cells are `-`):', '']
     text += [f'- `{r.run.name}`: {r.status.get("state", "not run")} '

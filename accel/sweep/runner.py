@@ -28,7 +28,9 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # a stop, not a fa
 
 
 def gpu_groups(parallel: int) -> list[str | None]:
-  """CUDA_VISIBLE_DEVICES for each of `parallel` slots: the visible GPUs split evenly.
+  """CUDA_VISIBLE_DEVICES for each of `parallel` slots: the visible GPUs split evenly, or,
+  with more slots than GPUs (a multiple of them), each GPU shared by parallel / #GPUs slots
+  (small runs side by side on one GPU; `device_env` gives each its share of the memory).
 
   Counted with nvidia-smi (not jax, which would claim the GPUs' memory in this process).
   Without GPUs every slot is None: the runs share the CPU.
@@ -44,29 +46,45 @@ def gpu_groups(parallel: int) -> list[str | None]:
       gpus = []
   if not gpus:
     return [None] * parallel
+  if parallel > len(gpus) and parallel % len(gpus) == 0:
+    return [gpus[i % len(gpus)] for i in range(parallel)]
   if len(gpus) % parallel:
-    raise UserError(f'--parallel {parallel} does not divide the {len(gpus)} visible GPUs')
+    raise UserError(f'--parallel {parallel} neither divides the {len(gpus)} visible GPUs nor '
+                    'is a multiple of them')
   per_run = len(gpus) // parallel
   return [','.join(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
 
 
-def device_env(run: Run, gpus: str | None) -> dict[str, str]:
-  """The environment that gives `run` its devices out of its slot's GPUs (None: no GPUs)."""
+def sharing(groups: list[str | None]) -> int:
+  """Slots per GPU of `gpu_groups`' answer (1: every slot has GPUs of its own)."""
+  return len(groups) // len(set(groups)) if groups and groups[0] is not None else 1
+
+
+MEMORY_SHARED = 0.9    # of a GPU's memory, split between the runs that share it
+
+
+def device_env(run: Run, gpus: str | None, shared_by: int = 1) -> dict[str, str]:
+  """The environment that gives `run` its devices out of its slot's GPUs (None: no GPUs);
+  a GPU shared by `shared_by` slots gives each run MEMORY_SHARED / shared_by of its memory
+  (XLA preallocates 75% of it by default, which would leave the next run none)."""
   if gpus is None:
     return {'JAX_NUM_CPU_DEVICES': str(run.devices)} if run.devices else {}
   listed = gpus.split(',')
   if run.devices > len(listed):
     raise UserError(f'{run.name} needs {run.devices} GPUs, its slot has {len(listed)} '
                     f'({gpus}); use a smaller --parallel')
-  return {'CUDA_VISIBLE_DEVICES': ','.join(listed[:run.devices or len(listed)])}
+  env = {'CUDA_VISIBLE_DEVICES': ','.join(listed[:run.devices or len(listed)])}
+  if shared_by > 1:
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{MEMORY_SHARED / shared_by:.3f}'
+  return env
 
 
-def execute(run: Run, run_dir: str, gpus: str | None = None) -> dict:
+def execute(run: Run, run_dir: str, gpus: str | None = None, shared_by: int = 1) -> dict:
   """Trains `run` in a subprocess, logging to RUN_DIR/train.log; returns its final status."""
   os.makedirs(run_dir, exist_ok=True)
   previous = status_lib.read_status(run_dir) or {}
   command = run.command(run_dir)
-  devices = device_env(run, gpus)
+  devices = device_env(run, gpus, shared_by)
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       p for p in (ROOT, os.environ.get('PYTHONPATH')) if p), **devices}
   status = {'name': run.name, 'config': run.config, 'overrides': run.overrides,
@@ -136,7 +154,7 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
     gpus = slots.get()
     try:
       log_line(f'start {run.name}' + (f' on GPUs {gpus}' if gpus is not None else ''))
-      status = execute(run, os.path.join(sweep_dir, run.name), gpus)
+      status = execute(run, os.path.join(sweep_dir, run.name), gpus, sharing(groups))
       log_line(f'{status["state"]} {run.name} in {status["wall_s"]:.1f}s'
                + (f': {status["error"]}' if status['state'] == 'failed' else ''))
       return status
