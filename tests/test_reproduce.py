@@ -109,13 +109,15 @@ def _check_outputs(out, target, n_runs, may_fail=()):
   assert f'- command: `python -m experiments.reproduce {target} --scale=smoke --out={out}' \
          in text
   assert '- device: 1 x cpu' in text and 'jax 0.' in text and '- date: 20' in text
-  scales = reproduce.scales_of(reproduce.load_target(target))
+  module = reproduce.load_target(target)
+  scales = reproduce.scales_of(module)
   if 'paper' in scales:
     assert f'`paper`, needs GPUs: run it elsewhere: `python -m experiments.reproduce {target} ' \
            '--scale paper`' in text
   # The largest scale's train commands, one by one.
   assert f'--config=configs/' in text.split('## Other scales')[1]
-  assert f':{scales[-1]}' in text.split('## Other scales')[1]
+  runs_preset = getattr(module, 'RUNS_OF_SCALE', {}).get(scales[-1], scales[-1])
+  assert f':{runs_preset}' in text.split('## Other scales')[1]
   return text
 
 

@@ -19,7 +19,10 @@ step at which variant v reaches A* (none if never); speedup = S_none / S_v, as t
 the per-seed ratios (seeds that reach A*) and as the ratio of the mean steps (all seeds
 reach A*).
 The cpu scale is the paper's MNIST hyperparameters; the models are a few thousand
-parameters, so there is no gpu or paper scale.
+parameters, so the gpu scale runs the same runs (on a GPU, side by side with --parallel)
+and adds the step-time overhead at ResNet size on that GPU: experiments.bench_stdloss's
+table (ResNet-32, batch 256; none vs batch norm vs std loss), written beside the table as
+stdloss_gpu_resnet_step.{md,json}. There is no paper scale.
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ import os
 import statistics
 
 from accel import sweep
-from accel.reproduce import RunResult, config, fmt, table
+from accel.reproduce import RunResult, config, embed, fmt, table
 
 TITLE = 'Standardization loss (Collins, Ballé, Shlens 2019)'
 CONFIGS = ('configs/stdloss_mnist.py',)
-SCALES = ('smoke', 'cpu')
+SCALES = ('smoke', 'cpu', 'gpu')
+RUNS_OF_SCALE = {'smoke': 'smoke', 'cpu': 'cpu', 'gpu': 'cpu'}   # gpu: cpu's runs on a GPU
+STEP_TIME_TAG = '_resnet_step'     # bench_stdloss's files beside the gpu table
 TABLE_METRICS = ['eval/accuracy', 'eval/loss']
 PLOT_METRICS = ['train/loss', 'eval/accuracy']
 
@@ -69,6 +74,7 @@ def batch_overrides(scale: str, batch_size: int, seed: int) -> dict:
 
 def stages(scale: str, sweep_dir: str) -> list[list[sweep.Run]]:
   del sweep_dir
+  scale = RUNS_OF_SCALE[scale]
   seeds = [sweep.Run(config('stdloss_mnist', f'{scale},{model},{v}'), {'seed': s},
                      f'{model}-{v}-seed{s}')
            for model, variants in SEED_VARIANTS[scale].items() for s in SEEDS[scale]
@@ -127,6 +133,8 @@ def batch_rows(results: dict[str, RunResult], scale: str) -> list[list]:
 
 
 def report(results: dict[str, RunResult], scale: str, out_prefix: str) -> str:
+  step_time = step_time_table(out_prefix) if scale == 'gpu' else []
+  scale = RUNS_OF_SCALE[scale]
   seeds = SEEDS[scale]
   text = ["## Accuracy after the last step and steps to the un-normalized baseline's best "
           f'accuracy ({len(seeds)} seed(s))', '',
@@ -153,7 +161,15 @@ def report(results: dict[str, RunResult], scale: str, out_prefix: str) -> str:
            PAPER_BATCH, '',
            f'![accuracy vs batch size]({os.path.basename(out_prefix)}_batch.png)', '']
   _plot_batch_sizes(results, scale, out_prefix + '_batch.png')
-  return '\n'.join(text)
+  return '\n'.join(text + step_time)
+
+
+def step_time_table(out_prefix: str) -> list[str]:
+  """experiments.bench_stdloss on this GPU (ResNet-32, batch 256), reused when there."""
+  folder = os.path.dirname(os.path.abspath(out_prefix))
+  lines = embed(['experiments.bench_stdloss', f'--out={folder}', f'--tag={STEP_TIME_TAG}'],
+                os.path.join(folder, f'stdloss_gpu{STEP_TIME_TAG}.md'))
+  return ['## Step-time overhead at ResNet size on this GPU', '', *lines, '']
 
 
 def _plot_batch_sizes(results, scale, path) -> None:
