@@ -127,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.delay_compensation = 0.0        # DC-ASGD's lambda ('stored')
   c.pipeline.pipemare_steps = 0              # T: PipeMare's lr rescheduling length
   c.pipeline.error_feedback = 0.0            # c: the error-feedback correction
+  c.pipeline.nesterov_momentum = 0.0         # gamma in [0, 1): Nesterov look-ahead ('stored')
   return c
 
 
@@ -208,6 +209,7 @@ RANGES = {
     'pipeline.delay_compensation': Range(0),
     'pipeline.pipemare_steps': Range(0),
     'pipeline.error_feedback': Range(0),
+    'pipeline.nesterov_momentum': Range(0, 1, high_open=True),
 }
 UNBOUNDED = ('seed', 'lowprec.seed')   # numeric keys where any integer is a valid value
 

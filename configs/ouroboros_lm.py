@@ -12,6 +12,7 @@ Switches: --config.pipeline.num_modules=4 --config.pipeline.tied_ring=False
 Remedies for the stale gradients (accel/pipeline/remedies.py, each 0 = off):
           --config.pipeline.sync_warmup_steps=N --config.pipeline.delay_compensation=L
           (stored) --config.pipeline.pipemare_steps=T --config.pipeline.error_feedback=C
+          --config.pipeline.nesterov_momentum=G (stored; G in [0, 1), Ajanthan et al.: 0.99)
           --config.optimizer.name=muon (--config.optimizer.adam_lr for the non-matrices)
 The pipeline uses num_modules-1 stages (tied ring) or num_modules (untied); the remaining
 factor of the device count becomes the data-parallel axis.

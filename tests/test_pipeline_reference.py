@@ -208,33 +208,41 @@ def _grads_of_batch(mp, mods, E_in, E_out, batch):
   return jax.grad(loss, argnums=(0, 1, 2))(mods, E_in, E_out)
 
 
-@pytest.mark.parametrize('forward_locked,prediction', [(False, 0.0), (True, 0.0),
-                                                       (False, 2.0), (True, 1.0)])
+@pytest.mark.parametrize('forward_locked,prediction,nesterov',
+                         [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 2.0, 0.0),
+                          (True, 1.0, 0.0), (False, 1.0, 0.5)])
 def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_locked,
-                                                                    prediction):
+                                                                    prediction, nesterov):
   """'stored': every gradient module j applies is jax.grad of its batch b through the
   weights every module had when b passed it, E in module 0's lookup and in the logits
   likewise. Oracle: plain jax.grad of that composed model, no schedule code.
   Pipelined (Ouroboros): b = t - 2(K-1) + j (module K-1: t - (K-1)), module i's weights at
   the start of iteration r = b + i. Forward-locked (DDG): b = t - (K-1-j), every module's
   at r = b. Weight prediction s: module i ran with w_i^r + s d_i (w_i^r - w_i^{r-1}),
-  d_i = 2(K-1-i) (forward-locked: K-1-i) and E as it was."""
+  d_i = 2(K-1-i) (forward-locked: K-1-i) and E as it was. The Nesterov momentum gamma
+  (`remedies`) adds gamma to s d_i where d_i > 0, and with SGD(eta) its update is Ajanthan
+  et al.'s Eq. 10: w^{t+1} = w^t + gamma (w^t - w^{t-1}) - eta (1 - gamma) g (module K-1
+  and E: plain SGD)."""
   cfg, layout = TransformerConfig(**{**CFG3.__dict__, 'dropout_rate': 0.0}), LAYOUT3
-  k = layout.num_modules
-  ref = Reference(cfg, layout, _adam(1e-2), 'stored', forward_locked=forward_locked,
-                  weight_prediction=prediction)
+  k, eta = layout.num_modules, 1e-2
+  ref = Reference(cfg, layout, optax.sgd(eta) if nesterov else _adam(eta), 'stored',
+                  forward_locked=forward_locked, weight_prediction=prediction,
+                  nesterov_momentum=nesterov)
   state = ref.init(_params(cfg))
   batches, snaps, metrics = _batches(2 * k + 1, cfg), [], []
   for batch in batches:
     snaps.append((list(state['modules']), state['E']))   # weights at the start of t
     state, m = ref.step(state, batch)
     metrics.append(m)
+  snaps.append((list(state['modules']), state['E']))
   ran_at = (lambda b, i: b) if forward_locked else (lambda b, i: b + i)
   delay = (lambda i: k - 1 - i) if forward_locked else (lambda i: 2 * (k - 1 - i))
 
+  steps = lambda i: prediction * delay(i) + nesterov * (delay(i) > 0)
+
   def ran_with(i, r):
     w, w_prev = snaps[r][0][i], snaps[max(r - 1, 0)][0][i]
-    return jax.tree_util.tree_map(lambda a, p: a + prediction * delay(i) * (a - p), w, w_prev)
+    return jax.tree_util.tree_map(lambda a, p: a + steps(i) * (a - p), w, w_prev)
 
   def oracle(b):
     return _grads_of_batch(ref.model_pieces, [ran_with(i, ran_at(b, i)) for i in range(k)],
@@ -251,6 +259,12 @@ def test_stored_gradient_is_that_of_the_weights_each_module_ran_with(forward_loc
         continue
       _close(m['grads'][j], oracle(b)[0][j])
       checked += 1
+      if nesterov:
+        gamma = nesterov * (j < k - 1)
+        w, w_prev = snaps[t][0][j], snaps[max(t - 1, 0)][0][j]
+        _close(snaps[t + 1][0][j], jax.tree_util.tree_map(
+            lambda a, p, g: a + gamma * (a - p) - eta * (1 - gamma) * g, w, w_prev,
+            m['grads'][j]))
     b_out, b_in = ref.fwd_batch(k - 1, t), ref.bwd_batch(0, t)
     if b_in >= 0:   # E: the output-side part of b_out plus the input-side part of b_in
       _close(m['grad_E'][0], oracle(b_out)[2])
@@ -284,6 +298,13 @@ def test_remedies_arithmetic_and_schedule():
   assert factor(30, 4) == factor(50, 4) == factor(10, 0) == 1.0
   np.testing.assert_allclose(remedies.scale({'a': jnp.ones((2, 3))}, jnp.asarray([1.0, 0.5]))['a'],
                              [[1.0] * 3, [0.5] * 3])
+  # Nesterov: w + gamma (w - w_prev) + (1 - gamma) u, one gamma per layer of a [2, 2] stack
+  # (0: the plain update); its look-ahead adds gamma to weight prediction's s d where d > 0
+  np.testing.assert_allclose(
+      remedies.nesterov_update(jnp.stack([w, w]), jnp.stack([g, g]), jnp.stack([w_fwd] * 2),
+                               jnp.asarray([0.0, 0.9])),
+      [[1.5, -1.5], [0.5 + 0.45 + 0.1, 0.5 - 0.45 - 0.2]], rtol=1e-6)
+  assert remedies.lookahead_steps(4, 1.0, 0.5) == 4.5 and remedies.lookahead_steps(0, 1.0, 0.5) == 0
   # the synchronous warm-up: delay 0 before N, the pipeline from empty at N
   ref = Reference(CFG3, LAYOUT3, _adam(1e-2), 'stored', rng=RNG, sync_warmup_steps=3)
   assert [ref.delay(0, t) for t in (0, 2, 3, 9)] == [0, 0, 4, 4]
@@ -304,6 +325,10 @@ def test_remedy_settings_are_checked():
     Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'recompute', delay_compensation=1.0)
   with pytest.raises(UserError, match='must be >= 0'):
     Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'stored', pipemare_steps=-1)
+  with pytest.raises(UserError, match=r'nesterov_momentum must be in \[0, 1\), got 1.0'):
+    Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'stored', nesterov_momentum=1.0)
+  with pytest.raises(UserError, match="nesterov_momentum > 0 needs"):
+    Reference(CFG, Layout(2, 2, True), _adam(1e-2), 'recompute', nesterov_momentum=0.9)
   xl = TransformerXLConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32,
                            mem_len=4)
   with pytest.raises(UserError, match='sync_warmup_steps > 0 does not compose'):

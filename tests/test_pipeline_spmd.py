@@ -69,9 +69,10 @@ FULL = [(model, k, tied, bw, 1, rate, clip, 0.0)
 # step), which must match the reference as closely, and the reference without them, from
 # which it must differ. Each remedy's arithmetic alone: test_pipeline_reference.py.
 REMEDIES = [('lm', 2, True, 'stored', 1, 0.1, CLIP, 0.0,
-             'sync_warmup_steps=3,delay_compensation=50,pipemare_steps=6,error_feedback=1'),
+             'sync_warmup_steps=3,delay_compensation=50,pipemare_steps=6,error_feedback=1,'
+             'nesterov_momentum=0.9'),
             ('lm', 3, True, 'stored', 1, 0.0, CLIP, 1.0, 'sync_warmup_steps=2,'
-             'delay_compensation=50,pipemare_steps=6,error_feedback=0.5'),
+             'delay_compensation=50,pipemare_steps=6,error_feedback=0.5,nesterov_momentum=0.5'),
             ('lm', 2, False, 'stored', 2, 0.0, 0.0, 0.0, 'optimizer=muon')]
 CASES = (FULL if os.environ.get('ACCEL_PIPELINE_FULL') else DEFAULT) + REMEDIES
 # The case whose compiled step is checked for conditionals (the stage program is the same

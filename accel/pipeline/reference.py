@@ -34,7 +34,9 @@ iterations t < N synchronously and starts the pipeline at N with batch N (`synch
 `first_batch`); `delay_compensation` (DC-ASGD, 'stored': the forward weights are kept with
 each stored vjp, 'fwd_weights'), `error_feedback` (the gradient each module applied last,
 'prev_grads') and `pipemare_steps` (a per-module factor on the optimizer's update) act on
-module j's gradient and update, with its delay d_j at t (`delay`).
+module j's gradient and update, with its delay d_j at t (`delay`); `nesterov_momentum`
+('stored') moves module j's forward to its look-ahead point and adds the momentum to its
+update (both with w^{t-1}, 'prev_modules', as weight prediction).
 """
 from __future__ import annotations
 
@@ -78,10 +80,11 @@ _predict = jax.jit(prediction.predict)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _update(tx, grads, opt_state, params, factor=1.0):
-  """One optimizer step; its update scaled by `factor` (PipeMare's lr factor, 1: none)."""
+def _update(tx, grads, opt_state, params, factor=1.0, prev=None, gamma=0.0):
+  """One optimizer step; its update scaled by `factor` (PipeMare's lr factor, 1: none);
+  with prev (w^{t-1}) the Nesterov step of momentum gamma (`remedies.nesterov_update`)."""
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, remedies.scale(updates, factor)), opt_state
+  return remedies.apply_update(params, updates, factor, prev, gamma), opt_state
 
 
 _corrected = jax.jit(lambda g, dc, fb: remedies.add(g, *(t for t in (dc, fb) if t is not None)))
@@ -97,12 +100,12 @@ class Reference:
                clip_norm: float = 0.0, forward_locked: bool = False,
                weight_prediction: float = 0.0, sync_warmup_steps: int = 0,
                delay_compensation: float = 0.0, pipemare_steps: int = 0,
-               error_feedback: float = 0.0,
+               error_feedback: float = 0.0, nesterov_momentum: float = 0.0,
                hooks: method_hooks.MethodHooks = method_hooks.NONE):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
     weight_prediction: s of `accel.pipeline.prediction` (0: off); the remedies: N, lambda,
-    T and c of `accel.pipeline.remedies` (0: off); hooks: the enabled methods'
+    T, c and gamma of `accel.pipeline.remedies` (0: off); hooks: the enabled methods'
     (`accel.pipeline.hooks`), the blocks seeing the whole batch."""
     prediction.check(weight_prediction, backward_weights)
     if backward_weights not in ('stored', 'recompute'):
@@ -112,9 +115,11 @@ class Reference:
     self.model_pieces = families.for_config(cfg, hooks)
     remedies.check(backward_weights, self.model_pieces.has_memory,
                    sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
-                   pipemare_steps=pipemare_steps, error_feedback=error_feedback)
+                   pipemare_steps=pipemare_steps, error_feedback=error_feedback,
+                   nesterov_momentum=nesterov_momentum)
     self.sync_warmup_steps, self.delay_compensation = sync_warmup_steps, delay_compensation
     self.pipemare_steps, self.error_feedback = pipemare_steps, error_feedback
+    self.nesterov_momentum = nesterov_momentum
     self.cfg = self.model_pieces.cfg
     self.layout, self.tx = layout, tx
     self.backward_weights, self.synchronous = backward_weights, synchronous
@@ -141,7 +146,7 @@ class Reference:
     state = dict(step=0, modules=modules, E=parts['E'], mems=mems,
                  opt=[self.tx.init(pm) for pm in modules], opt_E=self.tx.init(parts['E']),
                  saved={}, acts={}, grads={}, batches={})
-    if self.weight_prediction:   # w^{t-1}: before any update, w^0
+    if self.weight_prediction or self.nesterov_momentum:   # w^{t-1}: before any update, w^0
       state['prev_modules'] = list(modules)
     if self.delay_compensation:
       state['fwd_weights'] = {}
@@ -180,10 +185,12 @@ class Reference:
     return self.fwd_batch(j, t) - self.bwd_batch(j, t)
 
   def forward_weights(self, state, j: int):
-    """Module j's params its forward runs with at this iteration: w_j^t, or with weight
-    prediction w_j^t + s d_j (w_j^t - w_j^{t-1}) (`accel.pipeline.prediction`)."""
+    """Module j's params its forward runs with at this iteration: w_j^t, or extrapolated
+    w_j^t + (s d_j + gamma_j) (w_j^t - w_j^{t-1}) (weight prediction,
+    `accel.pipeline.prediction`; the Nesterov look-ahead, `remedies.lookahead_steps`)."""
     w = state['modules'][j]
-    steps = self.weight_prediction * self.delay(j, state['step'])
+    steps = remedies.lookahead_steps(self.delay(j, state['step']), self.weight_prediction,
+                                     self.nesterov_momentum)
     return _predict(w, state['prev_modules'][j], steps) if steps else w
 
   def key(self, j: int, b: int):
@@ -260,7 +267,8 @@ class Reference:
     applied, applied_E = corrected, g_E_sum
     if self.clip_norm:
       applied, applied_E = clipping.clip((corrected, g_E_sum), grad_norm, self.clip_norm)
-    if self.weight_prediction:
+    prev = state.get('prev_modules')
+    if prev is not None:
       state['prev_modules'] = list(mods)
     # The optimizer per module, only for modules that have a gradient this iteration.
     for j in range(k):
@@ -268,8 +276,9 @@ class Reference:
         factor = (remedies.pipemare_factor(t, self.delay(j, t), self.pipemare_steps,
                                            self.sync_warmup_steps)
                   if self.pipemare_steps else 1.0)
+        gamma = self.nesterov_momentum * (self.delay(j, t) > 0)
         mods[j], state['opt'][j] = _update(self.tx, applied[j], state['opt'][j], mods[j],
-                                           factor)
+                                           factor, *((prev[j], gamma) if gamma else ()))
     if g_E:
       state['E'], state['opt_E'] = _update(self.tx, applied_E, state['opt_E'], E)
     state['step'] = t + 1

@@ -45,13 +45,44 @@ pipeline.error_feedback = c (after Zmushko et al. 2026, arXiv 2606.30634, "an Er
   optimistic-gradient step; for synchronous training (d = 0) it is g itself. Not applied
   to E. Memory: one gradient per delayed module.
 
+pipeline.nesterov_momentum = gamma (Ajanthan et al. 2025, "Nesterov Method for Asynchronous
+  Pipeline Parallel Optimization", ICML, arXiv 2505.01099; the paper's text was not
+  retrievable here: its Eqs. 8 and 10 and Prop. 1 as quoted by notes on it, the settings
+  from its code, github.com/PluralisResearch/AsyncPP). NAG with its look-ahead
+  d_t = gamma (w_t - w_{t-1}) (their Eq. 8: w_{t+1} = w_t + d_t - eta grad f(w_t + d_t))
+  meets a gradient tau iterations late as (Eq. 10)
+    w_{t+1} = w_t + d_t - eta (1 - gamma) grad f(w_{t-tau} + d_{t-tau}):
+  the gradient is the one taken at the look-ahead point of the forward's own iteration,
+  the momentum step fills the gap and the stale gradient is discounted by 1 - gamma; as
+  gamma -> 1 the look-ahead d aligns with the delay's direction w_t - w_{t-tau} (Prop. 1).
+  Their runs: gamma = 0.99 for every stage (run.bash: NAdam with b1 0.99 and PipeDream's
+  weight stashing), or per stage 0.9 + 0.09 (stage delay) / stages ('--adaptive_momentum').
+  Implemented, labelled as this codebase's reading for an optimizer other than SGD: Eq. 10
+  with the module's optimizer's update u_t (Adam's or Muon's, lr included, from the stale
+  gradient) in place of -eta grad f:
+    forward of module j at t:  w_hat_j = w_j^t + gamma_j (w_j^t - w_j^{t-1})
+    update:  w_j^{t+1} = w_j^t + gamma_j (w_j^t - w_j^{t-1}) + (1 - gamma_j) u_j^t
+  gamma_j = gamma where d_j > 0, else 0 (the identity, as for every remedy here: the
+  loss-side module, E and the synchronous warm-up run the plain optimizer; the paper's
+  last stage runs NAG too). With optax.sgd(eta) this is Eq. 10 exactly (test). 'stored'
+  only: the gradient is that of the look-ahead forward. Against weight prediction
+  (`prediction`, s): the look-ahead alone is weight prediction with s d_j = gamma (the two
+  add: w_hat_j = w_j + (s d_j + gamma_j)(w_j - w_j^{t-1})); what differs is the update,
+  a heavy ball over the optimizer's updates whose steady-state step is u (an average of
+  the last ~1/(1-gamma) updates), so w_j - w_j^{t-1} is that average, not the last update.
+  Nor is it their runs' NAdam with b1 0.99 (the momentum inside Adam's normalisation, every
+  stage): here Adam keeps its b1 and the heavy ball averages its normalised steps.
+  Memory: w^{t-1} per delayed module (shared with weight prediction).
+
 All corrections add to the raw gradient (g + the DC term + the feedback term), before the
-global-norm clip; the learning-rate factor scales the optimizer's update.
+global-norm clip; the learning-rate factor scales the optimizer's update, to which the
+Nesterov step (`nesterov_update`) then adds the momentum.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from accel.errors import UserError
 
@@ -60,7 +91,11 @@ _tmap = jax.tree_util.tree_map
 
 def check(backward_weights: str, has_memory: bool, *, sync_warmup_steps: int = 0,
           delay_compensation: float = 0.0, pipemare_steps: int = 0,
-          error_feedback: float = 0.0):
+          error_feedback: float = 0.0, nesterov_momentum: float = 0.0):
+  if not 0 <= nesterov_momentum < 1:
+    raise UserError(f'pipeline.nesterov_momentum must be in [0, 1), got {nesterov_momentum}')
+  if nesterov_momentum and backward_weights != 'stored':
+    raise UserError("pipeline.nesterov_momentum > 0 needs pipeline.backward_weights='stored'")
   for name, value in (('sync_warmup_steps', sync_warmup_steps),
                       ('delay_compensation', delay_compensation),
                       ('pipemare_steps', pipemare_steps), ('error_feedback', error_feedback)):
@@ -84,6 +119,30 @@ def feedback_term(g, g_prev, c_times_d):
   delay)."""
   cd = jnp.asarray(c_times_d, jnp.float32)
   return _tmap(lambda a, b: _lead(cd, a) * (a - b), g, g_prev)
+
+
+def lookahead_steps(delay, weight_prediction, nesterov_momentum):
+  """How far module j's forward extrapolates along w - w^{t-1}: s d (weight prediction,
+  `prediction`) + gamma where d > 0 (the Nesterov look-ahead); delay a number or array."""
+  return weight_prediction * delay + nesterov_momentum * (delay > 0)
+
+
+def nesterov_update(params, updates, prev, gamma):
+  """w + gamma (w - w_prev) + (1 - gamma) u, leaf by leaf (u: the optimizer's update,
+  scaled); gamma a scalar or one value per index of the leading axis."""
+  g = jnp.asarray(gamma, jnp.float32)
+  return _tmap(lambda w, u, p: w + _lead(g, w) * (w - p) + (1 - _lead(g, w)) * u,
+               params, updates, prev)
+
+
+def apply_update(params, updates, factor=None, prev=None, gamma=0.0):
+  """params after the optimizer's `updates`, scaled by `factor` (PipeMare's and the lr's;
+  None: 1); with prev (w^{t-1}) the Nesterov step of momentum gamma (`nesterov_update`)."""
+  if factor is not None:
+    updates = scale(updates, factor)
+  if prev is None:
+    return optax.apply_updates(params, updates)
+  return nesterov_update(params, updates, prev, gamma)
 
 
 def add(tree, *others):

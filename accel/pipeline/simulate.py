@@ -15,10 +15,10 @@ arrays: `jax.vmap` trains runs side by side, `lax.scan` many steps per call.
 
 The knobs that differ between runs are arrays in the state (`Knobs`), so runs of one shape
 share a program: the synchronous warm-up N (N >= the run's length: synchronous training),
-the weight-prediction scale s, DC-ASGD's lambda, the error-feedback c, PipeMare's T and a
-factor on the learning rate. A synchronous iteration (t < N) takes the gradient of batch t
-at w^t and applies it at once; a pipelined one (t >= N) that of batch t - (K-1) at the
-ringed weights, valid once that batch is >= N.
+the weight-prediction scale s, DC-ASGD's lambda, the error-feedback c, PipeMare's T, the
+Nesterov momentum gamma and a factor on the learning rate. A synchronous iteration (t < N)
+takes the gradient of batch t at w^t and applies it at once; a pipelined one (t >= N) that
+of batch t - (K-1) at the ringed weights, valid once that batch is >= N.
 
 Memory beyond synchronous training: K-1 copies of the weights (forward ring), the queued
 gradients (sum over j of K-1-j module gradients, with DC-ASGD each with its forward
@@ -48,6 +48,7 @@ class Knobs:
   delay_compensation: float = 0.0
   error_feedback: float = 0.0
   pipemare_steps: int = 0
+  nesterov_momentum: float = 0.0
   lr_scale: float = 1.0
 
   def arrays(self) -> dict:
@@ -136,9 +137,11 @@ class Simulated:
     sync = t < n
     mods, E = state['modules'], state['E']
     delays = [jnp.where(sync, 0, self.layout.delay(j)) for j in range(k)]
-    # Forward weights of iteration t: w, or predicted along the last update.
-    w_hat = [prediction.predict(mods[j], state['prev_modules'][j],
-                                kn['weight_prediction'] * delays[j]) for j in range(k)]
+    gammas = [kn['nesterov_momentum'] * (d > 0) for d in delays]
+    # Forward weights of iteration t: w, or extrapolated along the last update (weight
+    # prediction, the Nesterov look-ahead).
+    w_hat = [prediction.predict(mods[j], state['prev_modules'][j], remedies.lookahead_steps(
+        delays[j], kn['weight_prediction'], kn['nesterov_momentum'])) for j in range(k)]
     # The batch whose gradient is taken: t (synchronous) or t-(K-1), with module j's
     # forward weights of iteration b + j (ring lag K-1-j) and E^b at the lookup.
     def lagged(j):
@@ -190,7 +193,8 @@ class Simulated:
           kn['pipemare_steps'] > 0,
           remedies.pipemare_factor(t, delays[j], jnp.maximum(kn['pipemare_steps'], 1), n),
           1.0)
-      p, o = self._update(masked[j], state['opt'][j], mods[j], factor)
+      p, o = self._update(masked[j], state['opt'][j], mods[j], factor,
+                          state['prev_modules'][j], gammas[j])
       new_mods.append(_where(valid[j], p, mods[j]))
       new_opt.append(_where(valid[j], o, state['opt'][j]))
     E_new, opt_E = self._update(g_E, state['opt_E'], E, kn['lr_scale'])
@@ -207,6 +211,8 @@ class Simulated:
         'has_prev': state['has_prev'] | jnp.stack(valid)}
     return new_state, {'loss': loss, 'loss_valid': loss_valid, 'grad_norm': grad_norm}
 
-  def _update(self, grads, opt_state, params, factor):
+  def _update(self, grads, opt_state, params, factor, prev=None, gamma=0.0):
+    """The optimizer's update scaled by factor; with prev (w^{t-1}) the Nesterov step of
+    momentum gamma (`remedies.nesterov_update`; gamma = 0: the plain update)."""
     updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, remedies.scale(updates, factor)), opt_state
+    return remedies.apply_update(params, updates, factor, prev, gamma), opt_state

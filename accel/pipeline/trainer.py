@@ -10,9 +10,10 @@ stage = pipeline.num_modules - 1 (tied ring) or num_modules (untied).
 The state is a `TrainState`: params and opt_state stage-stacked, `mutable` the pipeline's
 history (inboxes, the ring of inputs or vjp residuals, the token ring) and, for
 Transformer-XL, the recurrence memory (and the memory each delayed batch read), with
-pipeline.weight_prediction > 0 the params before the last update, with the remedies
-(`accel.pipeline.remedies`) their state (DC-ASGD's forward weights, error feedback's last
-gradients), so checkpoints hold it and a resumed run continues the very same iterations.
+pipeline.weight_prediction > 0 or pipeline.nesterov_momentum > 0 the params before the last
+update, with the remedies (`accel.pipeline.remedies`) their state (DC-ASGD's forward
+weights, error feedback's last gradients), so checkpoints hold it and a resumed run
+continues the very same iterations.
 With pipeline.sync_warmup_steps = N the steps t < N run the synchronous warm-up program
 (`spmd.synchronous`), chosen on the host by the step's plan (`method.OuroborosPipeline`).
 
@@ -54,7 +55,8 @@ from accel.trainer import Trainer, TrainState, train_rng
 
 _BUFFERS = ('act_in', 'grad_in', 'hist', 'tokens', 'mem', 'hist_mem', 'prev_params', 'hist_w',
             'prev_grad', 'has_prev')
-REMEDIES = ('sync_warmup_steps', 'delay_compensation', 'pipemare_steps', 'error_feedback')
+REMEDIES = ('sync_warmup_steps', 'delay_compensation', 'pipemare_steps', 'error_feedback',
+            'nesterov_momentum')
 
 
 def _check(task):

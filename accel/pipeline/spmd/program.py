@@ -42,11 +42,12 @@ class Pipeline:
                clip_norm: float = 0.0, weight_prediction: float = 0.0,
                sync_warmup_steps: int = 0, delay_compensation: float = 0.0,
                pipemare_steps: int = 0, error_feedback: float = 0.0,
+               nesterov_momentum: float = 0.0,
                hooks: method_hooks.MethodHooks = method_hooks.NONE):
     """rng: the train rng the dropout keys derive from (needed if cfg.dropout_rate > 0);
     clip_norm: c of `accel.pipeline.clipping` (0: no clipping); tx must not clip;
     weight_prediction: s of `accel.pipeline.prediction` (0: off; 'stored' only); the
-    remedies N, lambda, T, c of `accel.pipeline.remedies` (0: off). With N > 0 iterations
+    remedies N, lambda, T, c, gamma of `accel.pipeline.remedies` (0: off). With N > 0 iterations
     t < N run `sync_step_fn` (`synchronous`), the others `step_fn`. hooks: the enabled
     methods' (`accel.pipeline.hooks`); the blocks see the 'data' shard."""
     prediction.check(weight_prediction, backward_weights)
@@ -60,18 +61,21 @@ class Pipeline:
     self.model_pieces = families.for_config(cfg, dataclasses.replace(hooks, data_axis='data'))
     remedies.check(backward_weights, self.model_pieces.has_memory,
                    sync_warmup_steps=sync_warmup_steps, delay_compensation=delay_compensation,
-                   pipemare_steps=pipemare_steps, error_feedback=error_feedback)
+                   pipemare_steps=pipemare_steps, error_feedback=error_feedback,
+                   nesterov_momentum=nesterov_momentum)
     self.sync_warmup_steps, self.delay_compensation = sync_warmup_steps, delay_compensation
     self.pipemare_steps, self.error_feedback = pipemare_steps, error_feedback
+    self.nesterov_momentum = nesterov_momentum
     self.cfg = self.model_pieces.cfg
     self.layout, self.tx, self.mesh = layout, tx, mesh
     self.rng = rng if cfg.dropout_rate else None
     self.clip_norm = clip_norm
     self.weight_prediction = weight_prediction
     self.stored = backward_weights == 'stored'
-    self.tables = StageTables.build(layout, weight_prediction)
+    self.tables = StageTables.build(layout, weight_prediction, nesterov_momentum)
     self.state_layout = StateLayout(self.model_pieces, layout, self.tables, tx, mesh,
-                                    self.stored, weight_prediction, self._dropout_key,
+                                    self.stored, bool(weight_prediction or nesterov_momentum),
+                                    self._dropout_key,
                                     delay_compensation, error_feedback)
     # The shard_mapped iteration, to be jitted here or inside a caller's jit.
     self.step_fn = self._build_step()
@@ -123,6 +127,7 @@ class Pipeline:
     layer_module_S, module_a_S = arrays['layer_module'], arrays['module_a']
     owns_S, counts_E_S = arrays['owns'], arrays['counts_E']
     layer_steps_S, layer_delay_S = arrays['layer_steps'], arrays['layer_delay']
+    layer_momentum_S = arrays['layer_momentum']
     dropout_key = self._dropout_key
     first_batch, lam, c = self.sync_warmup_steps, self.delay_compensation, self.error_feedback
 
@@ -137,7 +142,8 @@ class Pipeline:
       to_local = lambda tree: _tmap(lambda v: lax.pcast(v, 'data', to='varying'), tree)
       p_local = to_local(p)
       E, first, last = p_local['E'], p_local['first'], p_local['last']
-      # The weights the forwards run with: w, or predicted (`accel.pipeline.prediction`).
+      # The weights the forwards run with: w, or extrapolated along the last update (weight
+      # prediction, `accel.pipeline.prediction`; the Nesterov look-ahead, `remedies`).
       p_fwd = {'layers': p_local['layers'], 'first': first}
       fwd_weights = {'layers': p['layers'], 'first': p['first']}   # as stored for DC-ASGD
       if 'prev_params' in state:
@@ -187,9 +193,13 @@ class Pipeline:
       if self.pipemare_steps:
         factors = corrections.pipemare_factors(t, layer_delay_S[me], tables.first_delay,
                                                self.pipemare_steps, first_batch)
+      momentum = None
+      if self.nesterov_momentum:
+        momentum = (sq(state['prev_params']), {'layers': layer_momentum_S[me],
+                                               'first': tables.first_momentum})
       upd = update(tx, g, p, opt, owns_S, counts_E_S, clip_norm, it,
                    lambda: Masks.pipelined(layer_module_S, owns_S, k, first_batch, it),
-                   correct, factors)
+                   correct, factors, momentum)
 
       if stored:
         # The backward reads slot_b inside its fusions; writing slot_now only after all of

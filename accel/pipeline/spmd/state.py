@@ -20,17 +20,21 @@
            the delayed gradient's compensation subtracts.
   prev_grad, has_prev  (error feedback) layers [S, n, ...] / [S, n], first [S, ...] / [S]:
            the gradient each layer applied last, and whether it has applied one.
-  prev_params  (weight prediction s > 0, `accel.pipeline.prediction`) layers [S, n, ...]
-           and first [S, ...]: w^{t-1}, the params before the last update. The forwards
-           run with w + s d (w - w^{t-1}), d per layer from its module
+  prev_params  (weight prediction s > 0, `accel.pipeline.prediction`, or the Nesterov
+           momentum gamma > 0, `accel.pipeline.remedies`) layers [S, n, ...] and first
+           [S, ...]: w^{t-1}, the params before the last update. The forwards run with
+           w + (s d + gamma [d > 0]) (w - w^{t-1}), d per layer from its module
            (`StageTables.layer_steps`, 0 for module K-1's layers), first with d_0 = 2(K-1);
            E, last and the backward's templates use w, as does the embedding's backward
-           (linear in E and first: its gradient does not depend on them).
+           (linear in E and first: its gradient does not depend on them). With gamma the
+           update adds gamma (w - w^{t-1}) to (1 - gamma) times the optimizer's
+           (`StageTables.layer_momentum`).
 Memory beyond the weights, per stage: 2 B L D inboxes plus R B L D history ('recompute',
 and one extra forward per backward) or R residual sets ('stored': about 11 B L D per
 block plus the stage's weights); with a recurrence memory also n B M D live memory and,
 for 'recompute', R n B M D of memory history (in 'stored' it is in the residual sets); with
-weight prediction one more copy of the stage's weights (prev_params); with DC-ASGD R copies
+weight prediction or the Nesterov momentum one more copy of the stage's weights
+(prev_params); with DC-ASGD R copies
 of them (hist_w; the 'stored' residual sets hold them too, not shared); with error
 feedback one gradient of them (prev_grad).
 
@@ -46,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from accel.pipeline import pieces
+from accel.pipeline import pieces, remedies
 from accel.pipeline.layout import Layout
 from accel.pipeline.spmd import ring
 
@@ -64,9 +68,11 @@ class StageTables:
   owns E / first / last, where the stage's stack is cut into segments A and B."""
   layer_module: np.ndarray   # [S, n] int32: module of each local layer
   layer_delay: np.ndarray    # [S, n] float32: d of each local layer's module, 2(K-1-j)
-  layer_steps: np.ndarray    # [S, n] float32: weight prediction s * d of each local layer
+  layer_steps: np.ndarray    # [S, n] float32: s d + gamma [d > 0] of each local layer
+  layer_momentum: np.ndarray  # [S, n] float32: the Nesterov gamma [d > 0] of each
   first_delay: int           # d_0 of module 0's 'first'
-  first_steps: float         # s * d_0
+  first_steps: float         # s d_0 + gamma
+  first_momentum: float      # gamma [d_0 > 0]
   last_stage: int            # the stage of module K-1 (the loss stage)
   owns_first: np.ndarray     # [S] bool
   owns_last: np.ndarray      # [S] bool
@@ -77,7 +83,8 @@ class StageTables:
   ring_slots: int            # R = 2(K-1)
 
   @classmethod
-  def build(cls, layout: Layout, weight_prediction: float) -> 'StageTables':
+  def build(cls, layout: Layout, weight_prediction: float,
+            nesterov_momentum: float = 0.0) -> 'StageTables':
     k, s, n = layout.num_modules, layout.num_stages, layout.layers_per_stage
     if layout.tied_ring:
       mods = [[k - 1] * layout.n_last + [0] * layout.n_first] + [[j] * n for j in range(1, s)]
@@ -88,9 +95,13 @@ class StageTables:
     owns_first = np.arange(s) == 0
     owns_last = np.arange(s) == last_stage
     layer_delay = np.vectorize(layout.delay)(layer_module).astype(np.float32)
+    steps = lambda d: remedies.lookahead_steps(d, weight_prediction, nesterov_momentum)
+    d0 = layout.delay(0)
     return cls(layer_module=layer_module, layer_delay=layer_delay,
-               layer_steps=(weight_prediction * layer_delay).astype(np.float32),
-               first_delay=layout.delay(0), first_steps=weight_prediction * layout.delay(0),
+               layer_steps=np.asarray(steps(layer_delay), np.float32),
+               layer_momentum=np.asarray(nesterov_momentum * (layer_delay > 0), np.float32),
+               first_delay=d0, first_steps=float(steps(d0)),
+               first_momentum=float(nesterov_momentum * (d0 > 0)),
                last_stage=last_stage,
                owns_first=owns_first, owns_last=owns_last, owns_E=owns_first | owns_last,
                counts_E=owns_last, split=layout.n_last if layout.tied_ring else n,
@@ -99,7 +110,8 @@ class StageTables:
 
 def stage_arrays(tables: StageTables) -> dict:
   """The tables the step reads inside the shard_map, as device constants indexed by stage:
-  layer_module, module_a, owns {'E', 'first', 'last'}, counts_E, layer_steps, layer_delay."""
+  layer_module, module_a, owns {'E', 'first', 'last'}, counts_E, layer_steps, layer_delay,
+  layer_momentum."""
   return {'layer_module': jnp.asarray(tables.layer_module),
           'module_a': jnp.asarray(tables.module_a),
           'owns': {name: jnp.asarray(v) for name, v in
@@ -107,19 +119,21 @@ def stage_arrays(tables: StageTables) -> dict:
                     ('last', tables.owns_last))},
           'counts_E': jnp.asarray(tables.counts_E),
           'layer_steps': jnp.asarray(tables.layer_steps),
-          'layer_delay': jnp.asarray(tables.layer_delay)}
+          'layer_delay': jnp.asarray(tables.layer_delay),
+          'layer_momentum': jnp.asarray(tables.layer_momentum)}
 
 
 class StateLayout:
   """Builds, shards and reads the pipeline state (module docstring) for one program."""
 
   def __init__(self, model_pieces, layout: Layout, tables: StageTables, tx, mesh,
-               stored: bool, weight_prediction: float, dropout_key,
+               stored: bool, keeps_prev: bool, dropout_key,
                delay_compensation: float = 0.0, error_feedback: float = 0.0):
-    """dropout_key(batch, module): the key inside the shard_map (`Pipeline`)."""
+    """keeps_prev: w^{t-1} in the state (weight prediction, the Nesterov momentum);
+    dropout_key(batch, module): the key inside the shard_map (`Pipeline`)."""
     self.model_pieces, self.layout, self.tables = model_pieces, layout, tables
     self.tx, self.mesh, self.stored = tx, mesh, stored
-    self.weight_prediction, self._dropout_key = weight_prediction, dropout_key
+    self.keeps_prev, self._dropout_key = keeps_prev, dropout_key
     self.delay_compensation, self.error_feedback = delay_compensation, error_feedback
 
   def stack(self, params):
@@ -152,7 +166,7 @@ class StateLayout:
       specs['mem'] = P('stage', None, 'data')
       if not self.stored:
         specs['hist_mem'] = P('stage', None, None, 'data')
-    if self.weight_prediction:
+    if self.keeps_prev:
       specs['prev_params'] = st
     for key, on in (('hist_w', self.delay_compensation), ('prev_grad', self.error_feedback),
                     ('has_prev', self.error_feedback)):
@@ -177,7 +191,7 @@ class StateLayout:
              'opt': {'layers': init_layers(stacked['layers']), 'E': init_owned(stacked['E']),
                      'first': init_owned(stacked['first']), 'last': init_owned(stacked['last'])},
              'act_in': x(), 'grad_in': x(), 'tokens': {'inputs': tok(), 'targets': tok()}}
-    if self.weight_prediction:   # w^{t-1}: before any update, w^0 (a copy: donated apart)
+    if self.keeps_prev:   # w^{t-1}: before any update, w^0 (a copy: donated apart)
       state['prev_params'] = _tmap(jnp.copy, {'layers': stacked['layers'],
                                               'first': stacked['first']})
     own = {'layers': stacked['layers'], 'first': stacked['first']}

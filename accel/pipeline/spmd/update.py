@@ -6,7 +6,8 @@ stage's n layers: each counts its own updates) and per owned tensor (E, first, l
 each tensor with its own `stream` extra argument (`streams`) for an optimizer that draws
 random bits per tensor (the 16-bit update's stochastic rounding, `accel.lowprec.optimizer`).
 The remedies' corrections (`accel.pipeline.remedies`) act on the averaged gradients before
-the norm; PipeMare's factors on the optimizer's updates.
+the norm; PipeMare's factors on the optimizer's updates, to which the Nesterov momentum
+adds gamma (w - w^{t-1}) (`remedies.nesterov_update`).
 """
 from __future__ import annotations
 
@@ -61,12 +62,14 @@ def streams(me, num_stages: int, layers_per_stage: int):
 
 
 def update(tx, g, params, opt, owns_S, counts_E_S, clip_norm: float, it: Iteration,
-           masks_fn, correct=None, factors=None) -> Update:
+           masks_fn, correct=None, factors=None, momentum=None) -> Update:
   """owns_S: {'E', 'first', 'last'} -> [S] bool, who holds the tensor; counts_E_S: which
   stage counts E's gradient in the norm (once, although untied keeps two copies);
   masks_fn() -> `Masks`; correct(g, masks) -> g with the remedies' corrections
   (`accel.pipeline.remedies`); factors: {'layers': [n], 'first': scalar} on the
-  optimizer's updates (PipeMare), None: none."""
+  optimizer's updates (PipeMare), None: none; momentum: (prev, gammas), w^{t-1} of
+  {'layers', 'first'} and their Nesterov gamma ({'layers': [n], 'first': scalar}), None:
+  none."""
   me = it.me
   g = lax.pmean(g, 'data')
   masks = masks_fn()
@@ -86,24 +89,23 @@ def update(tx, g, params, opt, owns_S, counts_E_S, clip_norm: float, it: Iterati
 
   tx = optax.with_extra_args_support(tx)
 
-  def apply(grads, o, p, stream, factor=None):
+  def apply(grads, o, p, stream, factor=None, prev=None, gamma=0.0):
     updates, o = tx.update(grads, o, p, stream=stream)
-    if factor is not None:
-      updates = remedies.scale(updates, factor)
-    return optax.apply_updates(p, updates), o
+    return remedies.apply_update(p, updates, factor, prev, gamma), o
 
   factors = factors or {}
+  prev, gammas = momentum or ({}, {})
   stream = streams(me, owns_S['E'].shape[0], jax.tree_util.tree_leaves(g['layers'])[0].shape[0])
   new_p, new_opt = {}, {}
-  if 'layers' in factors:
-    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], stream['layers'],
-                             factors['layers'])
-  else:
-    lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], stream['layers'])
+  extra = {key: v['layers'] for key, v in (('factor', factors), ('prev', prev),
+                                           ('gamma', gammas)) if 'layers' in v}
+  lp, lo = jax.vmap(apply)(g['layers'], opt['layers'], params['layers'], stream['layers'],
+                           **extra)
   new_p['layers'] = keep(layer_valid, lp, params['layers'])
   new_opt['layers'] = keep(layer_valid, lo, opt['layers'])
   for name in ('E', 'first', 'last'):
-    np_, no = apply(g[name], opt[name], params[name], stream[name], factors.get(name))
+    np_, no = apply(g[name], opt[name], params[name], stream[name], factors.get(name),
+                    prev.get(name), gammas.get(name, 0.0))
     new_p[name] = keep(valid[name], np_, params[name])
     new_opt[name] = keep(valid[name], no, opt[name])
   return Update(params=new_p, opt=new_opt, grad_norm=grad_norm, sq_norm=sq_norm,
