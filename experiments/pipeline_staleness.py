@@ -25,8 +25,8 @@ Baseline recipe (Transformer-XL's enwik8 base, papers.md section 1): Adam(0.9, 0
 Phases, in order of priority:
   screen   per layout (K=2 untied, K=3 tied ring), 3 seeds: synchronous, the plain
            pipeline, each remedy alone (accel/pipeline/remedies.py, prediction.py) and
-           Adam b1 = 0.95 for both synchronous and pipelined training; 10 variants per
-           layout, one call per (seed, layout), seed 0 of both layouts first;
+           Adam b1 = 0.95 for both synchronous and pipelined training; 12 variants per
+           layout, seed by seed, seed 0 of both layouts first;
   combine  per layout, once its screen is complete: the remedies that beat the plain
            pipeline by more than the seeds' spread, all on together (rule fixed here,
            before any result);
@@ -90,7 +90,20 @@ def remedies(steps: int) -> dict[str, dict]:
           'PipeMare lr': dict(pipemare_steps=steps // 4),
           'weight prediction': dict(weight_prediction=1.0),
           'error feedback': dict(error_feedback=0.5),
-          'Adam b1 0.95': dict(b1=0.95)}
+          'Adam b1 0.95': dict(b1=0.95),
+          # Ajanthan et al.'s look-ahead (remedies.py): gamma 0.99, their runs' momentum
+          # for every stage, and 0.9, the low end of their per-stage 0.9 + 0.09 d / P
+          'Nesterov 0.9': dict(nesterov_momentum=0.9),
+          'Nesterov 0.99': dict(nesterov_momentum=0.99)}
+
+
+def resumable(previous: dict, current: dict) -> bool:
+  """Whether a study of settings `previous` continues under `current`: the same, or
+  `current` adds remedies (each earlier one unchanged) to a study whose combination is
+  not chosen yet (the caller checks that)."""
+  rest = lambda st: {k: v for k, v in st.items() if k != 'remedies'}
+  old, new = previous.get('remedies', {}), current.get('remedies', {})
+  return rest(previous) == rest(current) and all(new.get(k) == v for k, v in old.items())
 
 
 class Study:
@@ -122,9 +135,14 @@ class Study:
     if args.resume and os.path.exists(path):
       with open(path) as f:
         previous = json.load(f)
-      if previous['settings'] != json.loads(json.dumps(self.record['settings'])):
+      settings = json.loads(json.dumps(self.record['settings']))
+      if not resumable(previous['settings'], settings):
         raise SystemExit(f'error: {path} holds a study of other settings; --resume needs the '
-                         'same ones')
+                         'same ones (or more remedies)')
+      added = sorted(set(settings['remedies']) - set(previous['settings']['remedies']))
+      if added and 'combinations' in previous:
+        raise SystemExit(f'error: {path} chose its combinations without the remedies '
+                         f'{added}; --resume adds remedies only before the combine phase')
       for key in ('runs', 'phases', 'combinations', 'best_synchronous_lr', 'calls'):
         if key in previous:
           self.record[key] = previous[key]
@@ -147,19 +165,30 @@ class Study:
   def execute(self, phase, calls):
     """Trains `calls` [(layout, family, runs)] in calls of runs_per_call runs
     (`Group.train_runs`), recording and writing the results after each; runs already in
-    the record (--resume) are not run again. With --time_limit a call runs only where its
-    estimate fits the time left (compile: measured, or scaled from a compile measured
-    before; training: `study.estimate_seconds` from the compiled program's cost, then the
-    pace measured in this process), and stops, its runs dropped, where its measured pace
-    would end it past the limit; either is recorded as skipped."""
+    the record (--resume) are not run again. Each entry of `calls` makes at most one call
+    (of runs_per_call runs, one budget); runs left over (variants added since, or more
+    than runs_per_call) join the next entry of their group, the last ones at the end.
+    With --time_limit a call runs only where its estimate fits the time left (compile:
+    measured, or scaled from a compile measured before; training: `study.estimate_seconds`
+    from the compiled program's cost, then the pace measured in this process), and stops,
+    its runs dropped, where its measured pace would end it past the limit; either is
+    recorded as skipped."""
     done = {(r['variant'], r['layout'], r['optimizer'], r['seed'], r['lr'], r['steps'])
             for r in self.record['runs']}
-    size = self.st['runs_per_call']
-    for layout_name, family, runs in calls:
-      runs = [r for r in runs if (r.variant, r.layout, family, r.seed, r.lr, r.steps)
-              not in done]
-      for i in range(0, len(runs), size):
-        self._call(phase, layout_name, family, runs[i:i + size])
+    size, waiting = self.st['runs_per_call'], {}   # (layout, family, budget) -> runs
+    for layout_name, family, runs in calls:   # at most one call each, in their order
+      keys = []
+      for r in runs:
+        if (r.variant, r.layout, family, r.seed, r.lr, r.steps) not in done:
+          keys.append((layout_name, family, r.steps))
+          waiting.setdefault(keys[-1], []).append(r)
+      for key in dict.fromkeys(keys):
+        if len(waiting[key]) >= size:
+          self._call(phase, layout_name, family, waiting[key][:size])
+          del waiting[key][:size]
+    for (layout_name, family, _), queue in waiting.items():
+      for i in range(0, len(queue), size):
+        self._call(phase, layout_name, family, queue[i:i + size])
 
   def _call(self, phase, layout_name, family, part):
     steps, chunk, st = part[0].steps, self.st['chunk'], self.st
@@ -235,7 +264,7 @@ class Study:
 
   # ----------------------------------------------------------------------------- phases
   def screen_runs(self) -> dict:
-    """Per layout, its 10 variants x seeds: synchronous, the plain pipeline and each remedy
+    """Per layout, its 12 variants x seeds: synchronous, the plain pipeline and each remedy
     alone; synchronous training with Adam b1 0.95 in the K=2 group, its lr sweep (2x, 4x
     the recipe's) in the K=3 group."""
     sync = {'sync_warmup_steps': SYNCHRONOUS}
@@ -254,9 +283,9 @@ class Study:
     return out
 
   def screen(self):
-    """The screen in calls seed by seed, the layouts alternating (K=2 seed 0, K=3 seed 0,
-    K=2 seed 1, ...): a call cut short by the time limit leaves every variant of both
-    layouts with the same number of seeds (10 variants per layout: one call each)."""
+    """The screen seed by seed, the layouts alternating (K=2 seed 0, K=3 seed 0, K=2 seed
+    1, ...) in calls of runs_per_call runs (12 variants per layout: a seed's last ones go
+    with the next seed's first; with --resume the variants added since the first)."""
     per_layout = self.screen_runs()
     calls = [(layout, 'adam', [r for r in per_layout[layout] if r.seed == seed])
              for seed in range(self.args.seeds) for layout in LAYOUTS]

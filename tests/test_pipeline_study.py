@@ -69,3 +69,32 @@ def test_estimate_seconds():
   # iterations of (1 ms + 0.1 ms) and its round trip.
   want = 10 * 5e-3 + 2 * 0.1 + (4 * 1.1e-3 + 0.1)
   assert study.estimate_seconds(cost, 10, 5, 1, device) == pytest.approx(want)
+
+
+def test_resume_adds_remedies_and_packs_the_missing_runs():
+  """--resume continues a study whose remedies are a subset of the current ones (each
+  unchanged), and the runs a call still lacks join the next call of their group: the
+  variants added to a screen that ran run first, several seeds per call."""
+  from experiments.pipeline_staleness import Study, resumable
+  from accel.pipeline.study import Run
+  old = {'steps': 6000, 'remedies': {'a': {'x': 1}}}
+  assert resumable(old, {'steps': 6000, 'remedies': {'a': {'x': 1}, 'n': {'y': 0.9}}})
+  assert not resumable(old, {'steps': 6000, 'remedies': {'a': {'x': 2}, 'n': {'y': 0.9}}})
+  assert not resumable(old, {'steps': 3000, 'remedies': {'a': {'x': 1}}})
+  study = Study.__new__(Study)
+  study.st = {'runs_per_call': 3}
+  runs = {(layout, seed): [Run(v, layout, seed, {}, 1e-3, 10) for v in 'abcd']
+          for seed in (0, 1, 2) for layout in ('K2', 'K3')}
+  study.record = {'runs': [{'variant': r.variant, 'layout': r.layout, 'optimizer': 'adam',
+                            'seed': r.seed, 'lr': r.lr, 'steps': r.steps}
+                           for (layout, seed), rs in runs.items() if seed < 2
+                           for r in rs if r.variant != 'd']}
+  calls = []
+  study._call = lambda phase, layout, family, part: calls.append(
+      (layout, [(r.variant, r.seed) for r in part]))
+  study.execute('screen', [(layout, 'adam', runs[layout, seed])
+                           for seed in (0, 1, 2) for layout in ('K2', 'K3')])
+  assert calls == [('K2', [('d', 0), ('d', 1), ('a', 2)]),     # the layouts alternate
+                   ('K3', [('d', 0), ('d', 1), ('a', 2)]),
+                   ('K2', [('b', 2), ('c', 2), ('d', 2)]),
+                   ('K3', [('b', 2), ('c', 2), ('d', 2)])]

@@ -11,7 +11,8 @@ to that state: a resumed run that lost them would attend to zeros and differ. Th
 run uses weight prediction (pipeline.weight_prediction = 1), whose w^{t-1} is state too,
 and every remedy (accel/pipeline/remedies.py): a synchronous warm-up of 3 steps (its own
 program, chosen by the step's plan), DC-ASGD (the forward weights beside the history),
-error feedback (each layer's last gradient) and PipeMare's lr factor.
+error feedback (each layer's last gradient), PipeMare's lr factor and the Nesterov momentum
+(with weight prediction's w^{t-1}).
 """
 import os
 import shutil
@@ -27,7 +28,7 @@ from configs import ouroboros_lm, ouroboros_txl
 
 
 REMEDIES = dict(sync_warmup_steps=3, delay_compensation=50.0, pipemare_steps=8,
-                error_feedback=0.5)
+                error_feedback=0.5, nesterov_momentum=0.5)
 
 
 def smoke(total_steps, backward_weights='recompute', config_module=ouroboros_lm,
