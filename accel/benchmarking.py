@@ -46,6 +46,9 @@ __all__ = ['Variant', 'compare', 'compiled', 'cost_flops', 'flags', 'interleaved
 
 # --- flags -------------------------------------------------------------------------------
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def flags(out: str = 'results') -> argparse.ArgumentParser:
   """The flags every benchmark has, as an argparse parent:
   `argparse.ArgumentParser(parents=[benchmarking.flags()])`. --rounds and --steps default
@@ -81,13 +84,7 @@ def provenance() -> dict:
     flax_version = flax.__version__
   except ImportError:
     flax_version = None
-  commit = os.environ.get('ACCEL_GIT_COMMIT')   # set where the tree travels without .git
-  if not commit:
-    try:
-      commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                              text=True, check=False).stdout.strip() or None
-    except OSError:
-      commit = None
+  commit = git_commit()
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'command': ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable),
@@ -96,6 +93,23 @@ def provenance() -> dict:
       'platform': devices[0].platform, 'jax': jax.__version__, 'flax': flax_version,
       'python': platform.python_version(), 'git_commit': commit,
   }
+
+
+def git_commit() -> str | None:
+  """The code's commit: $ACCEL_GIT_COMMIT where set (a tree that travels with a stale or no
+  .git, e.g. to a device machine), else HEAD, with '+changes' when the tracked files differ
+  from it (a result of uncommitted code says so)."""
+  commit = os.environ.get('ACCEL_GIT_COMMIT')
+  if commit:
+    return commit
+  git = lambda *args: subprocess.run(['git', *args], capture_output=True, text=True,
+                                     check=False, timeout=30, cwd=ROOT).stdout.strip()
+  try:
+    head = git('rev-parse', '--short', 'HEAD')
+    return (head + '+changes' if git('status', '--porcelain', '--untracked-files=no')
+            else head) if head else None
+  except (OSError, subprocess.TimeoutExpired):
+    return None
 
 
 def _module_name() -> str:

@@ -2,6 +2,7 @@
 flags, tables and failure reports say what they should."""
 import argparse
 import os
+import subprocess
 
 import jax
 import numpy as np
@@ -79,3 +80,21 @@ def test_flags_scales_tables_and_failures(tmp_path, capsys):
   out = str(tmp_path / 'out')
   benchmarking.write_results(out, 'name', {'x': 1}, text)
   assert sorted(os.listdir(out)) == ['name.json', 'name.md']
+
+
+def test_git_commit_marks_uncommitted_code(monkeypatch, tmp_path):
+  monkeypatch.setenv('ACCEL_GIT_COMMIT', 'abc1234')
+  assert benchmarking.git_commit() == 'abc1234'
+  monkeypatch.delenv('ACCEL_GIT_COMMIT')
+  repo = tmp_path / 'repo'
+  repo.mkdir()
+  git = lambda *a: subprocess.run(['git', '-C', str(repo), *a], check=True, capture_output=True)
+  git('init', '-q')
+  (repo / 'f.py').write_text('x = 1\n')
+  git('add', 'f.py')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'c')
+  monkeypatch.setattr(benchmarking, 'ROOT', str(repo))
+  head = benchmarking.git_commit()
+  assert head and '+' not in head
+  (repo / 'f.py').write_text('x = 2\n')
+  assert benchmarking.git_commit() == head + '+changes'

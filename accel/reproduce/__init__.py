@@ -167,11 +167,8 @@ def environment() -> dict[str, str]:
   cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
               if l.startswith('model name')), platform.processor()) \
       if os.path.exists('/proc/cpuinfo') else platform.processor()
-  try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, text=True,
-                            capture_output=True, timeout=30).stdout.strip()
-  except OSError:
-    commit = ''
+  from accel.benchmarking import git_commit  # pylint: disable=g-import-not-at-top
+  commit = git_commit()
   return {
       'device': f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}); '
                 f'host CPU {cpu}, {os.cpu_count()} cores',
