@@ -15,8 +15,9 @@ input [CLS] + seq_len - 1 bytes, MLM head tied to the embeddings; 15% of tokens 
 gradient clip 1.0, linear warm-up over 2% of the steps, as in PLD's BERT setup.
 Layer dropping: theta_bar 0.5; gamma 0.001 for the paper's 200K steps, larger for the short
 presets so that theta reaches theta_bar early (theta(t) - theta_bar = 0.5 exp(-gamma t)).
-gpu: BERT-base, batch 128 x 128, 5000 steps (the baseline's step is 27 ms on one H200,
-results/layerdrop_gpu.md: pretraining, both runs and the fine-tuning fit one ~10-minute call).
+gpu: BERT-base, batch 128 x 128, 5000 steps: at the baseline's 27 ms per step on one H200
+(results/layerdrop_gpu.md) about 2.3 minutes of steps per run, chosen so the pretraining pair
+and the fine-tuning fit one ~10-minute device call (an estimate: not yet run at this preset).
 Expected (cpu preset, 2 shared CPU cores, 2026-11-28, with the 259-token byte vocabulary
 before SEP made it 260, so the initialisation differs now; results/layerdrop_cpu.md and
 results/layerdrop_findings.md): eval/loss (MLM, nats) 3.077 at step 400 with PLD, 3.115 for
@@ -67,7 +68,7 @@ def get_config(arg: str = 'cpu'):
     c.eval_steps = 10
     c.log_every = 20
     c.checkpoint_every = 200
-  elif arg == 'gpu':   # BERT-base at sequence length 128 on one GPU, ~5 min per run on an H200
+  elif arg == 'gpu':           # BERT-base at sequence length 128 on one GPU
     c.total_steps = 5000
     c.batch_size = 128
     c.data.seq_len = 128
