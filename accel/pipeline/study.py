@@ -451,32 +451,64 @@ def markdown(record) -> str:
 
 
 def plot(record, path):
-  """Mean held-out bits/byte curves (main budget, recipe lr), one panel per layout, to
-  `path`; False where there is nothing to plot yet."""
+  """Mean held-out bits/byte curves of the main budget, one column per layout, to `path`:
+  top, every variant at the recipe's lr; bottom, synchronous, plain and combined training
+  at the other (optimizer, lr) groups (the synchronous best lr, Muon). False where there is
+  nothing to plot yet."""
   import matplotlib   # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
   steps = record['settings']['steps']
-  runs = [r for r in record['runs'] if r['steps'] == steps and r['lr'] == RECIPE['lr']]
-  if not runs:
+  main = [r for r in record['runs'] if r['steps'] == steps]
+  recipe = [r for r in main if r['lr'] == RECIPE['lr'] and r['optimizer'] == 'adam']
+  if not recipe:
     return False
-  fig, axes = plt.subplots(1, len(LAYOUTS), figsize=(7 * len(LAYOUTS), 5), squeeze=False)
-  for ax, layout in zip(axes[0], LAYOUTS):
-    curves = {}
-    for r in runs:
-      if r['layout'] == layout or (r['variant'].startswith('synchronous')):
-        curves.setdefault(f'{r["variant"]} ({r["optimizer"]})', []).append(r['curve'])
+  others = sorted({(r['optimizer'], r['lr']) for r in main
+                   if r['variant'] in ('plain pipeline', 'combined')} - {('adam', RECIPE['lr'])})
+  rows = 2 if others else 1
+  fig, axes = plt.subplots(rows, len(LAYOUTS), figsize=(7 * len(LAYOUTS), 5 * rows),
+                           squeeze=False)
+
+  def draw(ax, curves, styles):
     for name, cs in sorted(curves.items()):
       x = [s for s, _ in cs[0]]
       y = np.mean([[v for _, v in c] for c in cs], axis=0)
-      ax.plot(x, y, label=name, lw=2 if 'synchronous' in name or 'combined' in name else 1)
-    ax.set_title(f'{layout} vs synchronous')
+      ax.plot(x, y, label=name, **styles(name))
     ax.set_xlabel('step')
     ax.set_ylabel('held-out bits/byte')
     low, high = ax.get_ylim()
     if low < 4.5 < high:   # the early plateau (~4.4, the unigram's level) off the scale
       ax.set_ylim(low, 4.5)
     ax.legend(fontsize=7)
+
+  for col, layout in enumerate(LAYOUTS):
+    curves = {}
+    for r in recipe:
+      if r['layout'] == layout or r['variant'].startswith('synchronous'):
+        curves.setdefault(f'{r["variant"]} ({r["optimizer"]})', []).append(r['curve'])
+    draw(axes[0][col], curves, lambda n: {'lw': 2 if 'synchronous' in n or 'combined' in n
+                                          else 1})
+    axes[0][col].set_title(f'{layout} vs synchronous, adam lr {RECIPE["lr"]:g}')
+    if not others:
+      continue
+    curves = {}
+    for r in main:
+      group = (r['optimizer'], r['lr'])
+      if group in others and (r['layout'] == layout and r['variant'] in (
+          'plain pipeline', 'combined', 'synchronous')):
+        curves.setdefault(f'{r["optimizer"]} lr {r["lr"]:g}: {r["variant"]}', []).append(
+            r['curve'])
+      elif group in others and r['variant'] == 'synchronous' and not any(
+          q['layout'] == layout and q['variant'] == 'synchronous' and
+          (q['optimizer'], q['lr']) == group for q in main):
+        curves.setdefault(f'{r["optimizer"]} lr {r["lr"]:g}: synchronous', []).append(
+            r['curve'])
+    colours = {g: f'C{i}' for i, g in enumerate(others)}
+    draw(axes[1][col], curves, lambda n: {
+        'color': colours[next(g for g in others if n.startswith(f'{g[0]} lr {g[1]:g}:'))],
+        'lw': 2 if 'synchronous' in n else 1.2,
+        'ls': '--' if 'plain' in n else '-'})
+    axes[1][col].set_title(f'{layout}: synchronous (thick), combined (solid), plain (dashed)')
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=100, format='png')
