@@ -235,12 +235,20 @@ def _flatten(d, prefix=''):
       yield f'{prefix}{k}', v
 
 
-def check_same_experiment(saved: dict, config, workdir: str) -> None:
-  """Raises UserError if `workdir`'s saved config differs outside RESUMABLE_KEYS."""
+def check_same_experiment(saved: dict, config, workdir: str) -> list[str]:
+  """Raises UserError if `workdir`'s saved config differs outside RESUMABLE_KEYS.
+
+  A key the saved config lacks (added to accel since the workdir was written) counts as the
+  same when its value is base_config()'s default: new keys default to the behaviour that
+  was there before them. Returns those keys, for the caller to log.
+  """
   old, new = dict(_flatten(saved)), dict(_flatten(json.loads(to_json(config))))
+  defaults = dict(_flatten(json.loads(to_json(base_config()))))
+  added = sorted(k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k])
   diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
            for k in sorted(set(old) | set(new))
-           if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+           if k not in RESUMABLE_KEYS and k not in added and old.get(k) != new.get(k)]
   if diffs:
     raise UserError(f'workdir {workdir} holds a different experiment ({"; ".join(diffs[:3])}'
                     f'{"; ..." if len(diffs) > 3 else ""}); use a new --workdir')
+  return added

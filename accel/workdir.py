@@ -25,6 +25,8 @@ import socket
 import sys
 import time
 
+from absl import logging
+
 from accel import config_lib
 from accel.errors import UserError
 
@@ -205,7 +207,10 @@ def check_resumable(config, workdir: str, latest_step: int | None) -> None:
     raise UserError(f'{problem}; the workdir was left as it is — use a new --workdir')
   saved = read_saved_config(workdir)
   if saved is not None:
-    config_lib.check_same_experiment(saved, config, workdir)
+    added = config_lib.check_same_experiment(saved, config, workdir)
+    if added:
+      logging.info('resuming %s, written before these config keys existed; they take their '
+                   'defaults: %s', workdir, ', '.join(added))
     if latest_step is None:
       raise UserError(f'workdir {workdir} holds {CONFIG_FILE} but no checkpoint to resume '
                       f'from in {os.path.join(workdir, CHECKPOINTS)}; it was left as it is — use '

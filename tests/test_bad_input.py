@@ -159,6 +159,22 @@ def test_total_steps_at_or_below_the_workdirs_step(trained_workdir):
   assert tree_digest(trained_workdir) == before
 
 
+def test_keys_added_since_a_workdir_was_written_resume_at_their_defaults():
+  """A workdir written before a config key existed resumes if the key is at its default (the
+  behaviour before it); at another value, or with a key the code no longer has, it is refused."""
+  config = config_lib.base_config()
+  saved = json.loads(config_lib.to_json(config))
+  del saved['pipeline']['nesterov_momentum']
+  assert config_lib.check_same_experiment(saved, config, 'w') == ['pipeline.nesterov_momentum']
+  config.pipeline.nesterov_momentum = 0.9
+  with pytest.raises(UserError, match=r'pipeline.nesterov_momentum: None -> 0.9'):
+    config_lib.check_same_experiment(saved, config, 'w')
+  config.pipeline.nesterov_momentum = 0.0
+  saved['pipeline']['retired_key'] = 1
+  with pytest.raises(UserError, match=r'pipeline.retired_key: 1 -> None'):
+    config_lib.check_same_experiment(saved, config, 'w')
+
+
 def test_other_experiment_and_workdir_without_checkpoints(trained_workdir, tmp_path):
   """A workdir of another experiment is refused; so is one whose checkpoints are gone
   (keep_checkpoints=0 used to delete them all, and the next run silently started over)."""
