@@ -41,13 +41,12 @@ from accel.programs import cost_flops
 __all__ = ['Variant', 'compare', 'compiled', 'cost_flops', 'flags', 'interleaved_rounds',
            'markdown_table', 'matmul_ceiling', 'provenance', 'provenance_line', 'ratios',
            'report', 'scale_defaults', 'temp_bytes', 'time_calls', 'timing_table',
-           'trainer_variant', 'try_variants', 'write_results']
+           'trainer_variant', 'try_variants', 'write_results', 'git_commit']
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 
 # --- flags -------------------------------------------------------------------------------
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def flags(out: str = 'results') -> argparse.ArgumentParser:
   """The flags every benchmark has, as an argparse parent:

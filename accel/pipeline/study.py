@@ -465,6 +465,10 @@ def plot(record, path):
     return False
   others = sorted({(r['optimizer'], r['lr']) for r in main
                    if r['variant'] in ('plain pipeline', 'combined')} - {('adam', RECIPE['lr'])})
+  synchronous_layouts = {}
+  for r in main:
+    if r['variant'] == 'synchronous':
+      synchronous_layouts.setdefault((r['optimizer'], r['lr']), set()).add(r['layout'])
   rows = 2 if others else 1
   fig, axes = plt.subplots(rows, len(LAYOUTS), figsize=(7 * len(LAYOUTS), 5 * rows),
                            squeeze=False)
@@ -491,23 +495,21 @@ def plot(record, path):
     axes[0][col].set_title(f'{layout} vs synchronous, adam lr {RECIPE["lr"]:g}')
     if not others:
       continue
-    curves = {}
+    curves, group_of = {}, {}
     for r in main:
       group = (r['optimizer'], r['lr'])
-      if group in others and (r['layout'] == layout and r['variant'] in (
-          'plain pipeline', 'combined', 'synchronous')):
-        curves.setdefault(f'{r["optimizer"]} lr {r["lr"]:g}: {r["variant"]}', []).append(
-            r['curve'])
-      elif group in others and r['variant'] == 'synchronous' and not any(
-          q['layout'] == layout and q['variant'] == 'synchronous' and
-          (q['optimizer'], q['lr']) == group for q in main):
-        curves.setdefault(f'{r["optimizer"]} lr {r["lr"]:g}: synchronous', []).append(
-            r['curve'])
+      # a group's synchronous run stands for every layout that has none of its own
+      own = r['layout'] == layout or (r['variant'] == 'synchronous' and
+                                      layout not in synchronous_layouts[group])
+      if group in others and own and r['variant'] in ('plain pipeline', 'combined',
+                                                      'synchronous'):
+        label = f'{r["optimizer"]} lr {r["lr"]:g}: {r["variant"]}'
+        curves.setdefault(label, []).append(r['curve'])
+        group_of[label] = group
     colours = {g: f'C{i}' for i, g in enumerate(others)}
-    draw(axes[1][col], curves, lambda n: {
-        'color': colours[next(g for g in others if n.startswith(f'{g[0]} lr {g[1]:g}:'))],
-        'lw': 2 if 'synchronous' in n else 1.2,
-        'ls': '--' if 'plain' in n else '-'})
+    draw(axes[1][col], curves, lambda n: {'color': colours[group_of[n]],
+                                          'lw': 2 if 'synchronous' in n else 1.2,
+                                          'ls': '--' if 'plain' in n else '-'})
     axes[1][col].set_title(f'{layout}: synchronous (thick), combined (solid), plain (dashed)')
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -254,8 +254,8 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
           f'- command: `{command}`', f'- device: {env["device"]}',
           f'- versions: {env["versions"]}', f'- commit: {env["commit"]}',
           f'- date: {env["date"]}', f'- runs: `{shown(sweep_dir)}`']
-  shared_by = runner.sharing(runner.gpu_groups(parallel)) if parallel > 1 else 1
   if parallel > 1:
+    shared_by = runner.sharing(runner.gpu_groups(parallel))
     text.append(f'- {parallel} runs side by side' + (
         f', {shared_by} per GPU: their step times are those of a shared GPU, not of one run '
         'alone' if shared_by > 1 else ''))

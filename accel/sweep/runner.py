@@ -144,6 +144,7 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
       log(message)
 
   groups = gpu_groups(min(parallel, max(len(todo), 1)))
+  shared_by = sharing(groups)
   for run in todo:
     device_env(run, groups[0])     # every slot has as many GPUs: refuse before starting
   slots = queue.Queue()
@@ -154,7 +155,7 @@ def run_sweep(runs: list[Run], sweep_dir: str, parallel: int = 1, retry_failed: 
     gpus = slots.get()
     try:
       log_line(f'start {run.name}' + (f' on GPUs {gpus}' if gpus is not None else ''))
-      status = execute(run, os.path.join(sweep_dir, run.name), gpus, sharing(groups))
+      status = execute(run, os.path.join(sweep_dir, run.name), gpus, shared_by)
       log_line(f'{status["state"]} {run.name} in {status["wall_s"]:.1f}s'
                + (f': {status["error"]}' if status['state'] == 'failed' else ''))
       return status
