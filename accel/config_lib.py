@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
         operand_fmt='e5m2', acc_fmt='e6m9', mul_fmt='fp32', chunk_size=64,
         mode='fast',               # 'exact' (every addition rounded) | 'fast' (per chunk)
         rounding='nearest',
-        impl='jax'))               # 'jax' | 'pallas' (GPU kernels, accel/lowprec/kernel.py)
+        impl='jax'))               # 'jax' | 'pallas' (GPU kernels, accel/lowprec/kernel.py) |
+                                   # 'auto' (pallas on a GPU where the kernels apply, else jax)
   c.lowprec.exempt_first_last = True
   c.lowprec.update_fmt = 'e6m9'  # weights, gradients, optimizer state; 'fp32': plain update
   c.lowprec.update_rounding = 'stochastic'

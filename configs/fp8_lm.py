@@ -5,7 +5,9 @@ All three GEMMs of every Dense in the blocks take e5m2 operands and accumulate i
 rounding in the update (no float32 master copy); the tied output projection stays float32
 (lowprec.exempt_first_last; the input side is an embedding lookup). The GEMMs run in
 'fast' mode (chunk sums in float32, rounded to e6m9, added in e6m9), which with chunk 1 is
-exactly sequential e6m9 accumulation.
+exactly sequential e6m9 accumulation, with impl 'auto': the Pallas kernels on a GPU (chunk 1
+is then the exact kernel's one pass over K, not a K-step scan: that JAX path took 0.58 s per
+LM step on an H200, results/tables/lowprec_gpu.md), the JAX path elsewhere.
 
 The config argument is 'PRESET[,VARIANT]':
   PRESET   smoke (seconds) | cpu (2-layer d=64, 300 steps, minutes on CPU) |
@@ -33,7 +35,7 @@ def set_variant(c, variant: str) -> None:
   c.lowprec.enabled = variant != 'fp32'
   for gemm in ('fwd', 'bwd_data', 'bwd_weight'):
     c.lowprec[gemm].update(operand_fmt='e5m2', acc_fmt='e6m9', mul_fmt='fp32', mode='fast',
-                           chunk_size=1 if variant == 'fp8_chunk1' else 64)
+                           chunk_size=1 if variant == 'fp8_chunk1' else 64, impl='auto')
   c.lowprec.update_fmt = 'e6m9'
   c.lowprec.update_rounding = 'nearest' if variant == 'fp8_nearest' else 'stochastic'
 

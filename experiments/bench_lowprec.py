@@ -7,7 +7,7 @@ and the FP8-simulated train steps, each part in one process.
 
 --part steps: the train step of configs/fp8_resnet.py:gpu (ResNet-20, CIFAR-sized images)
 and of configs/fp8_lm.py:gpu, built by accel's trainer (accel.train.build), in the variants
-of STEP_VARIANTS (fp32; FP8 with the JAX or the Pallas GEMMs, fast or exact), timed in
+of STEP_VARIANTS (fp32; FP8 with the JAX or the Pallas GEMMs, fast or exact; chunk 1), timed in
 interleaved rounds; OUT/bench_lowprec_steps_{gpu,cpu}.{json,md} give ms/step and the ratio
 to the fp32 step: what a simulated run costs. The kernels part writes
 OUT/bench_lowprec_{gpu,cpu}.{json,md}.
@@ -332,8 +332,9 @@ STEP_VARIANTS = {
     'fp8 pallas fast': dict(mode='fast', impl='pallas'),
     'fp8 pallas exact': dict(mode='exact', impl='pallas'),
     'fp8 jax exact': dict(mode='exact', impl='jax'),
+    'fp8 chunk 1': dict(mode='fast', chunk_size=1, impl='auto'),   # the configs' fp8_chunk1
 }
-GPU_STEP_VARIANTS = ('fp32', 'fp8 pallas fast', 'fp8 jax fast', 'fp8 pallas exact')
+GPU_STEP_VARIANTS = ('fp32', 'fp8 pallas fast', 'fp8 chunk 1', 'fp8 jax fast', 'fp8 pallas exact')
 # --budget_s: family i of n may use the budget up to (i + 1) / n of it, and no variant is
 # built with less than this many seconds of its share left (its compile, mostly Triton's
 # for the Pallas kernels, and the timing rounds must fit); each family's rows are written

@@ -11,6 +11,8 @@ ResNet size.
 
   python -m experiments.bench_stdloss --quick --out results   # CPU, a minute
   python -m experiments.bench_stdloss --out results           # GPU: ResNet-32, batch 256
+  python -m experiments.bench_stdloss --out results --tag _flags \
+      --flags 'command buffers off,all command buffers'   # GPU: XLA options (FLAG_SETS)
   python -m experiments.bench_stdloss --depth 20 --batch 64 --size 16 --rounds 7 --steps 3 \
       --tag _resnet20 --out results                           # CPU, ResNet-20
 --profile DIR: after the timing, a trace of 3 steps of each variant, summarised per step by
@@ -32,6 +34,18 @@ from configs import stdloss_mnist, stdloss_resnet
 
 VARIANTS = ('none', 'batch', 'stdloss')
 RATIOS = [('stdloss', 'none'), ('stdloss', 'batch'), ('batch', 'none')]
+# --flags: 'none' and 'stdloss' again, compiled with these XLA options (benchmarking.compiled:
+# for those programs alone, so all variants share the process and its rounds). The step is
+# ~5 ms of ~500 kernels on an H200 and the loss adds ~145 small ones (results/
+# stdloss_gpu_profile.md): CUDA graphs (command buffers) take the launches off the host.
+FLAG_SETS = {
+    'command buffers off': {'xla_gpu_enable_command_buffer': ''},
+    'all command buffers': {
+        'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,'
+                                         'CONDITIONAL',
+        'xla_gpu_graph_min_graph_size': 1},
+}
+FLAGGED = ('none', 'stdloss')
 QUICK = dict(model='cnn', batch=128, size=28, channels=1, rounds=15, steps=5)
 FULL = dict(model='resnet', depth=32, width=1, batch=256, size=32, channels=3, rounds=20,
             steps=20)
@@ -58,16 +72,29 @@ def main(argv=None):
   p.add_argument('--channels', type=int)
   p.add_argument('--tag', default='', help='appended to the results file name')
   p.add_argument('--profile', default='', help='trace folder: profile each variant (3 steps)')
+  p.add_argument('--flags', default='', help='comma-separated names of FLAG_SETS '
+                 f'({", ".join(FLAG_SETS)}): none and stdloss again under each')
   args = benchmarking.scale_defaults(p.parse_args(argv), QUICK, FULL)
   rng = np.random.default_rng(0)
   batch = {'image': rng.standard_normal((args.batch, args.size, args.size, args.channels),
                                         np.float32),
            'label': rng.integers(0, 10, args.batch).astype(np.int32)}
   info = DatasetInfo('image', num_classes=10, image_shape=batch['image'].shape[1:])
+  flag_sets = [f.strip() for f in args.flags.split(',') if f.strip()]
+  unknown = sorted(set(flag_sets) - set(FLAG_SETS))
+  if unknown:
+    p.error(f'unknown --flags {unknown}; known: {", ".join(FLAG_SETS)}')
   configs = {v: variant_config(args, v) for v in VARIANTS}
   variants = {v: benchmarking.trainer_variant(c, info, batch) for v, c in configs.items()}
-  rows = benchmarking.compare(variants, args.rounds, args.steps)
-  ratios = benchmarking.ratios(rows, RATIOS)
+  flagged, errors = benchmarking.try_variants({
+      f'{v} [{f}]': (lambda v=v, f=f: benchmarking.trainer_variant(
+          configs[v], info, batch, compiler_options=FLAG_SETS[f]))
+      for f in flag_sets for v in FLAGGED})
+  rows = benchmarking.compare({**variants, **flagged}, args.rounds, args.steps)
+  ratios = benchmarking.ratios(rows, RATIOS + [
+      pair for f in flag_sets for pair in ((f'stdloss [{f}]', f'none [{f}]'),
+                                           (f'none [{f}]', 'none'),
+                                           (f'stdloss [{f}]', 'none'))])
   c = configs['stdloss']
   model = (f'ResNet-{args.depth} width {args.width} (configs/stdloss_resnet.py)'
            if args.model == 'resnet' else f'{args.model} (configs/stdloss_mnist.py, the paper '
@@ -80,11 +107,14 @@ def main(argv=None):
   meta = benchmarking.provenance()
   markdown = benchmarking.report(
       'Standardization loss: step-time overhead', setup, meta,
-      benchmarking.timing_table(rows, {'step temp memory (MiB)': lambda r: r['temp_mib']}),
+      benchmarking.timing_table(rows, {'step temp memory (MiB)': lambda r: r['temp_mib']},
+                                errors),
       ratios)
   name = f'stdloss_{jax.devices()[0].platform}{args.tag}'
   benchmarking.write_results(args.out, name,
-                             dict(meta=meta, setup=setup, rows=rows, ratios=ratios), markdown)
+                             dict(meta=meta, setup=setup, rows=rows, ratios=ratios,
+                                  flag_sets={f: FLAG_SETS[f] for f in flag_sets},
+                                  errors=errors), markdown)
   if args.profile:
     breakdowns = {v: traces.profile_breakdown(variants[v], os.path.join(args.profile, v))
                   for v in VARIANTS}

@@ -1,4 +1,6 @@
 """config.lowprec -> model hooks, optimizer wrapper, loss scale (the method's hooks)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,7 @@ def test_variants_set_the_three_gemms_and_exemptions():
   assert ov['head_dot_general'] is lax.dot_general
   s = ov['dot_general'].settings
   assert [g.chunk_size for g in (s.fwd, s.bwd_data, s.bwd_weight)] == [1, 1, 1]
-  assert s.fwd == G.GemmSettings('e5m2', 'e6m9', 'fp32', 1, 'fast', 'nearest')
+  assert s.fwd == G.GemmSettings('e5m2', 'e6m9', 'fp32', 1, 'fast', 'nearest', 'auto')
   r = fp8_resnet.get_config('smoke,fp8')
   ov = lowprec.model_overrides(r)
   assert ov['first_conv_general_dilated'] is lax.conv_general_dilated
@@ -74,3 +76,13 @@ def test_convnet_with_hooks_takes_one_step_in_e6m9():
       net().apply({'params': p}, x), labels).mean()))(params)
   ratio = jnp.linalg.norm(grads['logits']['kernel']) / jnp.linalg.norm(g_ref['logits']['kernel'])
   assert abs(float(ratio) / c.lowprec.loss_scale - 1) < 0.05
+
+
+def test_auto_impl_takes_the_kernels_only_on_a_gpu_where_they_apply():
+  fast = G.GemmSettings('e5m2', 'e6m9', 'fp32', 1, 'fast', 'nearest', 'auto')
+  assert G._kernels_support(fast)
+  assert not G._kernels_support(dataclasses.replace(fast, rounding='stochastic'))
+  assert not G._kernels_support(dataclasses.replace(fast, operand_fmt='fp32'))
+  a = jnp.ones((8, 16), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: G._gemm(x, w, G._MATMUL, fast, 0, 0))(a, a.T))
+  assert jax.default_backend() != 'cpu' or 'pallas_call' not in jaxpr

@@ -37,7 +37,8 @@ class GemmSettings:
   chunk_size: int = 64
   mode: str = 'exact'            # 'exact' | 'fast' (chunked.py)
   rounding: str = 'nearest'      # of the operands and of every addition
-  impl: str = 'jax'              # 'jax' | 'pallas' (GPU kernel, chunked.py; TPU: jax)
+  impl: str = 'jax'              # 'jax' | 'pallas' (GPU kernel, chunked.py; TPU: jax) | 'auto'
+                                 # (pallas on a GPU where kernel.supported, else jax)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,21 @@ def _gemm(a, b, dims, s: GemmSettings, seed: int, role: int):
     return lambda qa, qb: chunked_dot_general(
         qa, qb, dims, operand_fmt=fmt, mul_fmt=s.mul_fmt, acc_fmt=s.acc_fmt,
         chunk_size=s.chunk_size, mode=s.mode, rounding=s.rounding, key=kacc, impl=impl)
-  if s.impl != 'pallas':
-    return product(s.impl)(qa, qb)
+  impl = s.impl
+  if impl == 'auto':
+    impl = 'pallas' if jax.default_backend() == 'gpu' and _kernels_support(s) else 'jax'
+  if impl != 'pallas':
+    return product(impl)(qa, qb)
   # The kernels are Pallas on Triton (GPU; interpreted on CPU), with no TPU lowering: a step
   # lowered for TPU takes the JAX path, chosen when the step is lowered for its platform.
   return lax.platform_dependent(qa, qb, tpu=product('jax'), default=product('pallas'))
+
+
+def _kernels_support(s: GemmSettings) -> bool:
+  from accel.lowprec import kernel  # pylint: disable=g-import-not-at-top (loads Pallas: 0.5 s)
+  mul_fmt = 'fp32' if s.mode == 'fast' else s.mul_fmt
+  return kernel.supported(get_format(s.operand_fmt), get_format(mul_fmt),
+                          get_format(s.acc_fmt), s.rounding)
 
 
 def _make_matmul(settings: LayerSettings):

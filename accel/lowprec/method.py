@@ -44,8 +44,8 @@ def _gemm(block, name: str) -> GemmSettings:
                     f'{block.mode!r}, {block.rounding!r}')
   if block.chunk_size < 1:
     raise UserError(f'lowprec.{name}.chunk_size must be >= 1, got {block.chunk_size}')
-  if block.impl not in ('jax', 'pallas'):
-    raise UserError(f'lowprec.{name}.impl must be jax or pallas, got {block.impl!r}')
+  if block.impl not in ('jax', 'pallas', 'auto'):
+    raise UserError(f'lowprec.{name}.impl must be jax, pallas or auto, got {block.impl!r}')
   return GemmSettings(block.operand_fmt, block.acc_fmt, block.mul_fmt, block.chunk_size,
                       block.mode, block.rounding, block.impl)
 
