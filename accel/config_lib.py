@@ -217,7 +217,7 @@ UNBOUNDED = ('seed', 'lowprec.seed')   # numeric keys where any integer is a val
 
 def validate(config) -> None:
   """Raises ConfigError naming every key of RANGES whose value is outside its range."""
-  values = dict(_flatten(config.to_dict()))
+  values = dict(flatten(config.to_dict()))
   bad = [f'{key}={values[key]!r} (must be {valid})' for key, valid in RANGES.items()
          if key in values and values[key] not in valid]
   if bad:
@@ -228,10 +228,11 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def _flatten(d, prefix=''):
+def flatten(d, prefix=''):
+  """('a.b.c', value) for every leaf of the nested dict `d` (ConfigDict.to_dict())."""
   for k, v in d.items():
     if isinstance(v, dict):
-      yield from _flatten(v, f'{prefix}{k}.')
+      yield from flatten(v, f'{prefix}{k}.')
     else:
       yield f'{prefix}{k}', v
 
@@ -243,8 +244,8 @@ def check_same_experiment(saved: dict, config, workdir: str) -> list[str]:
   same when its value is base_config()'s default: new keys default to the behaviour that
   was there before them. Returns those keys, for the caller to log.
   """
-  old, new = dict(_flatten(saved)), dict(_flatten(json.loads(to_json(config))))
-  defaults = dict(_flatten(json.loads(to_json(base_config()))))
+  old, new = dict(flatten(saved)), dict(flatten(json.loads(to_json(config))))
+  defaults = dict(flatten(json.loads(to_json(base_config()))))
   added = sorted(k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k])
   diffs = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
            for k in sorted(set(old) | set(new))

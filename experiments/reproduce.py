@@ -2,7 +2,7 @@ r"""Reproduces a paper's headline table with accel's runs, beside the paper's nu
 
   python -m experiments.reproduce {ouroboros,pld,lowprec,stdloss,together} \
       [--scale smoke|cpu|gpu|paper] [--out runs/tables] [--runs_dir runs/reproduce] \
-      [--parallel N] [--retry_failed]
+      [--parallel N] [--retry_failed] [--set KEY=VALUE ...]
 
 Runs the target's runs through the sweep machinery (accel.sweep: one subprocess and workdir
 per run in RUNS_DIR/TARGET_SCALE/, resumable: a second call reuses finished runs) and writes
@@ -10,6 +10,9 @@ OUT/TARGET_SCALE.md (the table, with command, device, versions and date), .csv a
 Everything goes under runs/ (git-ignored) by default; `--out results/tables` writes the
 committed tables (what the README cites) instead.
 smoke and cpu run on CPU here; gpu and paper need GPUs, and every table lists their commands.
+--set KEY=VALUE (repeatable) sets a config key in every run, e.g. a gpu scale cut to a
+budget (`--set total_steps=2000`) or on the data at hand (`--set data.name=shakespeare`); the
+table's header lists them.
 Exit status 1 if a run failed (the table is still written, its cells '-').
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ _OUT = flags.DEFINE_string('out', 'runs/tables', 'Folder of the tables and plots
 _RUNS_DIR = flags.DEFINE_string('runs_dir', 'runs/reproduce', 'Folder of the sweeps.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained side by side.')
 _RETRY = flags.DEFINE_bool('retry_failed', False, 'Run failed runs again.')
+_SET = flags.DEFINE_multi_string('set', [], "A config key set in every run, 'KEY=VALUE'.")
 
 
 def main(argv):
@@ -40,7 +44,8 @@ def main(argv):
   try:
     path, ok = reproduce.reproduce(
         argv[1], _SCALE.value, _OUT.value, _RUNS_DIR.value, _PARALLEL.value, _RETRY.value,
-        command=shlex.join(['python', '-m', 'experiments.reproduce', *sys.argv[1:]]))
+        command=shlex.join(['python', '-m', 'experiments.reproduce', *sys.argv[1:]]),
+        overrides=reproduce.parse_overrides(_SET.value))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

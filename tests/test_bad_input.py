@@ -124,7 +124,7 @@ def test_cli_rejects_bad_config(tmp_path, args, fragment, code):
 def test_every_count_and_size_key_has_a_range():
   """One table (config_lib.RANGES) covers every numeric key; each range refuses the values
   just outside it, and takes the defaults and configs/lm.py's presets."""
-  flat = dict(config_lib._flatten(config_lib.base_config().to_dict()))
+  flat = dict(config_lib.flatten(config_lib.base_config().to_dict()))
   numeric = {k for k, v in flat.items() if isinstance(v, (int, float)) and
              not isinstance(v, bool)}
   assert numeric - set(config_lib.RANGES) - set(config_lib.UNBOUNDED) == set()

@@ -63,6 +63,35 @@ def test_target_errors(monkeypatch):
     reproduce.reproduce('pld', 'paper', '/tmp/unused', '/tmp/unused')
 
 
+def test_overrides_and_runs_that_need_more_gpus(tmp_path):
+  with pytest.raises(UserError, match="expected KEY=VALUE"):
+    reproduce.parse_overrides(['total_steps'])
+  overrides = reproduce.parse_overrides(['total_steps=7', 'data.name=shakespeare'])
+  assert overrides == {'total_steps': '7', 'data.name': 'shakespeare'}
+  cfg = reproduce.config('ouroboros_lm', 'smoke')
+  stages = [[sweep.Run(cfg, {'pipeline.enabled': False}, 'one', devices=1),
+             sweep.Run(cfg, {'total_steps': 3}, 'two', devices=2)]]
+  with pytest.raises(UserError, match='total_stpes is not a key of configs/ouroboros_lm.py'):
+    reproduce.with_overrides(stages, {'total_stpes': '7'})
+  [[one, two]] = reproduce.with_overrides(stages, overrides)
+  assert (one.name, one.overrides) == ('one', {'pipeline.enabled': False, **overrides})
+  assert two.overrides == {'total_steps': '7', 'data.name': 'shakespeare'}
+  # On one GPU the two-device run is listed, not run; nothing is started for it.
+  results = reproduce.run_stages([[two]], str(tmp_path), 1, False, gpus=1)
+  assert results['two'].status == {'state': reproduce.NOT_RUN_HERE,
+                                   'error': 'needs 2 GPUs, this machine has 1'}
+  assert not os.path.exists(tmp_path / 'two')
+
+
+def test_embedded_experiment_sees_the_parents_packages(tmp_path, monkeypatch):
+  """A report embedded from another experiment runs with the parent's PYTHONPATH kept
+  (the GPU image installs grain with --target, on PYTHONPATH only)."""
+  (tmp_path / 'only_on_pythonpath.py').write_text(
+      'import sys\nopen(sys.argv[1], "w").write("# title\\nfrom the child\\n")\n')
+  monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+  md = tmp_path / 'report.md'
+  assert reproduce.embed(['only_on_pythonpath', str(md)], str(md)) == ['from the child']
+
 TABLES = {'test_pld_smoke_table': 'pld', 'test_stdloss_smoke_table': 'stdloss',
           'test_together_smoke_table': 'together', 'test_ouroboros_smoke_table': 'ouroboros'}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from accel import sweep
+from accel import config_lib, sweep
 from accel.sweep import runner, summary
 from accel.sweep.status import error_line
 from accel.errors import UserError
@@ -34,12 +35,49 @@ from accel.errors import UserError
 TARGETS = ('ouroboros', 'pld', 'lowprec', 'stdloss', 'together')
 SCALES = ('smoke', 'cpu', 'gpu', 'paper')
 LOCAL_SCALES = ('smoke', 'cpu')      # run without GPUs
+NOT_RUN_HERE = 'not run here'        # a run's state where it needs more GPUs than there are
 ROOT = runner.ROOT
 
 
 def config(name: str, arg: str) -> str:
   """'configs/NAME.py:ARG', absolute (a sweep's runs are recorded with it)."""
   return f'{os.path.join(ROOT, "configs", name + ".py")}:{arg}'
+
+
+def load_config(config_arg: str):
+  """The ConfigDict of 'PATH.py:PRESET' (the file imported by path, as the runs load it)."""
+  path, _, preset = config_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('_reproduce_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+  """{'KEY': 'VALUE'} of 'KEY=VALUE' strings (the value parsed by the key's type later)."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key.strip():
+      raise UserError(f'--set {item!r}: expected KEY=VALUE, e.g. total_steps=2000')
+    overrides[key.strip()] = value
+  return overrides
+
+
+def with_overrides(stages: list[list[sweep.Run]], overrides: dict[str, str]
+                   ) -> list[list[sweep.Run]]:
+  """Every run of `stages` with `overrides` on top of its own (names kept); a key that
+  a run's config does not have is refused before anything runs."""
+  if not overrides:
+    return stages
+  for config_arg in {r.config for runs in stages for r in runs}:
+    keys = {k for k, _ in config_lib.flatten(load_config(config_arg).to_dict())}
+    unknown = sorted(set(overrides) - keys)
+    if unknown:
+      raise UserError(f'--set: {", ".join(unknown)} is not a key of {shown(config_arg)}; '
+                      'nothing was run')
+  return [[dataclasses.replace(r, overrides={**r.overrides, **overrides}) for r in runs]
+          for runs in stages]
 
 
 def shown(path: str) -> str:
@@ -139,7 +177,7 @@ def embed(module_args: list[str], markdown_path: str) -> list[str]:
   `python -m MODULE ARGS...` first unless `markdown_path` is already there."""
   if not os.path.exists(markdown_path):
     done = subprocess.run([sys.executable, '-m', *module_args], cwd=ROOT, text=True,
-                          capture_output=True, env={**os.environ, 'PYTHONPATH': ROOT})
+                          capture_output=True, env=runner.child_env())
     if done.returncode:
       raise UserError(f'{module_args[0]} failed: {error_line(done.stderr)}')
   with open(markdown_path) as f:
@@ -179,12 +217,24 @@ def environment() -> dict[str, str]:
   }
 
 
+def visible_gpus() -> int:
+  groups = runner.gpu_groups(1)
+  return len(groups[0].split(',')) if groups[0] else 0
+
+
 def run_stages(stages: list[list[sweep.Run]], sweep_dir: str, parallel: int,
-               retry_failed: bool) -> dict[str, RunResult]:
+               retry_failed: bool, gpus: int | None = None) -> dict[str, RunResult]:
+  """Every run, stage after stage; with `gpus` (a GPU scale) a run that needs more GPUs
+  than that is not run: its status says so (`NOT_RUN_HERE`), nothing else fails for it."""
   results = {}
   for runs in stages:
-    statuses = runner.run_sweep(runs, sweep_dir, parallel, retry_failed)
+    fits = [r for r in runs if gpus is None or r.devices <= gpus]
     for run in runs:
+      if run not in fits:
+        results[run.name] = RunResult(run, {'state': NOT_RUN_HERE, 'error': (
+            f'needs {run.devices} GPUs, this machine has {gpus}')}, [], {})
+    statuses = runner.run_sweep(fits, sweep_dir, parallel, retry_failed)
+    for run in fits:
       run_dir = os.path.join(sweep_dir, run.name)
       results[run.name] = RunResult(run, statuses.get(run.name) or {},
                                     summary.read_metrics(run_dir), _saved_config(run_dir))
@@ -223,10 +273,13 @@ def other_scales(target: str, module, scale: str) -> str:
 
 
 def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: int = 1,
-              retry_failed: bool = False, command: str = '') -> tuple[str, bool]:
+              retry_failed: bool = False, command: str = '',
+              overrides: dict[str, str] | None = None) -> tuple[str, bool]:
   """Runs `target` at `scale` and writes its table; (path of the .md, all runs finished).
 
   `command`: the command line to print in the table (default: the equivalent one).
+  `overrides`: config keys set in every run (a scale cut to a budget, data at hand), listed
+  in the table's header.
   """
   if scale not in SCALES:
     raise UserError(f'unknown scale {scale!r}; known: {", ".join(SCALES)}')
@@ -238,8 +291,9 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
     raise UserError(f'scale {scale!r} needs GPUs and none is visible; the commands to run '
                     f'elsewhere: python -m experiments.reproduce {target} --scale {scale}')
   sweep_dir = os.path.abspath(os.path.join(runs_dir, f'{target}_{scale}'))
-  stages = module.stages(scale, sweep_dir)
-  results = run_stages(stages, sweep_dir, parallel, retry_failed)
+  stages = with_overrides(module.stages(scale, sweep_dir), overrides or {})
+  results = run_stages(stages, sweep_dir, parallel, retry_failed,
+                       gpus=None if scale in LOCAL_SCALES else visible_gpus())
   os.makedirs(out_dir, exist_ok=True)
   prefix = os.path.join(out_dir, f'{target}_{scale}')
   runs = [r for stage in stages for r in stage]
@@ -249,11 +303,16 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   env = environment()
   command = command or ' '.join(['python -m experiments.reproduce', target,
                                  f'--scale {scale}', f'--out {shown(os.path.abspath(out_dir))}'])
-  failed = [r for r in results.values() if not r.finished]
+  failed = [r for r in results.values()
+            if not r.finished and r.status.get('state') != NOT_RUN_HERE]
+  not_here = [r for r in results.values() if r.status.get('state') == NOT_RUN_HERE]
   text = [f'# {module.TITLE}: accel at scale `{scale}`', '',
           f'- command: `{command}`', f'- device: {env["device"]}',
           f'- versions: {env["versions"]}', f'- commit: {env["commit"]}',
           f'- date: {env["date"]}', f'- runs: `{shown(sweep_dir)}`']
+  if overrides:
+    text.append('- every run with ' + ', '.join(f'`{k}={v}`' for k, v in overrides.items()) +
+                f' (on top of the `{scale}` presets)')
   if parallel > 1:
     shared_by = runner.sharing(runner.gpu_groups(parallel))
     text.append(f'- {parallel} runs side by side' + (
@@ -264,6 +323,9 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
     text += ['**Runs that did not finish** (their cells are `-`):', '']
     text += [f'- `{r.run.name}`: {r.status.get("state", "not run")} '
              f'{r.status.get("error", "")}' for r in failed] + ['']
+  if not_here:
+    text += ['**Runs not run on this machine** (their cells are `-`; the commands below):', '']
+    text += [f'- `{r.run.name}`: {r.status["error"]}' for r in not_here] + ['']
   text += [module.report(results, scale, prefix), '',
            f'## Runs', '', f'![curves]({os.path.basename(prefix)}.png)', '',
            summary.markdown_table(rows), other_scales(target, module, scale)]

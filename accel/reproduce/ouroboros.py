@@ -8,14 +8,18 @@ and `dp-Ddev` (pipeline off: data parallelism over D devices; skipped where the 
 not split over D). `dp-1dev` is the single-device baseline of the speedups. Without GPUs the
 devices are simulated CPU devices sharing the host's cores: the schedule runs, the
 throughput is not a parallel speedup. An Ouroboros run that logged no
-`train/pipeline_filled` (the pipeline trainer's metric) is flagged in the table.
+`train/pipeline_filled` (the pipeline trainer's metric) is flagged in the table. On a
+machine with fewer GPUs than a run needs, that run is listed, not run (`ouroboros-1dev`, K=2
+on one stage, is the delayed-gradient algorithm without model parallelism: its throughput
+against `dp-1dev` is what the pipeline's bookkeeping costs; its loss what staleness costs).
 """
 from __future__ import annotations
 
 import os
 
 from accel import sweep
-from accel.reproduce import LOCAL_SCALES, RunResult, config, embed, fmt, ratio, table
+from accel.reproduce import (LOCAL_SCALES, NOT_RUN_HERE, RunResult, config, embed, fmt,
+                             load_config, ratio, table, visible_gpus)
 
 TITLE = 'Ouroboros stale-gradient model parallelism (Yang et al. NeurIPS 2019)'
 CONFIGS = ('configs/ouroboros_lm.py',)
@@ -27,18 +31,9 @@ PAPER = ('4 V100s, Transformer / Transformer-XL on enwik8, text8, WikiText-103: 
          'numbers not retrieved); Transformer-XL base reference 0.99 bpc on enwik8')
 
 
-def _batch_size(scale: str) -> int:
-  from importlib import util  # pylint: disable=g-import-not-at-top
-  path = config('ouroboros_lm', scale).partition(':')[0]
-  spec = util.spec_from_file_location('_ouroboros_config', path)
-  module = util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(scale).batch_size
-
-
 def stages(scale: str, sweep_dir: str) -> list[list[sweep.Run]]:
   del sweep_dir
-  batch = _batch_size(scale)
+  batch = load_config(config('ouroboros_lm', scale)).batch_size
   runs = []
   for d in DEVICE_COUNTS[scale]:
     if batch % d == 0:
@@ -57,6 +52,9 @@ def gpipe_comparison(scale: str, out_prefix: str) -> str:
   if scale == 'smoke':
     return ('Against GPipe and naive model parallelism: `python -m experiments.bench_pipeline '
             '--quick` (embedded here from the cpu scale up).')
+  if not quick and visible_gpus() < 2:
+    return ('Against GPipe, naive model parallelism and data parallelism: needs 2 GPUs, this '
+            f'machine has {visible_gpus()}: `python -m experiments.bench_pipeline --out DIR`.')
   folder = os.path.abspath(out_prefix + '_bench')
   lines = embed(['experiments.bench_pipeline', *(['--quick'] if quick else []),
                  f'--out={folder}'],
@@ -78,6 +76,8 @@ def report(results: dict[str, RunResult], scale: str, out_prefix: str) -> str:
         continue
       tps = r.median('perf/tokens_per_s')
       state = r.status.get('state', 'not run')
+      if state == NOT_RUN_HERE:
+        state = f'{state}: {r.status["error"]}'
       if kind == 'ouroboros' and r.finished and not r.values('train/pipeline_filled'):
         state = 'finished WITHOUT the pipeline (no train/pipeline_filled logged)'
       rows.append([d, kind if kind == 'dp' else f'ouroboros (K={d + 1})', state,

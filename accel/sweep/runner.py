@@ -79,14 +79,20 @@ def device_env(run: Run, gpus: str | None, shared_by: int = 1) -> dict[str, str]
   return env
 
 
+def child_env(**extra: str) -> dict[str, str]:
+  """This process's environment for a `python -m` child run from ROOT: ROOT first on
+  PYTHONPATH, the parent's own entries kept (packages installed with --target, e.g.)."""
+  return {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p), **extra}
+
+
 def execute(run: Run, run_dir: str, gpus: str | None = None, shared_by: int = 1) -> dict:
   """Trains `run` in a subprocess, logging to RUN_DIR/train.log; returns its final status."""
   os.makedirs(run_dir, exist_ok=True)
   previous = status_lib.read_status(run_dir) or {}
   command = run.command(run_dir)
   devices = device_env(run, gpus, shared_by)
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p), **devices}
+  env = child_env(**devices)
   status = {'name': run.name, 'config': run.config, 'overrides': run.overrides,
             'devices': run.devices, 'command': command, 'env': devices,
             'host': socket.gethostname(),
