@@ -5,9 +5,7 @@ their shapes change (layer dropping: how many blocks run), the step is another p
 `Programs` compiles each on first use and keeps it; `Lookahead` computes the plans of the
 next `horizon` steps ahead of time and has their programs compiled in a background thread
 in the order the run will need them, so the loop does not stall on a compile it could see
-coming. Each program's FLOPs come from XLA's cost analysis of its HLO as lowered, before
-XLA optimizes it for a backend: what the step computes, counted alike on every backend
-(the optimized program's count depends on the backend's rewrites and custom calls).
+coming. Each program's FLOPs come from XLA's cost analysis of that program.
 
 `use_compilation_cache` turns on JAX's persistent compilation cache (config key
 `compilation_cache`: by default a folder beside the prepared data), so a resumed or repeated
@@ -36,9 +34,9 @@ def signature(plan_kwargs: dict) -> tuple:
   return tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(plan_kwargs.items()))
 
 
-def cost_flops(program) -> float:
-  """FLOPs of a lowered or compiled program per XLA's cost analysis (0 where it gives none)."""
-  analysis = program.cost_analysis()
+def cost_flops(compiled) -> float:
+  """FLOPs of a compiled program per XLA's cost analysis (0 where it gives none)."""
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get('flops', 0.0))
@@ -102,11 +100,10 @@ class Programs:
     start = time.perf_counter()
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
                         plan_kwargs)
-    lowered = self._train_step.lower(self._state, self._batch, plan)
-    compiled = lowered.compile()
+    compiled = self._train_step.lower(self._state, self._batch, plan).compile()
     sig = signature(plan_kwargs)
     self.compile_seconds[sig] = time.perf_counter() - start
-    self.flops[sig] = cost_flops(lowered)
+    self.flops[sig] = cost_flops(compiled)
     return compiled
 
   def prefetch(self, plan_kwargs: dict) -> None:
