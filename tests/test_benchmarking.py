@@ -98,3 +98,18 @@ def test_git_commit_marks_uncommitted_code(monkeypatch, tmp_path):
   assert head and '+' not in head
   (repo / 'f.py').write_text('x = 2\n')
   assert benchmarking.git_commit() == head + '+changes'
+
+
+def test_programs_count_the_flops_of_the_lowered_step():
+  """A step of one matmul and a tanh: 2 m k n FLOPs (XLA counts the tanh as a
+  transcendental, not a FLOP)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from accel.programs import Programs, lowered_flops  # pylint: disable=g-import-not-at-top
+  m, k, n = 16, 32, 8
+  step = jax.jit(lambda w, x, plan: (w, jnp.tanh(x @ w)))
+  w, x = np.ones((k, n), np.float32), np.ones((m, k), np.float32)
+  programs = Programs(step, jax.device_put(w), jax.device_put(x))
+  programs.get({})
+  [flops] = programs.flops.values()
+  assert flops == 2 * m * k * n
+  assert lowered_flops(step.lower(w, x, {})) == flops
