@@ -41,7 +41,10 @@ Measured 2026-11-28 on the shared 2-core CPU machine:
   cpu:   300 steps in ~95 s, eval loss 3.09 nats = 4.46 bits per byte; the same config
          with --config.pipeline.enabled=False (synchronous, same optimizer, 2-way data
          parallel): 2.99 nats = 4.31 bits per byte (Ouroboros +3.5%).
-  gpu, paper: not run. Throughput and loss vs synchronous: experiments/bench_pipeline.py.
+  gpu (2026-12-02, one H200): single-GPU part only (results/tables/ouroboros_gpu.md, Shakespeare
+         instead of enwik8, 2500 steps, dropout 0.1): K=2 on one device 287k vs
+         393k tokens/s synchronous, 3.436 vs 2.161 bits per byte; 28.6 / 39.2 ms per step.
+  paper: not run. Throughput and loss vs synchronous: experiments/bench_pipeline.py.
 """
 from accel import config_lib
 
