@@ -43,7 +43,8 @@ Measured 2026-11-28 on the shared 2-core CPU machine:
          parallel): 2.99 nats = 4.31 bits per byte (Ouroboros +3.5%).
   gpu (2026-12-02, one H200): single-GPU part only (results/tables/ouroboros_gpu.md, Shakespeare
          instead of enwik8, 2500 steps, dropout 0.1): K=2 on one device 287k vs
-         393k tokens/s synchronous, 3.436 vs 2.161 bits per byte; 28.6 / 39.2 ms per step.
+         393k tokens/s synchronous, 3.436 vs 2.161 bits per byte; 28.6 / 39.2 ms per step;
+         with the combined remedies 2.198 (results/ouroboros_gpu_combined.md).
   paper: not run. Throughput and loss vs synchronous: experiments/bench_pipeline.py.
 """
 from accel import config_lib
