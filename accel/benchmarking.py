@@ -36,9 +36,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from accel.programs import cost_flops
+from accel.programs import step_flops
 
-__all__ = ['Variant', 'compare', 'compiled', 'cost_flops', 'flags', 'interleaved_rounds',
+__all__ = ['Variant', 'compare', 'compiled', 'flags', 'interleaved_rounds',
            'markdown_table', 'matmul_ceiling', 'provenance', 'provenance_line', 'ratios',
            'report', 'scale_defaults', 'temp_bytes', 'time_calls', 'timing_table',
            'trainer_variant', 'try_variants', 'write_results', 'git_commit']
@@ -182,13 +182,17 @@ def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> None
 
 # --- compiling and timing ----------------------------------------------------------------
 
-def compiled(jitted, *args, compiler_options: dict | None = None) -> tuple[Any, float]:
-  """(jitted lowered and compiled for `args`, seconds it took). compiler_options: XLA
-  options for this program alone (e.g. {'xla_gpu_enable_latency_hiding_scheduler': True},
-  the XLA_FLAGS names without '--'), so variants under other flags share one process."""
+def compiled(jitted, *args, compiler_options: dict | None = None
+             ) -> tuple[Any, float, float]:
+  """(jitted lowered and compiled for `args`, seconds it took, its FLOPs per
+  `programs.step_flops`). compiler_options: XLA options for this program alone (e.g.
+  {'xla_gpu_enable_latency_hiding_scheduler': True}, the XLA_FLAGS names without '--'), so
+  variants under other flags share one process."""
   start = time.perf_counter()
-  program = jitted.lower(*args).compile(compiler_options=compiler_options)
-  return program, time.perf_counter() - start
+  lowered = jitted.lower(*args)
+  program = lowered.compile(compiler_options=compiler_options)
+  seconds = time.perf_counter() - start
+  return program, seconds, step_flops(lowered, program)
 
 
 def temp_bytes(program) -> float:
@@ -205,7 +209,7 @@ class Variant:
   step: Callable[[Any], tuple[Any, Any]]
   state: Any
   compile_s: float = math.nan
-  flops: float = math.nan          # per step, XLA's cost analysis of the compiled step
+  flops: float = math.nan          # per step, `programs.step_flops`
   temp_bytes: float = math.nan
   program: Any = None              # the compiled step (its text: program.as_text())
   task: Any = None                 # trainer variants: what accel.train.build gave
@@ -229,10 +233,10 @@ def trainer_variant(config, info, batch: dict, devices=None, plan_step: int = 0,
   batch = jax.device_put(batch, trainer.batch_sharding)
   state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), 0), batch)
   plan = jax.device_put(task.methods.plan(plan_step).model_kwargs, trainer.replicated)
-  program, seconds = compiled(trainer.train_step, state, batch, plan,
+  program, seconds, flops = compiled(trainer.train_step, state, batch, plan,
                               compiler_options=compiler_options)
   return Variant(step=lambda s: program(s, batch, plan), state=state, compile_s=seconds,
-                 flops=cost_flops(program), temp_bytes=temp_bytes(program), program=program,
+                 flops=flops, temp_bytes=temp_bytes(program), program=program,
                  task=task, trainer=trainer, batch=batch)
 
 

@@ -7,8 +7,10 @@ line is an error before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 
 import ml_collections
 
@@ -213,6 +215,17 @@ RANGES = {
     'pipeline.nesterov_momentum': Range(0, 1, high_open=True),
 }
 UNBOUNDED = ('seed', 'lowprec.seed')   # numeric keys where any integer is a valid value
+
+
+def load_file(path: str):
+  """The module of the config file PATH, imported by path (experiments.train, sweep and
+  reproduce read get_config / get_sweep from it)."""
+  if not os.path.exists(path):
+    raise UserError(f'config file {path} does not exist')
+  spec = importlib.util.spec_from_file_location('_accel_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def validate(config) -> None:

@@ -61,6 +61,11 @@ def lowered_flops(lowered) -> float:
   return float((analysis or {}).get('flops', 0.0))
 
 
+def step_flops(lowered, compiled) -> float:
+  """A program's FLOPs: `lowered_flops`, else (analysis unavailable) the compiled one's."""
+  return lowered_flops(lowered) or cost_flops(compiled)
+
+
 def abstract(tree):
   """Shapes, dtypes and shardings of `tree`'s arrays (what lowering needs, no buffers)."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -123,7 +128,7 @@ class Programs:
     compiled = lowered.compile()
     sig = signature(plan_kwargs)
     self.compile_seconds[sig] = time.perf_counter() - start
-    self.flops[sig] = lowered_flops(lowered) or cost_flops(compiled)
+    self.flops[sig] = step_flops(lowered, compiled)
     return compiled
 
   def prefetch(self, plan_kwargs: dict) -> None:

@@ -164,10 +164,10 @@ def time_loss_heads(config, vocab: int, rounds: int, steps: int) -> dict:
   labels = jax.random.randint(jax.random.key(1), shape, 0, vocab)
   variants = {}
   for name, head in LOSS_HEADS.items():
-    program, seconds = benchmarking.compiled(jax.jit(head), logits, labels)
+    program, seconds, flops = benchmarking.compiled(jax.jit(head), logits, labels)
     variants[name] = benchmarking.Variant(
         step=lambda s, p=program: (s, p(logits, labels)), state=None, compile_s=seconds,
-        flops=benchmarking.cost_flops(program), temp_bytes=benchmarking.temp_bytes(program))
+        flops=flops, temp_bytes=benchmarking.temp_bytes(program))
   rows = benchmarking.compare(variants, rounds, steps)
   results = {name: jax.device_get(v.step(None)[1]) for name, v in variants.items()}
   for name, row in rows.items():

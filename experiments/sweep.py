@@ -34,13 +34,12 @@ if __name__ == '__main__':        # first, so that Ctrl-C while jax imports is o
   from accel import interrupts
   interrupts.stop_from_the_start()
 
-import importlib.util
 import os
 import sys
 
 from absl import app, flags
 
-from accel import faults
+from accel import config_lib, faults
 from accel import sweep as sweep_lib
 from accel.errors import UserError
 from accel.sweep import runner, slurm, summary
@@ -86,11 +85,7 @@ def declared_sweep(config_arg: str) -> list[dict]:
     axes = [sweep_lib.parse_axis(a) for a in _SWEEP.value]
     return sweep_lib.zip(*axes) if _ZIP.value else sweep_lib.product(*axes)
   path, _, preset = config_arg.partition(':')
-  if not os.path.exists(path):
-    raise UserError(f'config file {path} does not exist')
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(path)
   if not hasattr(module, 'get_sweep'):
     raise UserError(f'{path} has no get_sweep(arg); give the runs with --sweep KEY=V1,V2')
   return module.get_sweep(preset) if preset else module.get_sweep()

@@ -19,7 +19,7 @@ def scanned():
   """A scan of 4 steps (dot, then tanh and scale) and the one-step program's FLOPs."""
   x = jnp.ones((32, 32))
   compiled = jax.jit(_scan, static_argnums=1).lower(x, 4).compile()
-  step_flops = programs.cost_flops(jax.jit(lambda c: jnp.tanh(c @ c) * 0.5).lower(x))
+  step_flops = programs.lowered_flops(jax.jit(lambda c: jnp.tanh(c @ c) * 0.5).lower(x))
   return compiled, step_flops
 
 

@@ -184,8 +184,8 @@ class Group:
     t0 = time.perf_counter()
     states, arrays = self._abstract(self.st['runs_per_call'])
     t_abstract = jax.ShapeDtypeStruct((), jnp.int32)
-    step_flops = programs.cost_flops(jax.jit(self._steps).lower(states, arrays, t_abstract))
-    eval_flops = programs.cost_flops(jax.jit(jax.vmap(self._eval_one)).lower(states))
+    step_flops = programs.lowered_flops(jax.jit(self._steps).lower(states, arrays, t_abstract))
+    eval_flops = programs.lowered_flops(jax.jit(jax.vmap(self._eval_one)).lower(states))
     advance = self._advance.lower(states, arrays, chunk, t_abstract).compile()
     evaluate = self._eval.lower(states).compile()
     if self._init_compiled is None:

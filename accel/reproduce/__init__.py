@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -47,9 +46,7 @@ def config(name: str, arg: str) -> str:
 def load_config(config_arg: str):
   """The ConfigDict of 'PATH.py:PRESET' (the file imported by path, as the runs load it)."""
   path, _, preset = config_arg.partition(':')
-  spec = importlib.util.spec_from_file_location('_reproduce_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(path)
   return module.get_config(preset) if preset else module.get_config()
 
 
@@ -218,6 +215,7 @@ def environment() -> dict[str, str]:
 
 
 def visible_gpus() -> int:
+  """How many GPUs this process may give its runs (`runner.gpu_groups`' count)."""
   groups = runner.gpu_groups(1)
   return len(groups[0].split(',')) if groups[0] else 0
 
@@ -287,13 +285,13 @@ def reproduce(target: str, scale: str, out_dir: str, runs_dir: str, parallel: in
   if scale not in scales_of(module):
     raise UserError(f'target {target!r} has no scale {scale!r}; it has '
                     f'{", ".join(scales_of(module))} ({module.__doc__.strip().splitlines()[-1]})')
-  if scale not in LOCAL_SCALES and runner.gpu_groups(1)[0] is None:
+  gpus = None if scale in LOCAL_SCALES else visible_gpus()
+  if gpus == 0:
     raise UserError(f'scale {scale!r} needs GPUs and none is visible; the commands to run '
                     f'elsewhere: python -m experiments.reproduce {target} --scale {scale}')
   sweep_dir = os.path.abspath(os.path.join(runs_dir, f'{target}_{scale}'))
   stages = with_overrides(module.stages(scale, sweep_dir), overrides or {})
-  results = run_stages(stages, sweep_dir, parallel, retry_failed,
-                       gpus=None if scale in LOCAL_SCALES else visible_gpus())
+  results = run_stages(stages, sweep_dir, parallel, retry_failed, gpus)
   os.makedirs(out_dir, exist_ok=True)
   prefix = os.path.join(out_dir, f'{target}_{scale}')
   runs = [r for stage in stages for r in stage]

@@ -52,9 +52,10 @@ def gpipe_comparison(scale: str, out_prefix: str) -> str:
   if scale == 'smoke':
     return ('Against GPipe and naive model parallelism: `python -m experiments.bench_pipeline '
             '--quick` (embedded here from the cpu scale up).')
-  if not quick and visible_gpus() < 2:
+  gpus = None if quick else visible_gpus()
+  if gpus is not None and gpus < 2:
     return ('Against GPipe, naive model parallelism and data parallelism: needs 2 GPUs, this '
-            f'machine has {visible_gpus()}: `python -m experiments.bench_pipeline --out DIR`.')
+            f'machine has {gpus}: `python -m experiments.bench_pipeline --out DIR`.')
   folder = os.path.abspath(out_prefix + '_bench')
   lines = embed(['experiments.bench_pipeline', *(['--quick'] if quick else []),
                  f'--out={folder}'],
