@@ -89,21 +89,29 @@ TILINGS = {
         T(64, 128, num_warps=8, threads_n=16, unroll=8),
         T(64, 256, num_warps=8, threads_n=32, unroll=8),
     ),
-    # Shared memory: Triton buffers each dot's operands num_stages deep, and 'overlap' has
-    # two dots per loop iteration: 128x128 s3 overlapped needs 224 KiB (the H200 allows 227).
+    # Shared memory: Triton buffers each dot's operands num_stages deep, and 'pairs' has
+    # two dots per loop iteration: 128x128 s3 in pairs needs 224 KiB (the H200 allows 227).
     'fast': (
-        T(128, 128, num_warps=8, num_stages=3, overlap=True),    # kernel.DEFAULT_TILING
-        T(64, 64, num_warps=4, num_stages=4, overlap=False),
-        T(128, 128, num_warps=8, num_stages=3, overlap=False),
-        T(128, 128, num_warps=8, num_stages=4, overlap=False),
-        T(128, 64, num_warps=4, num_stages=3, overlap=False),
-        T(128, 128, num_warps=8, num_stages=3, overlap=True, ptx=False),
-        T(128, 128, num_warps=8, num_stages=2, overlap=True),
-        T(128, 64, num_warps=8, num_stages=2, overlap=True),
-        T(128, 64, num_warps=4, num_stages=2, overlap=True),
-        T(64, 128, num_warps=4, num_stages=2, overlap=True),
-        T(64, 64, num_warps=4, num_stages=2, overlap=True),
-        T(64, 64, num_warps=4, num_stages=3, overlap=True),
+        T(128, 128, num_warps=8, num_stages=3, schedule='pairs'),    # kernel.DEFAULT_TILING
+        T(64, 64, num_warps=4, num_stages=4, schedule='serial'),
+        T(128, 128, num_warps=8, num_stages=3, schedule='serial'),
+        T(128, 128, num_warps=8, num_stages=4, schedule='serial'),
+        T(128, 64, num_warps=4, num_stages=3, schedule='serial'),
+        # 'fence' and 16 warps lost on the H200 (results/bench_lowprec_gpu_schedules.md,
+        # 4096: 25.1-29.8% and 38.5% of native bf16 against 41.1% for the first row).
+        T(128, 128, num_warps=8, num_stages=3, schedule='fence'),
+        T(128, 128, num_warps=8, num_stages=4, schedule='fence'),
+        T(128, 128, num_warps=16, num_stages=3, schedule='fence'),
+        T(64, 128, num_warps=4, num_stages=4, schedule='fence'),
+        T(128, 64, num_warps=4, num_stages=4, schedule='fence'),
+        T(128, 128, num_warps=16, num_stages=3, schedule='pairs'),
+        T(128, 128, num_warps=8, num_stages=3, schedule='pairs', ptx=False),
+        T(128, 128, num_warps=8, num_stages=2, schedule='pairs'),
+        T(128, 64, num_warps=8, num_stages=2, schedule='pairs'),
+        T(128, 64, num_warps=4, num_stages=2, schedule='pairs'),
+        T(64, 128, num_warps=4, num_stages=2, schedule='pairs'),
+        T(64, 64, num_warps=4, num_stages=2, schedule='pairs'),
+        T(64, 64, num_warps=4, num_stages=3, schedule='pairs'),
     ),
 }
 # The default sweep: the first SWEPT[mode] of TILINGS[mode] (the first runs in --quick).
@@ -115,7 +123,7 @@ def tiling_name(mode: str, t: kernel.Tiling) -> str:
   if mode == 'exact':
     name += f'n{t.threads_n}u{t.unroll}'
   else:
-    name += f's{t.num_stages}' + ('o' if t.overlap else '')
+    name += f's{t.num_stages}' + {'serial': '', 'pairs': 'o', 'fence': 'f'}[t.schedule]
   return name + ('' if t.ptx else '_nopx')
 
 

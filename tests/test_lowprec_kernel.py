@@ -36,14 +36,16 @@ E5, E4 = ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn
     ('exact', 1, F.E6M9, 6, E5, F.E5M2, F.FP32), ('exact', 8, F.E6M9, 6, E5, F.E5M2, F.FP32),
     ('exact', 64, F.FP16, 6, E5, F.E5M2, F.FP32), ('exact', 4, F.FP16, 4, E4, F.E4M3, F.E5M2),
     ('exact', 4, F.E6M9, 3, E4, F.E4M3, F.FloatFormat(5, 4)),
-    ('fast', 32, F.E6M9, 3, E5, F.E5M2, F.FP32), ('fast', 16, F.BF16, 3, E5, F.E5M2, F.FP32)])
+    ('fast', 32, F.E6M9, 3, E5, F.E5M2, F.FP32), ('fast', 16, F.BF16, 3, E5, F.E5M2, F.FP32),
+    ('fast', 16, F.E6M9, 3, E5, F.E5M2, F.FP32)])
 def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dtype, op, mul):
   """Tiles of 2 x 2 per 'thread' (16 x 8 blocks, 32 threads, 4 along N), unrolled by 2;
-  'fast' over 2 chunks with the next chunk's dot overlapped, over 3 without."""
+  'fast' over 2 chunks in 'pairs', over 3 'serial' (bf16) and behind fences (e6m9)."""
   rng = np.random.default_rng(chunk)
   a, b = _operands(rng, (20, 40), dtype, spread), _operands(rng, (40, 12), dtype, spread)
+  schedule = 'pairs' if chunk == 32 else 'serial' if acc == F.BF16 else 'fence'
   tiling = Kn.Tiling(block_m=16, block_n=8, num_warps=1, threads_n=4, unroll=2,
-                     overlap=chunk != 16)
+                     schedule=schedule)
   got = Kn.chunked_matmul(a, b, mul_fmt=mul, acc_fmt=acc, chunk_size=chunk, mode=mode,
                           operand_fmt=op, tiling=tiling, interpret=True)
   want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=op, mul_fmt=mul,

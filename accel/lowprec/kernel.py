@@ -20,8 +20,17 @@ otherwise every rounding is `rounding.round_nearest` (integer bit operations).
 'fast': each chunk is one matrix-unit dot (bf16 operands, which hold every supported
 operand format exactly, so every product is exact; float32 accumulation),
 rounded to acc_fmt and added to the running total in acc_fmt: 7 float32 instructions per
-output and chunk with the Veltkamp rounding. `Tiling.overlap` issues the dot of the next
-chunk before the current one is rounded, so the matrix units and the rounding overlap.
+output and chunk with the Veltkamp rounding. `Tiling.schedule` orders the dots and the
+roundings: 'serial' rounds each chunk after its dot; the others issue a chunk's dot before
+the previous chunk is rounded, so that the matrix units and the rounding overlap. Triton
+runs a dot asynchronously only if the loop does not read its result before the next
+iteration's first wait for all dots (the rules of its wgmma pipelining); 'pairs' takes two
+chunks per iteration, the first of whose dots Triton waits for at once (it runs alone),
+'fence' one chunk per iteration behind a 'fence': a tiny dot (block_m x 16 x 16 of the
+chunk's operands) whose wait, at the top of the iteration, also completes the previous
+chunk's dot, which thus runs while that chunk's predecessor is rounded. On one H200
+'fence' lost to 'pairs' (29.7% against 41.1% of native bf16 at 4096,
+results/bench_lowprec_gpu_schedules.md): kept for the sweep, not the default.
 The chunk sums equal the JAX path's float32 chunk sums, hence the results are bit-identical,
 wherever every chunk's sum of products is exact in float32 (e.g. e5m2 operands whose
 exponents span at most 6 binades: products on a 2^q grid, chunk sums below 2^(q+24));
@@ -52,7 +61,7 @@ from accel.lowprec.rounding import (needs_sticky, on_subnormal_grid, product_bit
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """How a kernel cuts C into programs and schedules them (experiments/bench_lowprec.py
-  sweeps these on the GPU). threads_n and unroll apply to 'exact', overlap to
+  sweeps these on the GPU). threads_n and unroll apply to 'exact', schedule to
   'fast'; num_warps * 32 threads, num_stages of software pipelining (Triton)."""
   block_m: int = 128
   block_n: int = 128
@@ -60,7 +69,7 @@ class Tiling:
   num_stages: int = 1
   threads_n: int = 16        # exact: threads along N (Tn); Tm = 32 * num_warps / Tn along M
   unroll: int = 8            # exact: K elements per loop iteration
-  overlap: bool = True       # fast: the next chunk's dot issued before this chunk is rounded
+  schedule: str = 'pairs'    # fast: 'serial' | 'pairs' | 'fence' (module docstring)
   ptx: bool = True           # the in-range rounding as explicit fma.rn / sub.rn
 
 
@@ -70,7 +79,7 @@ class Tiling:
 # (38.9% / 35.4% of native bf16).
 DEFAULT_TILING = {
     'exact': Tiling(64, 128, num_warps=4, num_stages=1, threads_n=16, unroll=8),
-    'fast': Tiling(128, 128, num_warps=8, num_stages=3, overlap=True),
+    'fast': Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs'),
 }
 
 
@@ -164,26 +173,55 @@ def _exact_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, unroll, mul_add, ad
   o_ref[...] = lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def _fast_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, overlap, fold):
+SCHEDULES = ('serial', 'pairs', 'fence')
+FENCE_N = 16   # the fence dot's N and K
+
+
+def _fast_kernel(a_ref, b_ref, o_ref, *probe_ref, num_chunks, chunk, schedule, fold):
+  """probe_ref: with schedule 'fence', the fence dots' running maximum (block_m, FENCE_N),
+  written out so that no compiler removes the fence."""
   def dot(c):
     a = a_ref[:, pl.ds(c * chunk, chunk)]
     b = b_ref[pl.ds(c * chunk, chunk), :]
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
   zeros = jnp.zeros(o_ref.shape, jnp.float32)
-  if not overlap:
+  if schedule == 'serial':
     o_ref[...] = lax.fori_loop(0, num_chunks, lambda c, total: fold(total, dot(c)), zeros)
     return
 
-  # Two chunks per iteration, so that the two chunk sums swap roles without copies.
-  def body(i, carry):
+  if schedule == 'fence':
+    [probe_ref] = probe_ref
+    n = probe_ref.shape[1]
+
+    def fence(c, probe):
+      a = a_ref[:, pl.ds(c * chunk, FENCE_N)]
+      b = b_ref[pl.ds(c * chunk, FENCE_N), pl.ds(0, n)]
+      # maximum, not +: Triton would fold `probe + dot` into an accumulating dot, which it
+      # runs asynchronously (no wait).
+      return jnp.maximum(probe, jnp.dot(a, b, preferred_element_type=jnp.float32))
+
+    def body(c, carry):
+      total, part, probe = carry
+      probe = fence(c, probe)    # waits for every dot in flight: the previous chunk's
+      nxt = dot(c)               # runs while `part` (chunk c - 1) is rounded
+      return fold(total, part), nxt, probe
+
+    init = (zeros, dot(0), jnp.full(probe_ref.shape, -jnp.inf, jnp.float32))
+    total, part, probe = lax.fori_loop(1, num_chunks, body, init)
+    o_ref[...] = fold(total, part)
+    probe_ref[...] = probe
+    return
+
+  # 'pairs': two chunks per iteration, so that the two chunk sums swap roles without copies.
+  def pair(i, carry):
     total, part = carry
     nxt = dot(2 * i + 1)
     total = fold(total, part)
     part = dot(2 * i + 2)
     return fold(total, nxt), part
 
-  total, part = lax.fori_loop(0, (num_chunks - 1) // 2, body, (zeros, dot(0)))
+  total, part = lax.fori_loop(0, (num_chunks - 1) // 2, pair, (zeros, dot(0)))
   if num_chunks % 2 == 0:
     total, part = fold(total, part), dot(num_chunks - 1)
   o_ref[...] = fold(total, part)
@@ -255,16 +293,25 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
       raise ValueError(f'bf16 matrix units do not hold {operand_fmt} operands exactly')
     mul_fmt = FP32
 
+    if t.schedule not in SCHEDULES:
+      raise ValueError(f'schedule must be one of {SCHEDULES}, got {t.schedule!r}')
+    out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.float32)]
+    out_specs = [pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j))]
+    if t.schedule == 'fence':
+      probe_n = min(FENCE_N, t.block_n)
+      out_shape.append(jax.ShapeDtypeStruct((mp, grid[1] * probe_n), jnp.float32))
+      out_specs.append(pl.BlockSpec((t.block_m, probe_n), lambda i, j: (i, j)))
+
     def call(in_range):
       *_, fold = _rounded_ops(in_range, ptx, FP32, acc_fmt)
       kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
-                                 overlap=t.overlap, fold=fold)
+                                 schedule=t.schedule, fold=fold)
       return pl.pallas_call(
-          kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+          kernel, grid=grid, out_shape=out_shape,
           in_specs=[pl.BlockSpec((t.block_m, kp), lambda i, j: (i, 0)),
                     pl.BlockSpec((kp, t.block_n), lambda i, j: (0, j))],
-          out_specs=pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j)),
-          **params)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+          out_specs=out_specs,
+          **params)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))[0]
 
   if on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
     out = lax.cond(range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))
