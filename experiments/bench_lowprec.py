@@ -93,6 +93,12 @@ TILINGS = {
     # two dots per loop iteration: 128x128 s3 in pairs needs 224 KiB (the H200 allows 227).
     'fast': (
         T(128, 128, num_warps=8, num_stages=3, schedule='pairs'),    # kernel.DEFAULT_TILING
+        T(128, 128, num_warps=8, num_stages=3, schedule='pairs', backend='mosaic'),
+        T(128, 128, num_warps=8, num_stages=4, schedule='serial', backend='mosaic'),
+        T(128, 128, num_warps=8, num_stages=2, schedule='pairs', backend='mosaic'),
+        T(128, 64, num_warps=8, num_stages=4, schedule='pairs', backend='mosaic'),
+        T(192, 128, num_warps=12, num_stages=4, schedule='serial', backend='mosaic'),
+        T(64, 128, num_warps=4, num_stages=4, schedule='pairs', backend='mosaic'),
         T(64, 64, num_warps=4, num_stages=4, schedule='serial'),
         T(128, 128, num_warps=8, num_stages=3, schedule='serial'),
         T(128, 128, num_warps=8, num_stages=4, schedule='serial'),
@@ -124,7 +130,7 @@ def tiling_name(mode: str, t: kernel.Tiling) -> str:
     name += f'n{t.threads_n}u{t.unroll}'
   else:
     name += f's{t.num_stages}' + {'serial': '', 'pairs': 'o', 'fence': 'f'}[t.schedule]
-  return name + ('' if t.ptx else '_nopx')
+  return name + ('' if t.ptx else '_nopx') + ('_mgpu' if t.backend == 'mosaic' else '')
 
 
 def analytic_limit(mode: str, device: str) -> float | None:

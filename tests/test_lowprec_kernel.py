@@ -54,6 +54,29 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
 
 
+@pytest.mark.parametrize('acc,spread,schedule', [(F.E6M9, 3, 'pairs'), (F.FP16, 6, 'serial')])
+def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule):
+  """The Mosaic GPU 'fast' kernel (Mosaic's own interpreter) on 3 chunks, in range (e6m9;
+  'pairs' pads K to 4 chunks) and on the general rounding path (fp16, spread 6)."""
+  rng = np.random.default_rng(spread)
+  a, b = _operands(rng, (20, 40), E5, spread), _operands(rng, (40, 12), E5, spread)
+  tiling = Kn.Tiling(block_m=64, block_n=16, num_warps=4, schedule=schedule, backend='mosaic')
+  got = Kn.chunked_matmul(a, b, acc_fmt=acc, chunk_size=16, mode='fast', operand_fmt=F.E5M2,
+                          tiling=tiling, interpret=True)
+  want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=F.E5M2,
+                               acc_fmt=acc, chunk_size=16, mode='fast')
+  assert got.shape == (20, 12)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+def test_mosaic_tile_order_covers_every_tile_once():
+  from accel.lowprec import kernel_mosaic
+  for m_tiles, n_tiles in [(3, 5), (20, 7), (1, 4), (64, 64)]:
+    m, n = kernel_mosaic._grouped(np.arange(m_tiles * n_tiles), m_tiles, n_tiles)
+    assert sorted(zip(np.asarray(m).tolist(), np.asarray(n).tolist())) == [
+        (i, j) for i in range(m_tiles) for j in range(n_tiles)]
+
+
 def test_range_check_and_grid():
   assert R.on_subnormal_grid(F.E5M2, F.FP32, F.E6M9)      # 2^-32 products, 2^-39 grid
   assert not R.on_subnormal_grid(F.E5M2, F.FP32, F.BF16.__class__(5, 7))
@@ -92,13 +115,23 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 
 @pytest.mark.parametrize('mode', ['exact', 'fast'])
 def test_kernels_lower_to_triton_for_gpu(mode):
-  """Cross-lowering on CPU runs the Pallas -> Triton lowering of every tiling the GPU
-  benchmark sweeps and of the default one shrunk to a narrow problem (both rounding paths,
-  the PTX included), so unsupported operations show up here."""
+  """Cross-lowering on CPU runs the Pallas -> Triton (or Mosaic GPU) lowering of every
+  tiling the GPU benchmark sweeps and of the default one shrunk to a narrow problem (both
+  rounding paths, the PTX included), so unsupported operations show up here."""
   from experiments import bench_lowprec
   a = jax.ShapeDtypeStruct((256, 256), np.float32)
   narrow = jax.ShapeDtypeStruct((300, 64), np.float32), jax.ShapeDtypeStruct((64, 16), np.float32)
   for tiling, operands in [(t, (a, a)) for t in bench_lowprec.TILINGS[mode]] + [(None, narrow)]:
     text = jax.jit(bench_lowprec.pallas(mode, tiling, interpret=False)).trace(*operands).lower(
         lowering_platforms=('cuda',)).as_text()
-    assert text.count('triton') >= 2
+    backend = 'mosaic_gpu' if tiling and tiling.backend == 'mosaic' else 'triton'
+    assert text.count(backend) >= 2
+
+
+def test_default_fast_tiling_is_mosaic_on_hopper_for_full_blocks(monkeypatch):
+  monkeypatch.setattr(Kn, '_on_hopper', lambda: True)
+  assert Kn.default_tiling('fast', 4096, 256) == Kn.HOPPER_FAST_TILING
+  assert Kn.default_tiling('fast', 4096, 64).backend == 'triton'    # a narrow conv
+  assert Kn.default_tiling('fast', 4096, 576, chunk=16).backend == 'triton'   # K = 16
+  monkeypatch.setattr(Kn, '_on_hopper', lambda: False)
+  assert Kn.default_tiling('fast', 4096, 4096).backend == 'triton'

@@ -31,6 +31,8 @@ chunk's operands) whose wait, at the top of the iteration, also completes the pr
 chunk's dot, which thus runs while that chunk's predecessor is rounded. On one H200
 'fence' lost to 'pairs' (29.7% against 41.1% of native bf16 at 4096,
 results/bench_lowprec_gpu_schedules.md): kept for the sweep, not the default.
+`Tiling.backend='mosaic'` runs 'fast' as kernel_mosaic.py's Mosaic GPU kernel instead
+(Hopper), whose waits for the matrix units are explicit.
 The chunk sums equal the JAX path's float32 chunk sums, hence the results are bit-identical,
 wherever every chunk's sum of products is exact in float32 (e.g. e5m2 operands whose
 exponents span at most 6 binades: products on a 2^q grid, chunk sums below 2^(q+24));
@@ -53,6 +55,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from accel.lowprec import kernel_mosaic
 from accel.lowprec.formats import FP32, FloatFormat, get_format
 from accel.lowprec.rounding import (needs_sticky, on_subnormal_grid, product_bits, range_ok,
                                      round_mantissa, round_nearest)
@@ -71,6 +74,8 @@ class Tiling:
   unroll: int = 8            # exact: K elements per loop iteration
   schedule: str = 'pairs'    # fast: 'serial' | 'pairs' | 'fence' (module docstring)
   ptx: bool = True           # the in-range rounding as explicit fma.rn / sub.rn
+  backend: str = 'triton'    # fast: 'triton' | 'mosaic' (kernel_mosaic.py: Hopper only;
+                             # block_m / 64 compute warpgroups, schedule 'serial' | 'pairs')
 
 
 # The best bit-identical tiling of each mode in bench_lowprec's sweep on one H200
@@ -81,12 +86,31 @@ DEFAULT_TILING = {
     'exact': Tiling(64, 128, num_warps=4, num_stages=1, threads_n=16, unroll=8),
     'fast': Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs'),
 }
+# 'fast' on Hopper where C has at least a block of rows and columns: the Mosaic GPU kernel,
+# 43.6% / 41.0% of native bf16 at 4096 / 8192 on one H200 against the Triton kernel's
+# 39.3% / 35.1% in the same run (results/bench_lowprec_gpu_mosaic.md).
+MOSAIC_CHUNK = 64    # the chunk length the Mosaic kernel was measured with
+HOPPER_FAST_TILING = Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs',
+                            backend='mosaic')
 
 
-def default_tiling(mode: str, m: int, n: int) -> Tiling:
+def _on_hopper() -> bool:
+  device = jax.devices()[0]
+  capability = str(getattr(device, 'compute_capability', ''))
+  return device.platform == 'gpu' and capability.startswith('9')
+
+
+def default_tiling(mode: str, m: int, n: int, chunk: int = 64) -> Tiling:
   """DEFAULT_TILING[mode] with its blocks shrunk to small problems (a conv's 16 output
-  channels would otherwise fill a 128-wide block with padding)."""
+  channels would otherwise fill a 128-wide block with padding); HOPPER_FAST_TILING for
+  'fast' on a Hopper GPU when m and n fill its block and chunks are MOSAIC_CHUNK long (the
+  length measured; a conv's K of 16 channels, chunks of 16, failed Mosaic's layout
+  inference on the H200)."""
   t = DEFAULT_TILING[mode]
+  h = HOPPER_FAST_TILING
+  if (mode == 'fast' and m >= h.block_m and n >= h.block_n and chunk == MOSAIC_CHUNK
+      and _on_hopper()):
+    return h
   pow2 = lambda x: 1 << max(0, x - 1).bit_length()
   if mode == 'exact':
     block_n = min(t.block_n, max(8, pow2(n)))
@@ -174,6 +198,7 @@ def _exact_kernel(a_ref, b_ref, o_ref, *, num_chunks, chunk, unroll, mul_add, ad
 
 
 SCHEDULES = ('serial', 'pairs', 'fence')
+BACKENDS = ('triton', 'mosaic')
 FENCE_N = 16   # the fence dot's N and K
 
 
@@ -253,10 +278,12 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
                      f'acc {acc_fmt}')
   m, k = a_MxK.shape
   n = b_KxN.shape[1]
-  t = tiling or default_tiling(mode, m, n)
   chunk = max(1, min(chunk_size, k))
-  a = _pad_to(a_MxK.astype(jnp.float32), (t.block_m, chunk))
-  b = _pad_to(b_KxN.astype(jnp.float32), (chunk, t.block_n))
+  t = tiling or default_tiling(mode, m, n, chunk)
+  mosaic = mode == 'fast' and t.backend == 'mosaic'
+  k_multiple = chunk * (2 if mosaic and t.schedule == 'pairs' else 1)
+  a = _pad_to(a_MxK.astype(jnp.float32), (t.block_m, k_multiple))
+  b = _pad_to(b_KxN.astype(jnp.float32), (k_multiple, t.block_n))
   mp, kp = a.shape
   np_ = b.shape[1]
   grid = (mp // t.block_m, np_ // t.block_n)
@@ -293,6 +320,8 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
       raise ValueError(f'bf16 matrix units do not hold {operand_fmt} operands exactly')
     mul_fmt = FP32
 
+    if t.backend not in BACKENDS:
+      raise ValueError(f'backend must be one of {BACKENDS}, got {t.backend!r}')
     if t.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {t.schedule!r}')
     out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.float32)]
@@ -303,6 +332,12 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
       out_specs.append(pl.BlockSpec((t.block_m, probe_n), lambda i, j: (i, j)))
 
     def call(in_range):
+      if mosaic:
+        *_, fold = _rounded_ops(in_range, False, FP32, acc_fmt)
+        return kernel_mosaic.fast_matmul(
+            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), block_m=t.block_m,
+            block_n=t.block_n, stages=t.num_stages, schedule=t.schedule, chunk=chunk, fold=fold,
+            interpret=interpret)
       *_, fold = _rounded_ops(in_range, ptx, FP32, acc_fmt)
       kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
                                  schedule=t.schedule, fold=fold)

@@ -1,0 +1,150 @@
+"""The 'fast' chunked matmul (kernel.py's module docstring) as a Mosaic GPU kernel for
+Hopper (Pallas `plgpu`), where each chunk's dot is an explicit asynchronous wgmma.
+
+Triton decides itself when to wait for a dot, and waits for every dot whose result the loop
+reads (kernel.py), so its matrix units idle while a chunk is rounded. Here the waits are
+written out. A CTA owns a (block_m, block_n) tile of C, taken in `_grouped` order; one
+producer warpgroup streams the chunks' operands into shared memory (TMA, `stages` steps
+deep), and block_m / 64 compute warpgroups each own 64 rows of the tile, with the running
+total in registers. With schedule 'pairs' a pipeline step holds two chunks; a warpgroup
+issues both chunks' wgmmas into fresh accumulators, waits for the first only
+(`wgmma_accumulator_load(wait_n=1)`) and rounds it into the total while the second runs:
+
+  issue(acc_0, c);  issue(acc_1, c + 1);
+  total = fold(total, wait(acc_0));  total = fold(total, wait(acc_1))
+
+No wgmma is in flight across loop iterations: with the second accumulator carried to the
+next step, ptxas serialized every wgmma of the kernel (its message C7514, seen on the H200).
+'serial' waits for each chunk's wgmma before rounding it. Either way the compute
+warpgroups of a CTA can overlap each other. The chunk sums are the matrix units' float32
+sums of bf16 products, as in the Triton kernel, so the results agree with it and with the
+JAX path bit for bit wherever a chunk's sum is exact in float32.
+
+Measured on one H200 (results/bench_lowprec_gpu_mosaic.md): 'pairs' 128 x 128, 3 stages,
+43.6% / 41.0% of native bf16 at n = 4096 / 8192 (the Triton kernel 39.3% / 35.1% in the
+same run). An estimate from instruction counts, not a profile: per chunk a warp rounds 64
+outputs with 7 float32 instructions each (the 'serial' kernel's PTX: 128 fma and 256 sub
+per chunk), and the two warpgroups put two warps on each SM sub-partition: ~1000 issue
+cycles per chunk against ~550 of matrix work for the tile at the bf16 peak. The measured
+time, ~2100 cycles per chunk at n = 4096 at the 1.98 GHz maximum clock, is about twice
+that; I did not find why (no SASS profile was taken).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+WG_ROWS = 64        # rows of C per compute warpgroup: the wgmma M
+EPILOGUE_N = 64     # columns of C per shared-memory copy of the result
+GROUP_M = 8         # rows of tiles per group in the CTAs' order (`_grouped`)
+
+
+def _swizzled(minor_elems: int, dtype):
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _grouped(tile, m_tiles: int, n_tiles: int):
+  """The (m, n) tile of C that CTA `tile` computes: column by column within groups of
+  GROUP_M rows of tiles, so that the CTAs running at one time share A's and B's panels in
+  L2 (a wave of 132 CTAs reads ~8 + 17 panels instead of ~m_tiles + 2 at n = 8192)."""
+  per_group = GROUP_M * n_tiles
+  first_m = (tile // per_group) * GROUP_M
+  group_rows = jnp.minimum(m_tiles - first_m, GROUP_M)
+  within = tile % per_group
+  return first_m + within % group_rows, within // group_rows
+
+
+def _interpret_params():
+  """Mosaic GPU's own interpreter (barriers, TMA and wgmma emulated on the CPU); JAX
+  exports it nowhere yet."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
+  return InterpretGPUParams()
+
+
+def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, schedule: str,
+                chunk: int, fold, interpret: bool = False) -> jax.Array:
+  """C = A @ B (float32) from bf16 A (M x K) and B (K x N), M a multiple of block_m, N of
+  block_n and K of chunk (of 2 chunks with 'pairs'): every chunk's float32 wgmma sum is
+  folded into the running total by `fold(total, chunk_sum)`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  m, k = a_bf16.shape
+  n = b_bf16.shape[1]
+  if block_m % WG_ROWS or block_n % EPILOGUE_N and block_n > EPILOGUE_N:
+    raise ValueError(f'block_m must be a multiple of {WG_ROWS}, block_n of {EPILOGUE_N}')
+  if schedule not in ('serial', 'pairs'):
+    raise ValueError(f"the Mosaic kernel's schedule is 'serial' or 'pairs', got {schedule!r}")
+  per_step = 2 if schedule == 'pairs' else 1
+  if m % block_m or n % block_n or k % (chunk * per_step):
+    raise ValueError(f'shape {(m, k, n)} not padded to {(block_m, chunk * per_step, block_n)}')
+  wgs = block_m // WG_ROWS
+  steps = k // (chunk * per_step)
+  epi_n = min(EPILOGUE_N, block_n)
+
+  a_spec = lambda j: plgpu.BlockSpec((block_m, chunk), lambda s: (0, per_step * s + j),
+                                     transforms=_swizzled(chunk, a_bf16.dtype))
+  b_spec = lambda j: plgpu.BlockSpec((chunk, block_n), lambda s: (per_step * s + j, 0),
+                                     transforms=_swizzled(block_n, b_bf16.dtype))
+
+  def pipeline(body, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40,
+        in_specs=[a_spec(j) for j in range(per_step)] + [b_spec(j) for j in range(per_step)],
+        wg_axis='wg', num_compute_wgs=wgs, max_concurrent_steps=stages,
+        compute_context=context)
+
+  def kernel(a_gmem, b_gmem, o_gmem):
+    m_idx, n_idx = _grouped(lax.axis_index('tile'), m // block_m, n // block_n)
+    rows = pl.ds(m_idx * block_m, block_m)
+    cols = pl.ds(n_idx * block_n, block_n)
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(*[a_gmem] * per_step, *[b_gmem] * per_step),
+        out_smem=plgpu.SMEM((wgs, WG_ROWS, epi_n), jnp.float32,
+                            transforms=_swizzled(epi_n, jnp.float32)),
+        collective_axes='wg')
+    def scope(allocs, out_smem):
+      wg = lax.axis_index('wg')
+      wg_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+      acc_type = plgpu.ACC((WG_ROWS, block_n), jnp.float32)
+
+      def body(_, *refs):
+        a_refs, b_refs, total = refs[:per_step], refs[per_step:-1], refs[-1]
+
+        def chunk_sums(*accs):                       # fresh accumulators hold zeros
+          for acc, a_smem, b_smem in zip(accs, a_refs, b_refs):
+            plgpu.wgmma(acc, a_smem.at[wg_rows], b_smem)
+          folded = total
+          for i, acc in enumerate(accs):             # chunk i is rounded while i + 1 runs
+            folded = fold(folded, plgpu.wgmma_accumulator_load(acc, wait_n=per_step - 1 - i))
+          return folded
+        return pl.run_scoped(chunk_sums, *[acc_type] * per_step)
+
+      def write_out(total):
+        for j in range(block_n // epi_n):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg] = total[:, j * epi_n:(j + 1) * epi_n]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[wg], o_gmem.at[rows, cols].at[wg_rows, pl.ds(j * epi_n, epi_n)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      context = lambda run: write_out(run(jnp.zeros((WG_ROWS, block_n), jnp.float32)))
+      pipeline(body, context)(*[a_gmem.at[rows]] * per_step, *[b_gmem.at[:, cols]] * per_step,
+                              allocations=allocs)
+
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
+      grid=((m // block_m) * (n // block_n),), grid_names=('tile',),
+      num_threads=wgs + 1, thread_name='wg', interpret=_interpret_params() if interpret else None,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return call(a_bf16, b_bf16)
