@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stdloss.layers = ''          # regex on module paths; '' = every Dense/Conv
   c.stdloss.exclude = 'logits$'  # regex; '' = none
   c.stdloss.moments = 'global'   # 'global' | 'per_device'
+  c.stdloss.layer_metrics = False  # also mean |mu| and sigma^2 of every layer, every step
 
   c.lowprec = ml_collections.ConfigDict()   # accel/lowprec/method.py
   c.lowprec.enabled = False

@@ -32,8 +32,11 @@ from accel import benchmarking, traces
 from accel.data.input_pipeline import DatasetInfo
 from configs import stdloss_mnist, stdloss_resnet
 
-VARIANTS = ('none', 'batch', 'stdloss')
-RATIOS = [('stdloss', 'none'), ('stdloss', 'batch'), ('batch', 'none')]
+# 'stdloss layer metrics': stdloss with stdloss.layer_metrics (two more scalars per layer
+# out of every step).
+VARIANTS = ('none', 'batch', 'stdloss', 'stdloss layer metrics')
+RATIOS = [('stdloss', 'none'), ('stdloss', 'batch'), ('batch', 'none'),
+          ('stdloss layer metrics', 'none')]
 # --flags: 'none' and 'stdloss' again, compiled with these XLA options (benchmarking.compiled:
 # for those programs alone, so all variants share the process and its rounds). The step is
 # ~5 ms of ~500 kernels on an H200 and the loss adds ~145 small ones (results/
@@ -52,12 +55,15 @@ FULL = dict(model='resnet', depth=32, width=1, batch=256, size=32, channels=3, r
 
 
 def variant_config(args, variant: str):
+  layer_metrics = variant == 'stdloss layer metrics'
+  variant = 'stdloss' if layer_metrics else variant
   if args.model == 'resnet':
     config = stdloss_resnet.get_config(f'cpu,{variant}')
     config.model.depth, config.model.width = args.depth, args.width
   else:
     config = stdloss_mnist.get_config(f'cpu,{args.model},{variant}')
   config.batch_size = args.batch
+  config.stdloss.layer_metrics = layer_metrics
   return config
 
 

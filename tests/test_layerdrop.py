@@ -232,7 +232,7 @@ def test_stdloss_captures_the_kept_blocks_directly():
   params = model.init(jax.random.key(0), tokens)
   config = _bert_config(**{'model.name': 'transformer_lm', 'model.num_layers': 2,
                            'stdloss.enabled': True, 'stdloss.layers': 'fc_in$',
-                           'stdloss.weight': 0.5})
+                           'stdloss.weight': 0.5, 'stdloss.layer_metrics': True})
   plan = dict(layer_ids_N=jnp.array([0], jnp.int32), keep_probs_N=jnp.array([0.8]))
   apply = methods.Enabled(config).wrap_apply(model.apply)
 

@@ -168,7 +168,11 @@ def test_metrics_names():
   x, variables = _model_and_vars(model)
   m = jax.eval_shape(lambda v, x: stdloss.metrics(stdloss.capture(model.apply)(v, x)[1]),
                      variables, x)
-  assert set(m) == {'stdloss/loss', 'stdloss/dense_0/mean_abs_mu', 'stdloss/dense_0/mean_var'}
+  assert set(m) == {'stdloss/loss', 'stdloss/mean_abs_mu', 'stdloss/mean_var'}
+  m = jax.eval_shape(lambda v, x: stdloss.metrics(stdloss.capture(model.apply)(v, x)[1],
+                                                  per_layer=True), variables, x)
+  assert set(m) == {'stdloss/loss', 'stdloss/mean_abs_mu', 'stdloss/mean_var',
+                    'stdloss/dense_0/mean_abs_mu', 'stdloss/dense_0/mean_var'}
 
 
 _MULTI_DEVICE = textwrap.dedent('''
@@ -235,7 +239,7 @@ def test_training_apply_adds_weighted_term():
   model = cnn.ConvNet()
   x, variables = _model_and_vars(model)
   plain = model.apply(variables, x)
-  on = _hook_config(enabled=True, weight=0.25)
+  on = _hook_config(enabled=True, weight=0.25, layer_metrics=True)
   out, term, m = jax.jit(_hook(on, model.apply))(variables, x)
   np.testing.assert_array_equal(out, plain)
   np.testing.assert_allclose(term, 0.25 * m['stdloss/loss'], rtol=1e-6)
