@@ -475,9 +475,12 @@ def bench_kernels(args, meta, interpret: bool):
   iters, slow = (2, 1) if args.quick else (args.iters, args.slow_iters)
   ranked = bench_size(run, sweep_size, every, iters, slow)
   best = {m: [t for _, t in ranked[m][:args.top]] for m in every}
+  defaults = {m: [kernel.DEFAULT_TILING[m]] for m in every}
+  if kernel.on_hopper():   # the default there
+    defaults['fast'].append(kernel.HOPPER_FAST_TILING)
   for m in every:   # the defaults run at every size (of the modes swept)
-    if every[m] and kernel.DEFAULT_TILING[m] not in best[m]:
-      best[m].append(kernel.DEFAULT_TILING[m])
+    if every[m]:
+      best[m] += [t for t in defaults[m] if t not in best[m]]
   for n in sizes:
     if n != sweep_size:
       bench_size(run, n, best, iters, slow)

@@ -1,9 +1,10 @@
 """Step-time overhead of the standardization loss (papers.md section 4; accel/stdloss.py).
 
-Three variants of the train step `experiments.train` runs (accel.train.build), side by side
+Four variants of the train step `experiments.train` runs (accel.train.build), side by side
 in one process on one synthetic batch: the un-normalized model ('none'), the same model with
-batch norm ('batch') and the un-normalized model plus the standardization loss on every
-hidden conv ('stdloss'); each with its config's optimizer. GPU default: the CIFAR ResNet-32
+batch norm ('batch'), the un-normalized model plus the standardization loss on every
+hidden conv ('stdloss') and the same with stdloss.layer_metrics ('stdloss layer metrics');
+each with its config's optimizer. GPU default: the CIFAR ResNet-32
 of configs/stdloss_resnet.py, batch 256 of 32x32x3; --quick (CPU): the paper's MNIST CNN of
 configs/stdloss_mnist.py, batch 128 of 28x28x1. Timing: accel.benchmarking.compare
 (interleaved rounds, median). The goal (issue 5): stdloss <= 1.05 x none on GPU at

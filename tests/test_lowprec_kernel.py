@@ -129,9 +129,9 @@ def test_kernels_lower_to_triton_for_gpu(mode):
 
 
 def test_default_fast_tiling_is_mosaic_on_hopper_for_full_blocks(monkeypatch):
-  monkeypatch.setattr(Kn, '_on_hopper', lambda: True)
+  monkeypatch.setattr(Kn, 'on_hopper', lambda: True)
   assert Kn.default_tiling('fast', 4096, 256) == Kn.HOPPER_FAST_TILING
   assert Kn.default_tiling('fast', 4096, 64).backend == 'triton'    # a narrow conv
   assert Kn.default_tiling('fast', 4096, 576, chunk=16).backend == 'triton'   # K = 16
-  monkeypatch.setattr(Kn, '_on_hopper', lambda: False)
+  monkeypatch.setattr(Kn, 'on_hopper', lambda: False)
   assert Kn.default_tiling('fast', 4096, 4096).backend == 'triton'

@@ -94,7 +94,8 @@ HOPPER_FAST_TILING = Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs
                             backend='mosaic')
 
 
-def _on_hopper() -> bool:
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
   device = jax.devices()[0]
   capability = str(getattr(device, 'compute_capability', ''))
   return device.platform == 'gpu' and capability.startswith('9')
@@ -109,7 +110,7 @@ def default_tiling(mode: str, m: int, n: int, chunk: int = 64) -> Tiling:
   t = DEFAULT_TILING[mode]
   h = HOPPER_FAST_TILING
   if (mode == 'fast' and m >= h.block_m and n >= h.block_n and chunk == MOSAIC_CHUNK
-      and _on_hopper()):
+      and on_hopper()):
     return h
   pow2 = lambda x: 1 << max(0, x - 1).bit_length()
   if mode == 'exact':
@@ -322,6 +323,9 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
 
     if t.backend not in BACKENDS:
       raise ValueError(f'backend must be one of {BACKENDS}, got {t.backend!r}')
+    if mosaic and t.num_warps != 4 * (t.block_m // kernel_mosaic.WG_ROWS):
+      raise ValueError(f'{t}: the Mosaic kernel runs 4 warps per {kernel_mosaic.WG_ROWS} rows '
+                       f'of block_m')
     if t.schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {t.schedule!r}')
     out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.float32)]

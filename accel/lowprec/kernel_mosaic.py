@@ -76,8 +76,9 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, k = a_bf16.shape
   n = b_bf16.shape[1]
-  if block_m % WG_ROWS or block_n % EPILOGUE_N and block_n > EPILOGUE_N:
-    raise ValueError(f'block_m must be a multiple of {WG_ROWS}, block_n of {EPILOGUE_N}')
+  if block_m % WG_ROWS or (block_n > EPILOGUE_N and block_n % EPILOGUE_N):
+    raise ValueError(f'block_m must be a multiple of {WG_ROWS}, block_n at most {EPILOGUE_N} '
+                     f'or a multiple of it; got {block_m} x {block_n}')
   if schedule not in ('serial', 'pairs'):
     raise ValueError(f"the Mosaic kernel's schedule is 'serial' or 'pairs', got {schedule!r}")
   per_step = 2 if schedule == 'pairs' else 1
