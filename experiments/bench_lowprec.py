@@ -266,8 +266,27 @@ def bench_size(run: Run, n: int, tilings: dict, iters: int, slow_iters: int):
       except Exception as e:
         row['error'] = _error(e)
       run.add(row)
+      if mode == 'fast' and t.backend == 'mosaic' and not run.interpret:
+        run.add(kernel_only_row(n, t, a, b, reference, iters))
     ranked[mode].sort(key=lambda ft: -ft[0])
   return ranked
+
+
+def kernel_only_row(n: int, t: kernel.Tiling, a, b, reference: dict, iters: int) -> dict:
+  """The Mosaic kernel of tiling t alone (`kernel.mosaic_in_range`: no cast to bf16, range
+  check or branch), on the same operands cast beforehand: where the op's time goes."""
+  row = {'n': n, 'variant': tiling_name('fast', t) + '_kernel_only', 'mode': 'fast',
+         'tiling': dataclasses.asdict(t)}
+  try:
+    fn = jax.jit(functools.partial(kernel.mosaic_in_range, tiling=t, acc_fmt=ACC,
+                                   chunk_size=CHUNK))
+    _, first, seconds = _timed(fn, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), iters)
+    row.update(first_call_s=first, seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12)
+    if 'seconds' in reference:
+      row['of_reference'] = reference['seconds'] / seconds
+  except Exception as e:
+    row['error'] = _error(e)
+  return row
 
 
 def check_general_path(run: Run, n: int, tilings: dict):

@@ -253,6 +253,18 @@ def _fast_kernel(a_ref, b_ref, o_ref, *probe_ref, num_chunks, chunk, schedule, f
   o_ref[...] = fold(total, part)
 
 
+def mosaic_in_range(a_bf16: jax.Array, b_bf16: jax.Array, *, tiling: Tiling,
+                    acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64) -> jax.Array:
+  """The Mosaic 'fast' kernel alone, as `chunked_matmul` runs it when the range check passes,
+  on bf16 operands already padded to the tiling's blocks: the kernel's own rate, without
+  chunked_matmul's cast to bf16, range check and branch (bench_lowprec's 'kernel only' rows;
+  experiments/profile_lowprec_kernel.py)."""
+  *_, fold = _rounded_ops(True, False, FP32, get_format(acc_fmt))
+  return kernel_mosaic.fast_matmul(a_bf16, b_bf16, block_m=tiling.block_m,
+                                   block_n=tiling.block_n, stages=tiling.num_stages,
+                                   schedule=tiling.schedule, chunk=chunk_size, fold=fold)
+
+
 def _pad_to(x, multiples):
   return jnp.pad(x, [(0, -d % m) for d, m in zip(x.shape, multiples)])
 
@@ -283,8 +295,11 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   t = tiling or default_tiling(mode, m, n, chunk)
   mosaic = mode == 'fast' and t.backend == 'mosaic'
   k_multiple = chunk * (2 if mosaic and t.schedule == 'pairs' else 1)
-  a = _pad_to(a_MxK.astype(jnp.float32), (t.block_m, k_multiple))
-  b = _pad_to(b_KxN.astype(jnp.float32), (k_multiple, t.block_n))
+  # 'fast' reads bf16 operands (exact for its operand formats, checked below): cast first,
+  # so that the range check reads the bf16 copy (one pass over the float32 operands).
+  dtype = jnp.bfloat16 if mode == 'fast' else jnp.float32
+  a = _pad_to(a_MxK.astype(dtype), (t.block_m, k_multiple))
+  b = _pad_to(b_KxN.astype(dtype), (k_multiple, t.block_n))
   mp, kp = a.shape
   np_ = b.shape[1]
   grid = (mp // t.block_m, np_ // t.block_n)
@@ -339,9 +354,8 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
       if mosaic:
         *_, fold = _rounded_ops(in_range, False, FP32, acc_fmt)
         return kernel_mosaic.fast_matmul(
-            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), block_m=t.block_m,
-            block_n=t.block_n, stages=t.num_stages, schedule=t.schedule, chunk=chunk, fold=fold,
-            interpret=interpret)
+            a, b, block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
+            schedule=t.schedule, chunk=chunk, fold=fold, interpret=interpret)
       *_, fold = _rounded_ops(in_range, ptx, FP32, acc_fmt)
       kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
                                  schedule=t.schedule, fold=fold)
@@ -350,7 +364,7 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
           in_specs=[pl.BlockSpec((t.block_m, kp), lambda i, j: (i, 0)),
                     pl.BlockSpec((kp, t.block_n), lambda i, j: (0, j))],
           out_specs=out_specs,
-          **params)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))[0]
+          **params)(a, b)[0]
 
   if on_subnormal_grid(operand_fmt, mul_fmt, acc_fmt):
     out = lax.cond(range_ok(a, b, k, mul_fmt, acc_fmt), lambda: call(True), lambda: call(False))

@@ -114,5 +114,5 @@ def on_subnormal_grid(operand_fmt: FloatFormat, mul_fmt: FloatFormat, acc_fmt: F
 def range_ok(a, b, k, mul_fmt, acc_fmt):
   """Runtime check: |products| and every partial sum stay below half of the largest
   finite values (sum of |a_i b_i| <= max|a| max|b| K; rounding adds less than 2x)."""
-  bound = jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(b))
+  bound = jnp.max(jnp.abs(a)).astype(jnp.float32) * jnp.max(jnp.abs(b)).astype(jnp.float32)
   return (bound * k <= acc_fmt.max / 2) & (bound <= mul_fmt.max / 2)
