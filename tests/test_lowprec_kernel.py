@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -67,6 +68,12 @@ def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule)
                                acc_fmt=acc, chunk_size=16, mode='fast')
   assert got.shape == (20, 12)
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+  if schedule == 'pairs':   # in range: the kernel alone (bench_lowprec's '_kernel_only') agrees
+    pad = lambda x, multiples: Kn._pad_to(x.astype(jnp.bfloat16), multiples)
+    alone = Kn.mosaic_in_range(pad(a, (64, 32)), pad(b, (32, 16)), tiling=tiling, acc_fmt=acc,
+                               chunk_size=16, interpret=True)
+    np.testing.assert_array_equal(np.asarray(alone[:20, :12]).view(np.uint32),
+                                  np.asarray(want).view(np.uint32))
 
 
 def test_mosaic_tile_order_covers_every_tile_once():

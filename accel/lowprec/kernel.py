@@ -254,7 +254,8 @@ def _fast_kernel(a_ref, b_ref, o_ref, *probe_ref, num_chunks, chunk, schedule, f
 
 
 def mosaic_in_range(a_bf16: jax.Array, b_bf16: jax.Array, *, tiling: Tiling,
-                    acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64) -> jax.Array:
+                    acc_fmt: FloatFormat = FloatFormat(6, 9), chunk_size: int = 64,
+                    interpret: bool = False) -> jax.Array:
   """The Mosaic 'fast' kernel alone, as `chunked_matmul` runs it when the range check passes,
   on bf16 operands already padded to the tiling's blocks: the kernel's own rate, without
   chunked_matmul's cast to bf16, range check and branch (bench_lowprec's 'kernel only' rows;
@@ -262,7 +263,8 @@ def mosaic_in_range(a_bf16: jax.Array, b_bf16: jax.Array, *, tiling: Tiling,
   *_, fold = _rounded_ops(True, False, FP32, get_format(acc_fmt))
   return kernel_mosaic.fast_matmul(a_bf16, b_bf16, block_m=tiling.block_m,
                                    block_n=tiling.block_n, stages=tiling.num_stages,
-                                   schedule=tiling.schedule, chunk=chunk_size, fold=fold)
+                                   schedule=tiling.schedule, chunk=chunk_size, fold=fold,
+                                   interpret=interpret)
 
 
 def _pad_to(x, multiples):
