@@ -94,7 +94,9 @@ TILINGS = {
     'fast': (
         T(128, 128, num_warps=8, num_stages=3, schedule='pairs'),    # kernel.DEFAULT_TILING
         T(128, 128, num_warps=8, num_stages=3, schedule='pairs', backend='mosaic'),
+        T(128, 128, num_warps=8, num_stages=3, schedule='carried', backend='mosaic'),
         T(128, 128, num_warps=8, num_stages=4, schedule='serial', backend='mosaic'),
+        T(128, 128, num_warps=8, num_stages=2, schedule='carried', backend='mosaic'),
         T(128, 128, num_warps=8, num_stages=2, schedule='pairs', backend='mosaic'),
         T(128, 64, num_warps=8, num_stages=4, schedule='pairs', backend='mosaic'),
         T(192, 128, num_warps=12, num_stages=4, schedule='serial', backend='mosaic'),
@@ -129,7 +131,7 @@ def tiling_name(mode: str, t: kernel.Tiling) -> str:
   if mode == 'exact':
     name += f'n{t.threads_n}u{t.unroll}'
   else:
-    name += f's{t.num_stages}' + {'serial': '', 'pairs': 'o', 'fence': 'f'}[t.schedule]
+    name += f's{t.num_stages}' + {'serial': '', 'pairs': 'o', 'fence': 'f', 'carried': 'c'}[t.schedule]
   return name + ('' if t.ptx else '_nopx') + ('_mgpu' if t.backend == 'mosaic' else '')
 
 

@@ -55,7 +55,8 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
 
 
-@pytest.mark.parametrize('acc,spread,schedule', [(F.E6M9, 3, 'pairs'), (F.FP16, 6, 'serial')])
+@pytest.mark.parametrize('acc,spread,schedule', [(F.E6M9, 3, 'pairs'), (F.FP16, 6, 'serial'),
+                                                  (F.E6M9, 3, 'carried')])
 def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule):
   """The Mosaic GPU 'fast' kernel (Mosaic's own interpreter) on 3 chunks, in range (e6m9;
   'pairs' pads K to 4 chunks) and on the general rounding path (fp16, spread 6)."""

@@ -296,7 +296,7 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
   chunk = max(1, min(chunk_size, k))
   t = tiling or default_tiling(mode, m, n, chunk)
   mosaic = mode == 'fast' and t.backend == 'mosaic'
-  k_multiple = chunk * (2 if mosaic and t.schedule == 'pairs' else 1)
+  k_multiple = chunk * (kernel_mosaic.chunks_per_step(t.schedule) if mosaic else 1)
   # 'fast' reads bf16 operands (exact for its operand formats, checked below): cast first,
   # so that the range check reads the bf16 copy (one pass over the float32 operands).
   dtype = jnp.bfloat16 if mode == 'fast' else jnp.float32
@@ -343,8 +343,9 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
     if mosaic and t.num_warps != 4 * (t.block_m // kernel_mosaic.WG_ROWS):
       raise ValueError(f'{t}: the Mosaic kernel runs 4 warps per {kernel_mosaic.WG_ROWS} rows '
                        f'of block_m')
-    if t.schedule not in SCHEDULES:
-      raise ValueError(f'schedule must be one of {SCHEDULES}, got {t.schedule!r}')
+    schedules = kernel_mosaic.SCHEDULES if mosaic else SCHEDULES
+    if t.schedule not in schedules:
+      raise ValueError(f'schedule must be one of {schedules}, got {t.schedule!r}')
     out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.float32)]
     out_specs = [pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j))]
     if t.schedule == 'fence':

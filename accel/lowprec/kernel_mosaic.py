@@ -15,8 +15,17 @@ issues both chunks' wgmmas into fresh accumulators, waits for the first only
 
 No wgmma is in flight across loop iterations: with the second accumulator carried to the
 next step, ptxas serialized every wgmma of the kernel (its message C7514, seen on the H200).
-'serial' waits for each chunk's wgmma before rounding it. Either way the compute
-warpgroups of a CTA can overlap each other. The chunk sums are the matrix units' float32
+'serial' waits for each chunk's wgmma before rounding it. 'carried' (two chunks a step)
+rounds every chunk while the next one's wgmma runs, carrying the last chunk's sum, as
+values, from one step to the next; each wgmma is still waited for within its step:
+
+  issue(acc_0, c);      total = fold(total, pending);  pending = wait(acc_0)
+  issue(acc_1, c + 1);  total = fold(total, pending);  pending = wait(acc_1)
+
+(the first step folds a pending sum of zeros, which leaves the total unchanged; the last
+chunk is folded after the loop). In 'pairs' the second chunk's rounding has no wgmma of its
+warpgroup to hide behind. Whichever the schedule, the compute warpgroups of a CTA can
+overlap each other. The chunk sums are the matrix units' float32
 sums of bf16 products, as in the Triton kernel, so the results agree with it and with the
 JAX path bit for bit wherever a chunk's sum is exact in float32.
 
@@ -41,6 +50,12 @@ from jax.experimental import pallas as pl
 WG_ROWS = 64        # rows of C per compute warpgroup: the wgmma M
 EPILOGUE_N = 64     # columns of C per shared-memory copy of the result
 GROUP_M = 8         # rows of tiles per group in the CTAs' order (`_grouped`)
+SCHEDULES = ('serial', 'pairs', 'carried')
+
+
+def chunks_per_step(schedule: str) -> int:
+  """Chunks a pipeline step of `schedule` holds (K is padded to a multiple of them)."""
+  return 1 if schedule == 'serial' else 2
 
 
 def _swizzled(minor_elems: int, dtype):
@@ -79,9 +94,10 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
   if block_m % WG_ROWS or (block_n > EPILOGUE_N and block_n % EPILOGUE_N):
     raise ValueError(f'block_m must be a multiple of {WG_ROWS}, block_n at most {EPILOGUE_N} '
                      f'or a multiple of it; got {block_m} x {block_n}')
-  if schedule not in ('serial', 'pairs'):
-    raise ValueError(f"the Mosaic kernel's schedule is 'serial' or 'pairs', got {schedule!r}")
-  per_step = 2 if schedule == 'pairs' else 1
+  if schedule not in SCHEDULES:
+    raise ValueError(f"the Mosaic kernel's schedule is one of {SCHEDULES}, got {schedule!r}")
+  per_step = chunks_per_step(schedule)
+  carried = schedule == 'carried'
   if m % block_m or n % block_n or k % (chunk * per_step):
     raise ValueError(f'shape {(m, k, n)} not padded to {(block_m, chunk * per_step, block_n)}')
   wgs = block_m // WG_ROWS
@@ -118,12 +134,19 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
       acc_type = plgpu.ACC((WG_ROWS, block_n), jnp.float32)
 
       def body(_, *refs):
-        a_refs, b_refs, total = refs[:per_step], refs[per_step:-1], refs[-1]
+        a_refs, b_refs, carry = refs[:per_step], refs[per_step:-1], refs[-1]
 
         def chunk_sums(*accs):                       # fresh accumulators hold zeros
+          if carried:                                # carry: (total, the last chunk's sum)
+            folded, pending = carry
+            for acc, a_smem, b_smem in zip(accs, a_refs, b_refs):
+              plgpu.wgmma(acc, a_smem.at[wg_rows], b_smem)
+              folded = fold(folded, pending)         # the chunk before, while this one runs
+              pending = plgpu.wgmma_accumulator_load(acc, wait_n=0)
+            return folded, pending
           for acc, a_smem, b_smem in zip(accs, a_refs, b_refs):
             plgpu.wgmma(acc, a_smem.at[wg_rows], b_smem)
-          folded = total
+          folded = carry
           for i, acc in enumerate(accs):             # chunk i is rounded while i + 1 runs
             folded = fold(folded, plgpu.wgmma_accumulator_load(acc, wait_n=per_step - 1 - i))
           return folded
@@ -138,7 +161,13 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
               out_smem.at[wg], o_gmem.at[rows, cols].at[wg_rows, pl.ds(j * epi_n, epi_n)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      context = lambda run: write_out(run(jnp.zeros((WG_ROWS, block_n), jnp.float32)))
+      def context(run):
+        zeros = jnp.zeros((WG_ROWS, block_n), jnp.float32)
+        if carried:   # folding a first chunk sum of zeros leaves the zero total as it is
+          total, pending = run((zeros, zeros))
+          write_out(fold(total, pending))
+        else:
+          write_out(run(zeros))
       pipeline(body, context)(*[a_gmem.at[rows]] * per_step, *[b_gmem.at[:, cols]] * per_step,
                               allocations=allocs)
 
