@@ -25,18 +25,20 @@ values, from one step to the next; each wgmma is still waited for within its ste
 (the first step folds a pending sum of zeros, which leaves the total unchanged; the last
 chunk is folded after the loop). In 'pairs' the second chunk's rounding has no wgmma of its
 warpgroup to hide behind. Whichever the schedule, the compute warpgroups of a CTA can
-overlap each other. The chunk sums are the matrix units' float32
+overlap each other. On one H200, 'carried' ran as fast as 'pairs', not faster: the kernel
+alone 54.1% against 53.9% of native bf16 at 4096 (results/bench_lowprec_gpu_carried.md).
+A profile of 'pairs' (results/bench_lowprec_gpu_ncu.md) has the tensor pipe active 33% of
+the cycles and the issue slots 68%; its SASS has the minimum 7 float32 instructions per
+output and chunk. The chunk sums are the matrix units' float32
 sums of bf16 products, as in the Triton kernel, so the results agree with it and with the
 JAX path bit for bit wherever a chunk's sum is exact in float32.
 
-Measured on one H200 (results/bench_lowprec_gpu_mosaic.md): 'pairs' 128 x 128, 3 stages,
-43.6% / 41.0% of native bf16 at n = 4096 / 8192 (the Triton kernel 39.3% / 35.1% in the
-same run). An estimate from instruction counts, not a profile: per chunk a warp rounds 64
-outputs with 7 float32 instructions each (the 'serial' kernel's PTX: 128 fma and 256 sub
-per chunk), and the two warpgroups put two warps on each SM sub-partition: ~1000 issue
-cycles per chunk against ~550 of matrix work for the tile at the bf16 peak. The measured
-time, ~2100 cycles per chunk at n = 4096 at the 1.98 GHz maximum clock, is about twice
-that; I did not find why (no SASS profile was taken).
+Measured on one H200 (results/bench_lowprec_gpu_kernel_only.md): 'pairs' 128 x 128, 3
+stages, the op 45.6% / 42.9% of native bf16 at n = 4096 / 8192, the kernel alone 53.1% /
+45.6% (the Triton kernel 40.3% / 36.4% in the same run). Per chunk a warp rounds 64 outputs
+with 7 float32 instructions each, and the two warpgroups put two warps on each SM
+sub-partition: ~900 issue cycles per chunk against ~690 of matrix work for the tile. The
+kernel takes about their sum, as if the rounding and the matrix units did not overlap.
 """
 from __future__ import annotations
 
