@@ -75,7 +75,8 @@ class Tiling:
   schedule: str = 'pairs'    # fast: 'serial' | 'pairs' | 'fence' (module docstring)
   ptx: bool = True           # the in-range rounding as explicit fma.rn / sub.rn
   backend: str = 'triton'    # fast: 'triton' | 'mosaic' (kernel_mosaic.py: Hopper only;
-                             # block_m / 64 compute warpgroups, schedule 'serial' | 'pairs')
+                             # block_m / 64 compute warpgroups, schedule 'serial' | 'pairs' |
+                             # 'carried')
 
 
 # The best bit-identical tiling of each mode in bench_lowprec's sweep on one H200
