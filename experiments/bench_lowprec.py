@@ -126,12 +126,15 @@ TILINGS = {
 SWEPT = {'exact': 3, 'fast': 5}
 
 
+SCHEDULE_SUFFIX = {'serial': '', 'pairs': 'o', 'fence': 'f', 'carried': 'c'}
+
+
 def tiling_name(mode: str, t: kernel.Tiling) -> str:
   name = f'pallas_{mode}_{t.block_m}x{t.block_n}w{t.num_warps}'
   if mode == 'exact':
     name += f'n{t.threads_n}u{t.unroll}'
   else:
-    name += f's{t.num_stages}' + {'serial': '', 'pairs': 'o', 'fence': 'f', 'carried': 'c'}[t.schedule]
+    name += f's{t.num_stages}' + SCHEDULE_SUFFIX[t.schedule]
   return name + ('' if t.ptx else '_nopx') + ('_mgpu' if t.backend == 'mosaic' else '')
 
 

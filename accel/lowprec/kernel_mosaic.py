@@ -29,9 +29,11 @@ overlap each other. On one H200, 'carried' ran as fast as 'pairs', not faster: t
 alone 54.1% against 53.9% of native bf16 at 4096 (results/bench_lowprec_gpu_carried.md).
 A profile of 'pairs' (results/bench_lowprec_gpu_ncu.md) has the tensor pipe active 33% of
 the cycles and the issue slots 68%; its SASS has the minimum 7 float32 instructions per
-output and chunk. The chunk sums are the matrix units' float32
-sums of bf16 products, as in the Triton kernel, so the results agree with it and with the
-JAX path bit for bit wherever a chunk's sum is exact in float32.
+output and chunk.
+
+The chunk sums are the matrix units' float32 sums of bf16 products, as in the Triton
+kernel, so the results agree with it and with the JAX path bit for bit wherever a chunk's
+sum is exact in float32.
 
 Measured on one H200 (results/bench_lowprec_gpu_kernel_only.md): 'pairs' 128 x 128, 3
 stages, the op 45.6% / 42.9% of native bf16 at n = 4096 / 8192, the kernel alone 53.1% /
