@@ -192,6 +192,17 @@ def _timed(fn, a, b, iters):
   return out, first, benchmarking.time_calls(fn, lambda: (a, b), iters, warmup=1)
 
 
+def _timed_row(row: dict, fn, a, b, iters: int, reference: dict):
+  """Times fn(a, b) into row (first call, seconds, TFLOP/s of the n^3 product, fraction of
+  the reference row's rate); returns its output."""
+  n = a.shape[0]
+  out, first, seconds = _timed(fn, a, b, iters)
+  row.update(first_call_s=first, seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12)
+  if 'seconds' in reference:
+    row['of_reference'] = reference['seconds'] / seconds
+  return out
+
+
 class Run:
   """Rows of results, written out after each one (OUT/NAME_{cpu,gpu}.json and .md)."""
 
@@ -252,11 +263,8 @@ def bench_size(run: Run, n: int, tilings: dict, iters: int, slow_iters: int):
              'tiling': dataclasses.asdict(t)}
       try:
         fn = pallas(mode, t, run.interpret)
-        out, first, seconds = _timed(fn, a, b, slow_iters if mode == 'exact' or run.interpret
-                                     else iters)
-        row.update(first_call_s=first, seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12)
-        if 'seconds' in reference:
-          row['of_reference'] = reference['seconds'] / seconds
+        out = _timed_row(row, fn, a, b, slow_iters if mode == 'exact' or run.interpret
+                         else iters, reference)
         if limit:
           row['of_limit'] = row['tflops'] * 1e12 / limit
         if f'jax_{mode}' in ref_out:
@@ -285,10 +293,7 @@ def kernel_only_row(n: int, t: kernel.Tiling, a, b, reference: dict, iters: int)
   try:
     fn = jax.jit(functools.partial(kernel.mosaic_in_range, tiling=t, acc_fmt=ACC,
                                    chunk_size=CHUNK))
-    _, first, seconds = _timed(fn, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), iters)
-    row.update(first_call_s=first, seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12)
-    if 'seconds' in reference:
-      row['of_reference'] = reference['seconds'] / seconds
+    _timed_row(row, fn, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), iters, reference)
   except Exception as e:
     row['error'] = _error(e)
   return row

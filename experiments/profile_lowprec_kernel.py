@@ -27,6 +27,10 @@ def main(argv=None):
   p.add_argument('--n', type=int, default=4096, help='M = N = K')
   p.add_argument('--calls', type=int, default=3)
   args = p.parse_args(argv)
+  t = kernel.HOPPER_FAST_TILING
+  multiple = max(t.block_m, t.block_n, 2 * 64)   # its blocks; two chunks of 64 a step
+  if args.n < multiple or args.n % multiple:
+    p.error(f'--n must be a positive multiple of {multiple}, got {args.n}')
   ka, kb = jax.random.split(jax.random.key(0))
   a, b = (formats.quantize(jax.random.normal(k, (args.n, args.n)), formats.E5M2)
           .astype(jnp.bfloat16) for k in (ka, kb))

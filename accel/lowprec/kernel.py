@@ -261,11 +261,17 @@ def mosaic_in_range(a_bf16: jax.Array, b_bf16: jax.Array, *, tiling: Tiling,
   on bf16 operands already padded to the tiling's blocks: the kernel's own rate, without
   chunked_matmul's cast to bf16, range check and branch (bench_lowprec's 'kernel only' rows;
   experiments/profile_lowprec_kernel.py)."""
-  *_, fold = _rounded_ops(True, False, FP32, get_format(acc_fmt))
-  return kernel_mosaic.fast_matmul(a_bf16, b_bf16, block_m=tiling.block_m,
-                                   block_n=tiling.block_n, stages=tiling.num_stages,
-                                   schedule=tiling.schedule, chunk=chunk_size, fold=fold,
-                                   interpret=interpret)
+  return _mosaic(a_bf16, b_bf16, tiling, get_format(acc_fmt), chunk_size, True, interpret)
+
+
+def _mosaic(a_bf16, b_bf16, t: Tiling, acc_fmt: FloatFormat, chunk: int, in_range: bool,
+            interpret: bool) -> jax.Array:
+  """kernel_mosaic.fast_matmul with tiling t and the fold of acc_fmt (in_range: the
+  Veltkamp rounding, else the integer one)."""
+  *_, fold = _rounded_ops(in_range, False, FP32, acc_fmt)
+  return kernel_mosaic.fast_matmul(a_bf16, b_bf16, block_m=t.block_m, block_n=t.block_n,
+                                   stages=t.num_stages, schedule=t.schedule, chunk=chunk,
+                                   fold=fold, interpret=interpret)
 
 
 def _pad_to(x, multiples):
@@ -344,9 +350,8 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
     if mosaic and t.num_warps != 4 * (t.block_m // kernel_mosaic.WG_ROWS):
       raise ValueError(f'{t}: the Mosaic kernel runs 4 warps per {kernel_mosaic.WG_ROWS} rows '
                        f'of block_m')
-    schedules = kernel_mosaic.SCHEDULES if mosaic else SCHEDULES
-    if t.schedule not in schedules:
-      raise ValueError(f'schedule must be one of {schedules}, got {t.schedule!r}')
+    if not mosaic and t.schedule not in SCHEDULES:   # kernel_mosaic checks its own
+      raise ValueError(f'schedule must be one of {SCHEDULES}, got {t.schedule!r}')
     out_shape = [jax.ShapeDtypeStruct((mp, np_), jnp.float32)]
     out_specs = [pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j))]
     if t.schedule == 'fence':
@@ -356,10 +361,7 @@ def chunked_matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, mul_fmt: FloatFormat =
 
     def call(in_range):
       if mosaic:
-        *_, fold = _rounded_ops(in_range, False, FP32, acc_fmt)
-        return kernel_mosaic.fast_matmul(
-            a, b, block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
-            schedule=t.schedule, chunk=chunk, fold=fold, interpret=interpret)
+        return _mosaic(a, b, t, acc_fmt, chunk, in_range, interpret)
       *_, fold = _rounded_ops(in_range, ptx, FP32, acc_fmt)
       kernel = functools.partial(_fast_kernel, num_chunks=kp // chunk, chunk=chunk,
                                  schedule=t.schedule, fold=fold)
