@@ -143,3 +143,23 @@ def test_default_fast_tiling_is_mosaic_on_hopper_for_full_blocks(monkeypatch):
   assert Kn.default_tiling('fast', 4096, 576, chunk=16).backend == 'triton'   # K = 16
   monkeypatch.setattr(Kn, 'on_hopper', lambda: False)
   assert Kn.default_tiling('fast', 4096, 4096).backend == 'triton'
+
+
+def test_profile_summary_ranks_where_no_warp_issued():
+  """profile_lowprec_kernel --summarize on a hand-written ncu source-page CSV: opcode shares
+  of the executed instructions and the instruction with the most not-issued samples first."""
+  from experiments import profile_lowprec_kernel as prof
+  header = ['Address', 'Source', prof.ALL_SAMPLES, prof.IDLE_SAMPLES, prof.EXECUTED,
+            'stall_barrier (Not Issued)', 'stall_long_sb (Not Issued)']
+  rows = [['0x0', '  FFMA R1, R2, 16384, R2', '50', '0', '3,000', '0', '0'],
+          ['0x10', '  WARPGROUP.DEPBAR.LE gsb0, 0x1', '40', '30', '500', '30', '0'],
+          ['0x20', '  @!P1  BRA 0x7f00', '20', '10', '500', '0', '10']]
+  lines = ['"Kernel Name","k",'] + [','.join(f'"{c}"' for c in r) for r in [header] + rows]
+  text = prof.summarize(lines)
+  assert '4,000 warp instructions executed, 40 not-issued samples' in text
+  assert '| FFMA | 75.0% | 0.0% |' in text
+  sites = [line for line in text.splitlines() if line.startswith('| 1 ') or line.startswith('| 2 ')]
+  assert sites[0].startswith('| 1 | `WARPGROUP.DEPBAR.LE gsb0, 0x1` | 500 | 75.0% | barrier 100%')
+  assert sites[1].startswith('| 2 | `@!P1  BRA 0x7f00` | 500 | 25.0% | long_sb 100%')
+  with pytest.raises(ValueError, match='SourceCounters'):
+    prof.summarize([','.join(h for h in header if h != prof.IDLE_SAMPLES)])
