@@ -42,7 +42,9 @@ with 7 float32 instructions each, and the two warpgroups put two warps on each S
 sub-partition: ~900 issue cycles per chunk, against ~740 of matrix work for the tile at the
 rate native bf16 reaches at 8192 (~550 at the bf16 peak). The kernel alone takes ~1760
 cycles per chunk at 4096 (1.98 GHz), about their sum: as if the rounding and the matrix
-units did not overlap.
+units did not overlap. Where the warps wait, instruction by instruction, is in
+results/bench_lowprec_gpu_ncu_source.md: in the SASS of 'carried', ptxas spreads a chunk's
+rounding between the HGMMAs of the next chunk and issues the last one just before its wait.
 """
 from __future__ import annotations
 
