@@ -97,6 +97,11 @@ TILINGS = {
         T(128, 128, num_warps=8, num_stages=3, schedule='carried', backend='mosaic'),
         T(128, 128, num_warps=8, num_stages=4, schedule='serial', backend='mosaic'),
         T(128, 128, num_warps=8, num_stages=2, schedule='carried', backend='mosaic'),
+        # Persistent grids (kernel_mosaic.fast_matmul): not timed on a GPU yet.
+        T(128, 128, num_warps=8, num_stages=3, schedule='pairs', backend='mosaic',
+          persistent=True),
+        T(128, 128, num_warps=8, num_stages=2, schedule='carried', backend='mosaic',
+          persistent=True),
         T(128, 128, num_warps=8, num_stages=2, schedule='pairs', backend='mosaic'),
         T(128, 64, num_warps=8, num_stages=4, schedule='pairs', backend='mosaic'),
         T(192, 128, num_warps=12, num_stages=4, schedule='serial', backend='mosaic'),
@@ -135,7 +140,8 @@ def tiling_name(mode: str, t: kernel.Tiling) -> str:
     name += f'n{t.threads_n}u{t.unroll}'
   else:
     name += f's{t.num_stages}' + SCHEDULE_SUFFIX[t.schedule]
-  return name + ('' if t.ptx else '_nopx') + ('_mgpu' if t.backend == 'mosaic' else '')
+  return (name + ('' if t.ptx else '_nopx') + ('_mgpu' if t.backend == 'mosaic' else '')
+          + ('_persistent' if t.persistent else ''))
 
 
 def analytic_limit(mode: str, device: str) -> float | None:

@@ -55,19 +55,23 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
 
 
-@pytest.mark.parametrize('acc,spread,schedule', [(F.E6M9, 3, 'pairs'), (F.FP16, 6, 'serial'),
-                                                  (F.E6M9, 3, 'carried')])
-def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule):
+@pytest.mark.parametrize('acc,spread,schedule,persistent', [
+    (F.E6M9, 3, 'pairs', False), (F.FP16, 6, 'serial', False), (F.E6M9, 3, 'carried', False),
+    (F.E6M9, 3, 'carried', True)])
+def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule, persistent):
   """The Mosaic GPU 'fast' kernel (Mosaic's own interpreter) on 3 chunks, in range (e6m9;
-  'pairs' pads K to 4 chunks) and on the general rounding path (fp16, spread 6)."""
+  'pairs' pads K to 4 chunks) and on the general rounding path (fp16, spread 6); persistent:
+  2 x 3 tiles of C shared by the interpreter's 2 CTAs."""
   rng = np.random.default_rng(spread)
-  a, b = _operands(rng, (20, 40), E5, spread), _operands(rng, (40, 12), E5, spread)
-  tiling = Kn.Tiling(block_m=64, block_n=16, num_warps=4, schedule=schedule, backend='mosaic')
+  m, n = (100, 40) if persistent else (20, 12)
+  a, b = _operands(rng, (m, 40), E5, spread), _operands(rng, (40, n), E5, spread)
+  tiling = Kn.Tiling(block_m=64, block_n=16, num_warps=4, schedule=schedule, backend='mosaic',
+                     persistent=persistent)
   got = Kn.chunked_matmul(a, b, acc_fmt=acc, chunk_size=16, mode='fast', operand_fmt=F.E5M2,
                           tiling=tiling, interpret=True)
   want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=F.E5M2,
                                acc_fmt=acc, chunk_size=16, mode='fast')
-  assert got.shape == (20, 12)
+  assert got.shape == (m, n)
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
   if schedule == 'pairs':   # in range: the kernel alone (bench_lowprec's '_kernel_only') agrees
     pad = lambda x, multiples: Kn._pad_to(x.astype(jnp.bfloat16), multiples)

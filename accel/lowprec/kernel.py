@@ -77,6 +77,7 @@ class Tiling:
   backend: str = 'triton'    # fast: 'triton' | 'mosaic' (kernel_mosaic.py: Hopper only;
                              # block_m / 64 compute warpgroups, schedule 'serial' | 'pairs' |
                              # 'carried')
+  persistent: bool = False   # mosaic: one CTA per multiprocessor looping over the tiles
 
 
 # The best bit-identical tiling of each mode in bench_lowprec's sweep on one H200
@@ -271,7 +272,7 @@ def _mosaic(a_bf16, b_bf16, t: Tiling, acc_fmt: FloatFormat, chunk: int, in_rang
   *_, fold = _rounded_ops(in_range, False, FP32, acc_fmt)
   return kernel_mosaic.fast_matmul(a_bf16, b_bf16, block_m=t.block_m, block_n=t.block_n,
                                    stages=t.num_stages, schedule=t.schedule, chunk=chunk,
-                                   fold=fold, interpret=interpret)
+                                   fold=fold, persistent=t.persistent, interpret=interpret)
 
 
 def _pad_to(x, multiples):

@@ -45,6 +45,11 @@ cycles per chunk at 4096 (1.98 GHz), about their sum: as if the rounding and the
 units did not overlap. Where the warps wait, instruction by instruction, is in
 results/bench_lowprec_gpu_ncu_source.md: in the SASS of 'carried', ptxas spreads a chunk's
 rounding between the HGMMAs of the next chunk and issues the last one just before its wait.
+The same profile puts a third of the cycles in which no warp issues at the epilogue's
+barriers and the waits for operands; `persistent=True` (one CTA per multiprocessor looping
+over the tiles) is meant for those. It agrees bit for bit with the JAX path in Mosaic's
+interpreter but has not been timed on a GPU yet: it is in bench_lowprec's tilings, not the
+default.
 """
 from __future__ import annotations
 
@@ -91,11 +96,27 @@ def _interpret_params():
   return InterpretGPUParams()
 
 
+H100_SMS = 132      # a persistent grid's CTAs when lowered on a host without the GPU
+
+
+def _num_sms(interpret: bool) -> int:
+  """The device's multiprocessors (a persistent grid's CTAs); 2 in Mosaic's interpreter."""
+  if interpret:
+    return 2
+  return getattr(jax.devices()[0], 'core_count', None) or H100_SMS
+
+
 def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, schedule: str,
-                chunk: int, fold, interpret: bool = False) -> jax.Array:
+                chunk: int, fold, persistent: bool = False,
+                interpret: bool = False) -> jax.Array:
   """C = A @ B (float32) from bf16 A (M x K) and B (K x N), M a multiple of block_m, N of
   block_n and K of chunk (of 2 chunks with 'pairs'): every chunk's float32 wgmma sum is
-  folded into the running total by `fold(total, chunk_sum)`."""
+  folded into the running total by `fold(total, chunk_sum)`.
+
+  persistent: one CTA per multiprocessor, each looping over its share of the tiles (in
+  `_grouped` order, `plgpu.nd_loop`), as Pallas' own Hopper matmul does; meant to let the
+  producer load a tile's first operands while the compute warpgroups still round the tile
+  before and write it out (module docstring); else one CTA per tile."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, k = a_bf16.shape
   n = b_bf16.shape[1]
@@ -124,19 +145,14 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
         wg_axis='wg', num_compute_wgs=wgs, max_concurrent_steps=stages,
         compute_context=context)
 
-  def kernel(a_gmem, b_gmem, o_gmem):
-    m_idx, n_idx = _grouped(lax.axis_index('tile'), m // block_m, n // block_n)
-    rows = pl.ds(m_idx * block_m, block_m)
-    cols = pl.ds(n_idx * block_n, block_n)
-    ignore = lambda *_, **__: None
+  m_tiles, n_tiles = m // block_m, n // block_n
+  ctas = min(_num_sms(interpret), m_tiles * n_tiles) if persistent else m_tiles * n_tiles
 
-    @functools.partial(
-        pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(*[a_gmem] * per_step, *[b_gmem] * per_step),
-        out_smem=plgpu.SMEM((wgs, WG_ROWS, epi_n), jnp.float32,
-                            transforms=_swizzled(epi_n, jnp.float32)),
-        collective_axes='wg')
-    def scope(allocs, out_smem):
+  def kernel(a_gmem, b_gmem, o_gmem):
+    def one_tile(tile, allocs, out_smem):
+      m_idx, n_idx = _grouped(tile, m_tiles, n_tiles)
+      rows = pl.ds(m_idx * block_m, block_m)
+      cols = pl.ds(n_idx * block_n, block_n)
       wg = lax.axis_index('wg')
       wg_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
       acc_type = plgpu.ACC((WG_ROWS, block_n), jnp.float32)
@@ -179,9 +195,24 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
       pipeline(body, context)(*[a_gmem.at[rows]] * per_step, *[b_gmem.at[:, cols]] * per_step,
                               allocations=allocs)
 
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(*[a_gmem] * per_step, *[b_gmem] * per_step),
+        out_smem=plgpu.SMEM((wgs, WG_ROWS, epi_n), jnp.float32,
+                            transforms=_swizzled(epi_n, jnp.float32)),
+        collective_axes='wg')
+    def scope(allocs, out_smem):
+      if persistent:
+        plgpu.nd_loop((m_tiles * n_tiles,), collective_axes='tile')(
+            lambda info: one_tile(info.index[0], allocs, out_smem))
+      else:
+        one_tile(lax.axis_index('tile'), allocs, out_smem)
+
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-      grid=((m // block_m) * (n // block_n),), grid_names=('tile',),
+      grid=(ctas,), grid_names=('tile',),
       num_threads=wgs + 1, thread_name='wg', interpret=_interpret_params() if interpret else None,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
