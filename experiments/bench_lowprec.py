@@ -44,7 +44,10 @@ second) and peak dense bf16 matrix rate P16 (H200 SXM: P32 = 66.9, P16 = 989 TFL
   raise it. The Triton kernel cannot overlap fully: Triton waits for every dot whose
   result the loop reads before the next iteration (the rules of its wgmma pipelining), so
   with two chunks per iteration one of the two dots runs alone (seen in Triton 3.9's
-  output; on a 128 x 128 tile about 256 of ~1300 cycles per chunk).
+  output; on a 128 x 128 tile about 256 of ~1300 cycles per chunk). In the Mosaic kernel
+  the rounding is 85% of the instructions issued, the other 15% mostly address and
+  descriptor arithmetic (results/bench_lowprec_gpu_ncu_source.md): with those, issuing
+  every cycle would reach ~0.85 * 612 = 520 TFLOP/s.
 Both parts write their files after every row (a call cut short keeps what it measured);
 each variant runs inside try/except, a failing one is reported.
 """
