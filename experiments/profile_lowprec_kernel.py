@@ -34,7 +34,6 @@ import dataclasses
 import gzip
 import sys
 
-ALL_SAMPLES = 'Warp Stall Sampling (All Samples)'
 IDLE_SAMPLES = 'Warp Stall Sampling (Not-issued Samples)'
 EXECUTED = 'Instructions Executed'
 
@@ -92,10 +91,9 @@ def run_kernel(n: int, calls: int, schedule: str, stages: int):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from accel.lowprec import formats, kernel  # pylint: disable=g-import-not-at-top
+  from experiments.bench_lowprec import normal_operands  # pylint: disable=g-import-not-at-top
   t = dataclasses.replace(kernel.HOPPER_FAST_TILING, schedule=schedule, num_stages=stages)
-  ka, kb = jax.random.split(jax.random.key(0))
-  a, b = (formats.quantize(jax.random.normal(k, (n, n)), formats.E5M2)
-          .astype(jnp.bfloat16) for k in (ka, kb))
+  a, b = (x.astype(jnp.bfloat16) for x in normal_operands(n))
   fn = jax.jit(lambda a, b: kernel.mosaic_in_range(a, b, tiling=t, acc_fmt=formats.E6M9,
                                                    chunk_size=64))
   for _ in range(calls):
@@ -122,11 +120,14 @@ def main(argv=None):
         text = summarize(f)
     except (OSError, ValueError) as e:
       p.exit(2, f'error: {args.summarize}: {e}\n')
-    if args.out:
+    if not args.out:
+      sys.stdout.write(text)
+      return
+    try:
       with open(args.out, 'w') as f:
         f.write(text)
-    else:
-      sys.stdout.write(text)
+    except OSError as e:
+      p.exit(2, f'error: --out {args.out}: {e}\n')
     return
   multiple = max(default.block_m, default.block_n,
                  64 * kernel_mosaic.chunks_per_step(args.schedule))

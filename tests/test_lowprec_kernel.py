@@ -153,8 +153,8 @@ def test_profile_summary_ranks_where_no_warp_issued():
   """profile_lowprec_kernel --summarize on a hand-written ncu source-page CSV: opcode shares
   of the executed instructions and the instruction with the most not-issued samples first."""
   from experiments import profile_lowprec_kernel as prof
-  header = ['Address', 'Source', prof.ALL_SAMPLES, prof.IDLE_SAMPLES, prof.EXECUTED,
-            'stall_barrier (Not Issued)', 'stall_long_sb (Not Issued)']
+  header = ['Address', 'Source', 'Warp Stall Sampling (All Samples)', prof.IDLE_SAMPLES,
+            prof.EXECUTED, 'stall_barrier (Not Issued)', 'stall_long_sb (Not Issued)']
   rows = [['0x0', '  FFMA R1, R2, 16384, R2', '50', '0', '3,000', '0', '0'],
           ['0x10', '  WARPGROUP.DEPBAR.LE gsb0, 0x1', '40', '30', '500', '30', '0'],
           ['0x20', '  @!P1  BRA 0x7f00', '20', '10', '500', '0', '10']]
