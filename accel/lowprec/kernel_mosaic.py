@@ -45,7 +45,7 @@ cycles per chunk at 4096 (1.98 GHz), about their sum: as if the rounding and the
 units did not overlap. Where the warps wait, instruction by instruction, is in
 results/bench_lowprec_gpu_ncu_source.md: in the SASS of 'carried', ptxas spreads a chunk's
 rounding between the HGMMAs of the next chunk and issues the last one just before its wait.
-The same profile puts a third of the cycles in which no warp issues at the epilogue's
+The same profile puts a third of its samples taken when no warp issued at the epilogue's
 barriers and the waits for operands; `persistent=True` (one CTA per multiprocessor looping
 over the tiles) is meant for those. It agrees bit for bit with the JAX path in Mosaic's
 interpreter but has not been timed on a GPU yet: it is in bench_lowprec's tilings, not the
