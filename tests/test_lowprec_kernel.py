@@ -57,16 +57,18 @@ def test_kernel_matches_jax_path_in_interpret_mode(mode, chunk, acc, spread, dty
 
 @pytest.mark.parametrize('acc,spread,schedule,persistent', [
     (F.E6M9, 3, 'pairs', False), (F.FP16, 6, 'serial', False), (F.E6M9, 3, 'carried', False),
-    (F.E6M9, 3, 'carried', True)])
+    (F.E6M9, 3, 'carried', True), (F.E6M9, 3, 'pingpong', True)])
 def test_mosaic_kernel_matches_jax_path_in_interpret_mode(acc, spread, schedule, persistent):
   """The Mosaic GPU 'fast' kernel (Mosaic's own interpreter) on 3 chunks, in range (e6m9;
   'pairs' pads K to 4 chunks) and on the general rounding path (fp16, spread 6); persistent:
-  2 x 2 tiles of C, 2 chunks each, shared by the interpreter's 2 CTAs."""
+  2 x 2 tiles of C, 2 chunks each, shared by the interpreter's 2 CTAs; 'pingpong' with its
+  two compute warpgroups taking turns (128-row blocks)."""
   rng = np.random.default_rng(spread)
-  m, k, n = (70, 20, 20) if persistent else (20, 40, 12)
+  block_m = 128 if schedule == 'pingpong' else 64
+  m, k, n = (block_m + 6, 20, 20) if persistent else (20, 40, 12)
   a, b = _operands(rng, (m, k), E5, spread), _operands(rng, (k, n), E5, spread)
-  tiling = Kn.Tiling(block_m=64, block_n=16, num_warps=4, schedule=schedule, backend='mosaic',
-                     persistent=persistent)
+  tiling = Kn.Tiling(block_m=block_m, block_n=16, num_warps=block_m // 16, schedule=schedule,
+                     backend='mosaic', persistent=persistent)
   got = Kn.chunked_matmul(a, b, acc_fmt=acc, chunk_size=16, mode='fast', operand_fmt=F.E5M2,
                           tiling=tiling, interpret=True)
   want = C.chunked_dot_general(a, b, (((1,), (0,)), ((), ())), operand_fmt=F.E5M2,

@@ -25,8 +25,15 @@ values, from one step to the next; each wgmma is still waited for within its ste
 (the first step folds a pending sum of zeros, which leaves the total unchanged; the last
 chunk is folded after the loop). In 'pairs' the second chunk's rounding has no wgmma of its
 warpgroup to hide behind. Whichever the schedule, the compute warpgroups of a CTA can
-overlap each other. On one H200, 'carried' ran as fast as 'pairs', not faster: the kernel
-alone 54.1% against 53.9% of native bf16 at 4096 (results/bench_lowprec_gpu_carried.md).
+overlap each other. 'pingpong' is 'pairs' with the two compute warpgroups of a 128-row
+block (else it is 'pairs') taking turns to issue their wgmmas, through two shared-memory
+barriers: warpgroup 1 issues a step's pair once warpgroup 0 has its first chunk sum, and
+warpgroup 0 the next step's once warpgroup 1 has its own, so that one warpgroup's rounding
+would run while the other's wgmmas do, instead of both waiting for the matrix units at once. On one H200, 'carried' ran as fast as 'pairs',
+not faster: the kernel alone 54.1% against 53.9% of native bf16 at 4096
+(results/bench_lowprec_gpu_carried.md); on one H100 'pingpong' lost to 'pairs' (45.9% /
+41.6% of native bf16 at 4096 / 8192 against 46.6% / 43.2%,
+results/bench_lowprec_gpu_persistent.md).
 A profile of 'pairs' (results/bench_lowprec_gpu_ncu.md) has the tensor pipe active 33% of
 the cycles and the issue slots 68%; its SASS has the minimum 7 float32 instructions per
 output and chunk.
@@ -47,9 +54,11 @@ results/bench_lowprec_gpu_ncu_source.md: in the SASS of 'carried', ptxas spreads
 rounding between the HGMMAs of the next chunk and issues the last one just before its wait.
 The same profile puts a third of its samples taken when no warp issued at the epilogue's
 barriers and the waits for operands; `persistent=True` (one CTA per multiprocessor looping
-over the tiles) is meant for those. It agrees bit for bit with the JAX path in Mosaic's
-interpreter but has not been timed on a GPU yet: it is in bench_lowprec's tilings, not the
-default.
+over the tiles) is meant for those. On one H100 (results/bench_lowprec_gpu_persistent.md,
+one run) it gained 1-2 points: 'pairs' 48.4% / 43.8% of native bf16 for the op at 4096 /
+8192 against 46.6% / 43.2% with a CTA per tile; 'carried', 2 stages, 48.6% / 44.5% (47.9% /
+44.4% per tile), the kernel alone 58.5% / 48.7%: the best of the run, and the Hopper
+default (kernel.HOPPER_FAST_TILING).
 """
 from __future__ import annotations
 
@@ -63,7 +72,7 @@ from jax.experimental import pallas as pl
 WG_ROWS = 64        # rows of C per compute warpgroup: the wgmma M
 EPILOGUE_N = 64     # columns of C per shared-memory copy of the result
 GROUP_M = 8         # rows of tiles per group in the CTAs' order (`_grouped`)
-SCHEDULES = ('serial', 'pairs', 'carried')
+SCHEDULES = ('serial', 'pairs', 'carried', 'pingpong')
 
 
 def chunks_per_step(schedule: str) -> int:
@@ -127,9 +136,10 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
     raise ValueError(f"the Mosaic kernel's schedule is one of {SCHEDULES}, got {schedule!r}")
   per_step = chunks_per_step(schedule)
   carried = schedule == 'carried'
+  wgs = block_m // WG_ROWS
+  ordered = schedule == 'pingpong' and wgs == 2
   if m % block_m or n % block_n or k % (chunk * per_step):
     raise ValueError(f'shape {(m, k, n)} not padded to {(block_m, chunk * per_step, block_n)}')
-  wgs = block_m // WG_ROWS
   steps = k // (chunk * per_step)
   epi_n = min(EPILOGUE_N, block_n)
 
@@ -149,7 +159,7 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
   ctas = min(_num_sms(interpret), m_tiles * n_tiles) if persistent else m_tiles * n_tiles
 
   def kernel(a_gmem, b_gmem, o_gmem):
-    def one_tile(tile, allocs, out_smem):
+    def one_tile(tile, allocs, out_smem, turns):
       m_idx, n_idx = _grouped(tile, m_tiles, n_tiles)
       rows = pl.ds(m_idx * block_m, block_m)
       cols = pl.ds(n_idx * block_n, block_n)
@@ -168,11 +178,16 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
               folded = fold(folded, pending)         # the chunk before, while this one runs
               pending = plgpu.wgmma_accumulator_load(acc, wait_n=0)
             return folded, pending
+          if ordered:                                # my turn to issue
+            plgpu.barrier_wait(turns.at[wg])
           for acc, a_smem, b_smem in zip(accs, a_refs, b_refs):
             plgpu.wgmma(acc, a_smem.at[wg_rows], b_smem)
           folded = carry
           for i, acc in enumerate(accs):             # chunk i is rounded while i + 1 runs
-            folded = fold(folded, plgpu.wgmma_accumulator_load(acc, wait_n=per_step - 1 - i))
+            chunk_sum = plgpu.wgmma_accumulator_load(acc, wait_n=per_step - 1 - i)
+            if ordered and i == 0:                   # the other warpgroup's turn
+              plgpu.barrier_arrive(turns.at[1 - wg])
+            folded = fold(folded, chunk_sum)
           return folded
         return pl.run_scoped(chunk_sums, *[acc_type] * per_step)
 
@@ -202,13 +217,18 @@ def fast_matmul(a_bf16, b_bf16, *, block_m: int, block_n: int, stages: int, sche
         allocs=pipeline(ignore, ignore).get_allocations(*[a_gmem] * per_step, *[b_gmem] * per_step),
         out_smem=plgpu.SMEM((wgs, WG_ROWS, epi_n), jnp.float32,
                             transforms=_swizzled(epi_n, jnp.float32)),
+        turns=plgpu.Barrier(num_arrivals=1, num_barriers=2),
         collective_axes='wg')
-    def scope(allocs, out_smem):
+    def scope(allocs, out_smem, turns):
+      if ordered:   # warpgroup 0 issues first
+        pl.when(lax.axis_index('wg') == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
       if persistent:
         plgpu.nd_loop((m_tiles * n_tiles,), collective_axes='tile')(
-            lambda info: one_tile(info.index[0], allocs, out_smem))
+            lambda info: one_tile(info.index[0], allocs, out_smem, turns))
       else:
-        one_tile(lax.axis_index('tile'), allocs, out_smem)
+        one_tile(lax.axis_index('tile'), allocs, out_smem, turns)
+      if ordered:   # warpgroup 1's last turn back
+        pl.when(lax.axis_index('wg') == 0)(lambda: plgpu.barrier_wait(turns.at[0]))
 
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
