@@ -76,7 +76,7 @@ class Tiling:
   ptx: bool = True           # the in-range rounding as explicit fma.rn / sub.rn
   backend: str = 'triton'    # fast: 'triton' | 'mosaic' (kernel_mosaic.py: Hopper only;
                              # block_m / 64 compute warpgroups, schedule 'serial' | 'pairs' |
-                             # 'carried')
+                             # 'carried' | 'pingpong')
   persistent: bool = False   # mosaic: one CTA per multiprocessor looping over the tiles
 
 
@@ -88,12 +88,14 @@ DEFAULT_TILING = {
     'exact': Tiling(64, 128, num_warps=4, num_stages=1, threads_n=16, unroll=8),
     'fast': Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs'),
 }
-# 'fast' on Hopper where C has at least a block of rows and columns: the Mosaic GPU kernel,
-# 43.6% / 41.0% of native bf16 at 4096 / 8192 on one H200 against the Triton kernel's
-# 39.3% / 35.1% in the same run (results/bench_lowprec_gpu_mosaic.md).
+# 'fast' on Hopper where C has at least a block of rows and columns: the Mosaic GPU kernel
+# (43.6% / 41.0% of native bf16 at 4096 / 8192 on one H200 against the Triton kernel's
+# 39.3% / 35.1% in the same run, results/bench_lowprec_gpu_mosaic.md), 'carried' on a
+# persistent grid: on one H100 48.6% / 44.5%, the best of the run, against 46.6% / 43.2%
+# for 'pairs', 3 stages, one CTA per tile (results/bench_lowprec_gpu_persistent.md).
 MOSAIC_CHUNK = 64    # the chunk length the Mosaic kernel was measured with
-HOPPER_FAST_TILING = Tiling(128, 128, num_warps=8, num_stages=3, schedule='pairs',
-                            backend='mosaic')
+HOPPER_FAST_TILING = Tiling(128, 128, num_warps=8, num_stages=2, schedule='carried',
+                            backend='mosaic', persistent=True)
 
 
 def on_hopper() -> bool:
