@@ -29,10 +29,10 @@ overlap each other. 'pingpong' is 'pairs' with the two compute warpgroups of a 1
 block (else it is 'pairs') taking turns to issue their wgmmas, through two shared-memory
 barriers: warpgroup 1 issues a step's pair once warpgroup 0 has its first chunk sum, and
 warpgroup 0 the next step's once warpgroup 1 has its own, so that one warpgroup's rounding
-would run while the other's wgmmas do, instead of both waiting for the matrix units at once. On one H200, 'carried' ran as fast as 'pairs',
-not faster: the kernel alone 54.1% against 53.9% of native bf16 at 4096
-(results/bench_lowprec_gpu_carried.md); on one H100 'pingpong' lost to 'pairs' (45.9% /
-41.6% of native bf16 at 4096 / 8192 against 46.6% / 43.2%,
+would run while the other's wgmmas do, instead of both waiting for the matrix units at once.
+On one H200, 'carried' ran as fast as 'pairs', not faster: the kernel alone 54.1% against
+53.9% of native bf16 at 4096 (results/bench_lowprec_gpu_carried.md); on one H100 'pingpong'
+lost to 'pairs' (45.9% / 41.6% of native bf16 at 4096 / 8192 against 46.6% / 43.2%,
 results/bench_lowprec_gpu_persistent.md).
 A profile of 'pairs' (results/bench_lowprec_gpu_ncu.md) has the tensor pipe active 33% of
 the cycles and the issue slots 68%; its SASS has the minimum 7 float32 instructions per
@@ -55,7 +55,7 @@ rounding between the HGMMAs of the next chunk and issues the last one just befor
 The same profile puts a third of its samples taken when no warp issued at the epilogue's
 barriers and the waits for operands; `persistent=True` (one CTA per multiprocessor looping
 over the tiles) is meant for those. On one H100 (results/bench_lowprec_gpu_persistent.md,
-one run) it gained 1-2 points: 'pairs' 48.4% / 43.8% of native bf16 for the op at 4096 /
+one run) it gained 0.1-1.8 points: 'pairs' 48.4% / 43.8% of native bf16 for the op at 4096 /
 8192 against 46.6% / 43.2% with a CTA per tile; 'carried', 2 stages, 48.6% / 44.5% (47.9% /
 44.4% per tile), the kernel alone 58.5% / 48.7%: the best of the run, and the Hopper
 default (kernel.HOPPER_FAST_TILING).
