@@ -2,7 +2,7 @@
 summary of the profiler's per-instruction table.
 
 Runs `kernel.mosaic_in_range` (the Mosaic GPU kernel of `kernel.HOPPER_FAST_TILING`, or of
-the --schedule / --stages given, with the in-range rounding, as `chunked_matmul` runs it
+the --schedule / --stages / --[no-]persistent given, with the in-range rounding, as `chunked_matmul` runs it
 when its range check passes) on n x n bf16 operands holding e5m2 values, `--calls` times.
 Under Nsight Compute, one launch:
 
@@ -87,18 +87,20 @@ def summarize(lines, top: int = 12) -> str:
   return '\n'.join(out) + '\n'
 
 
-def run_kernel(n: int, calls: int, schedule: str, stages: int):
+def run_kernel(n: int, calls: int, schedule: str, stages: int, persistent: bool):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from accel.lowprec import formats, kernel  # pylint: disable=g-import-not-at-top
   from experiments.bench_lowprec import normal_operands  # pylint: disable=g-import-not-at-top
-  t = dataclasses.replace(kernel.HOPPER_FAST_TILING, schedule=schedule, num_stages=stages)
+  t = dataclasses.replace(kernel.HOPPER_FAST_TILING, schedule=schedule, num_stages=stages,
+                          persistent=persistent)
   a, b = (x.astype(jnp.bfloat16) for x in normal_operands(n))
   fn = jax.jit(lambda a, b: kernel.mosaic_in_range(a, b, tiling=t, acc_fmt=formats.E6M9,
                                                    chunk_size=64))
   for _ in range(calls):
     jax.block_until_ready(fn(a, b))
-  print(f"{calls} calls of the kernel ('{schedule}', {stages} stages) at n = {n}")
+  grid = 'a persistent grid' if persistent else 'a CTA per tile'
+  print(f"{calls} calls of the kernel ('{schedule}', {stages} stages, {grid}) at n = {n}")
 
 
 def main(argv=None):
@@ -109,6 +111,9 @@ def main(argv=None):
   p.add_argument('--calls', type=int, default=3)
   p.add_argument('--schedule', choices=kernel_mosaic.SCHEDULES, default=default.schedule)
   p.add_argument('--stages', type=int, default=default.num_stages)
+  p.add_argument('--persistent', action=argparse.BooleanOptionalAction,
+                 default=default.persistent, help='one CTA per multiprocessor (--no-persistent: '
+                 'one per tile, as the committed profiles ran)')
   p.add_argument('--summarize', metavar='CSV', default='',
                  help="summarize ncu's source-page CSV (.csv or .csv.gz) instead of running")
   p.add_argument('--out', default='', help='with --summarize: write the markdown here')
@@ -135,7 +140,7 @@ def main(argv=None):
     p.error(f'--n must be a positive multiple of {multiple}, got {args.n}')
   if args.stages < 1:
     p.error(f'--stages must be at least 1, got {args.stages}')
-  run_kernel(args.n, args.calls, args.schedule, args.stages)
+  run_kernel(args.n, args.calls, args.schedule, args.stages, args.persistent)
 
 
 if __name__ == '__main__':
