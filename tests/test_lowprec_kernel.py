@@ -129,13 +129,20 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 
 @pytest.mark.parametrize('mode', ['exact', 'fast'])
 def test_kernels_lower_to_triton_for_gpu(mode):
-  """Cross-lowering on CPU runs the Pallas -> Triton (or Mosaic GPU) lowering of every
-  tiling the GPU benchmark sweeps and of the default one shrunk to a narrow problem (both
-  rounding paths, the PTX included), so unsupported operations show up here."""
+  """Cross-lowering on CPU runs the Pallas -> Triton (or Mosaic GPU) lowering of the
+  tilings the GPU benchmark sweeps by default, of one tiling per code path of the others
+  (backend, schedule, grid, PTX or not, warpgroups) and of the default one shrunk to a narrow problem
+  (both rounding paths, the PTX included), so unsupported operations show up here."""
   from experiments import bench_lowprec
   a = jax.ShapeDtypeStruct((256, 256), np.float32)
   narrow = jax.ShapeDtypeStruct((300, 64), np.float32), jax.ShapeDtypeStruct((64, 16), np.float32)
-  for tiling, operands in [(t, (a, a)) for t in bench_lowprec.TILINGS[mode]] + [(None, narrow)]:
+  tilings, paths = [], set()
+  for i, t in enumerate(bench_lowprec.TILINGS[mode]):
+    path = (t.backend, t.schedule, t.persistent, t.ptx, t.block_m // 64)
+    if i < bench_lowprec.SWEPT[mode] or path not in paths:
+      tilings.append(t)
+      paths.add(path)
+  for tiling, operands in [(t, (a, a)) for t in tilings] + [(None, narrow)]:
     text = jax.jit(bench_lowprec.pallas(mode, tiling, interpret=False)).trace(*operands).lower(
         lowering_platforms=('cuda',)).as_text()
     backend = 'mosaic_gpu' if tiling and tiling.backend == 'mosaic' else 'triton'
