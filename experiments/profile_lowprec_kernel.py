@@ -2,8 +2,9 @@
 summary of the profiler's per-instruction table.
 
 Runs `kernel.mosaic_in_range` (the Mosaic GPU kernel of `kernel.HOPPER_FAST_TILING`, or of
-the --schedule / --stages / --[no-]persistent given, with the in-range rounding, as `chunked_matmul` runs it
-when its range check passes) on n x n bf16 operands holding e5m2 values, `--calls` times.
+the --schedule / --stages / --[no-]persistent given, with the in-range rounding, as
+`chunked_matmul` runs it when its range check passes) on n x n bf16 operands holding e5m2
+values, `--calls` times.
 Under Nsight Compute, one launch:
 
   ncu -k regex:mosaic --launch-skip 1 --launch-count 1 --section SpeedOfLight \\

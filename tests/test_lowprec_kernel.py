@@ -131,8 +131,9 @@ def test_pallas_impl_through_the_three_gemms_matches_jax():
 def test_kernels_lower_to_triton_for_gpu(mode):
   """Cross-lowering on CPU runs the Pallas -> Triton (or Mosaic GPU) lowering of the
   tilings the GPU benchmark sweeps by default, of one tiling per code path of the others
-  (backend, schedule, grid, PTX or not, warpgroups) and of the default one shrunk to a narrow problem
-  (both rounding paths, the PTX included), so unsupported operations show up here."""
+  (backend, schedule, grid, PTX or not, warpgroups) and of the default one shrunk to a
+  narrow problem (both rounding paths, the PTX included), so unsupported operations show up
+  here."""
   from experiments import bench_lowprec
   a = jax.ShapeDtypeStruct((256, 256), np.float32)
   narrow = jax.ShapeDtypeStruct((300, 64), np.float32), jax.ShapeDtypeStruct((64, 16), np.float32)
